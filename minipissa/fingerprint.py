@@ -1,0 +1,45 @@
+"""Cheap fingerprints of weight tensors, to tell the right base model from a wrong one.
+
+A fingerprint is a few float64 moments (robust to the summation order of another device) plus a
+hash of evenly spaced elements' raw bytes (exact: one changed bit in the sample changes it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+SAMPLES = 4096
+MOMENT_RTOL = 1e-6
+
+
+@torch.no_grad()
+def fingerprint(weight: Tensor) -> dict[str, Any]:
+    """{"shape", "dtype", "sum", "sumsq", "sample_sha256"} of a tensor, JSON-able."""
+    flat = weight.detach().reshape(-1)
+    index = torch.linspace(0, max(flat.numel() - 1, 0), min(SAMPLES, flat.numel()), device=flat.device).long()
+    sample = flat[index].contiguous().cpu().view(torch.uint8)
+    wide = flat.to(torch.float64)
+    return {
+        "shape": list(weight.shape),
+        "dtype": str(weight.dtype).removeprefix("torch."),
+        "sum": wide.sum().item(),
+        "sumsq": wide.square().sum().item(),
+        "sample_sha256": hashlib.sha256(bytes(sample.tolist())).hexdigest(),
+    }
+
+
+def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two fingerprints describe the same tensor (moments to MOMENT_RTOL, hash exactly)."""
+    scale = math.sqrt(max(a["sumsq"], b["sumsq"], 1e-300) * max(math.prod(a["shape"]), 1))
+    return (
+        a["shape"] == b["shape"]
+        and a["dtype"] == b["dtype"]
+        and a["sample_sha256"] == b["sample_sha256"]
+        and abs(a["sum"] - b["sum"]) <= MOMENT_RTOL * scale
+        and math.isclose(a["sumsq"], b["sumsq"], rel_tol=MOMENT_RTOL)
+    )

@@ -1,0 +1,209 @@
+"""PiSSALinear: a frozen residual weight plus a trainable rank-r adapter.
+
+    y = W_res x + s * B (A dropout(x)) + bias,        W_res = W - s * B0 A0
+
+At init A = A0 and B = B0, so the layer computes exactly W x + bias. ``weight`` and ``bias`` keep
+the base layer's names, dtype and layout (an ``nn.Linear`` stores W as (out, in); a GPT-2 style
+``Conv1D`` stores it as (in, out), "fan_in_fan_out"), so a model's state-dict keys after
+:func:`minipissa.apply` are the original keys plus ``A``, ``B``, ``A0`` and ``B0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .decompose import compute_dtype
+
+MODES = ("adapter", "original", "disabled")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for a transformers-style ``Conv1D`` (weight (in, out), attribute ``nf`` = out).
+
+    Detected by structure so that minipissa never imports transformers.
+    """
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, Tensor)
+        and weight.ndim == 2
+        and weight.shape[1] == getattr(module, "nf", None)
+    )
+
+
+def weight_matrix(weight: Tensor, fan_in_fan_out: bool) -> Tensor:
+    """The (out, in) view of a stored weight."""
+    return weight.mT if fan_in_fan_out else weight
+
+
+def residual_weight(weight: Tensor, a0: Tensor, b0: Tensor, scaling: float, fan_in_fan_out: bool) -> Tensor:
+    """W_res = W - s * B0 A0 in the factors' dtype, returned in ``weight``'s dtype and layout.
+
+    This one function computes the residual at init and at reload, so a reload is bit-exact.
+
+    Args:
+        weight: stored base weight, (out, in), or (in, out) when ``fan_in_fan_out``.
+        a0: (r, in). b0: (out, r).
+    """
+    delta = scaling * (b0 @ a0)
+    if fan_in_fan_out:
+        delta = delta.mT
+    return (weight.to(a0.dtype) - delta).to(weight.dtype).contiguous()
+
+
+def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
+    """s = alpha / r, or alpha / sqrt(r) for rsLoRA."""
+    return alpha / rank**0.5 if rslora else alpha / rank
+
+
+class PiSSALinear(nn.Module):
+    """A linear layer split into a frozen residual and a trainable low-rank adapter.
+
+    Built from a base ``nn.Linear`` or ``Conv1D`` and factors A0 (r, in), B0 (out, r) in the
+    decomposition dtype (float32, or float64 for float64 weights). The base's weight tensor is not
+    modified: the residual is a new tensor.
+
+    Attributes:
+        weight: residual W_res, the base's dtype and layout, frozen.
+        bias: the base's bias (or None), frozen.
+        A: (r, in) trainable, ``adapter_dtype`` (default: the decomposition dtype).
+        B: (out, r) trainable.
+        A0, B0: frozen copies of the initial factors, kept in the decomposition dtype through
+            ``.to()`` so that :meth:`original` and conversion stay exact after ``model.half()``.
+        info: metadata of the initialisation (init method, singular values, ...), JSON-able.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        a0: Tensor,
+        b0: Tensor,
+        *,
+        alpha: float,
+        rslora: bool = False,
+        dropout: float = 0.0,
+        fan_in_fan_out: bool | None = None,
+        adapter_dtype: torch.dtype | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.fan_in_fan_out = is_conv1d(base) if fan_in_fan_out is None else fan_in_fan_out
+        out_features, in_features = weight_matrix(base.weight, self.fan_in_fan_out).shape
+        rank = a0.shape[0]
+        if a0.shape != (rank, in_features) or b0.shape != (out_features, rank):
+            raise ValueError(
+                f"PiSSALinear: factors A0 {tuple(a0.shape)} and B0 {tuple(b0.shape)} do not fit a "
+                f"weight of (out, in) = ({out_features}, {in_features}); expected ({rank}, {in_features}) "
+                f"and ({out_features}, {rank})"
+            )
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.alpha, self.rslora = float(alpha), rslora
+        self.scaling = lora_scaling(self.alpha, rank, rslora)
+        self.info: dict[str, Any] = dict(info or {})
+        self.mode = "adapter"
+        # Kept off the module tree (its tensors are dropped below, so no memory, no state-dict
+        # keys): unload() puts the merged weight back into it, so Linear, Conv1D and their
+        # subclasses come back as the same class with the same attributes.
+        self.__dict__["_base_shell"] = base
+
+        a0 = a0.detach().to(compute_dtype(base.weight.dtype))
+        b0 = b0.detach().to(a0.dtype)
+        dtype = adapter_dtype or a0.dtype
+        with torch.no_grad():
+            residual = residual_weight(base.weight.detach(), a0, b0, self.scaling, self.fan_in_fan_out)
+        self.weight = nn.Parameter(residual, requires_grad=False)
+        bias = base.bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.A = nn.Parameter(a0.clone().to(dtype))
+        self.B = nn.Parameter(b0.clone().to(dtype))
+        self.register_buffer("A0", a0.clone())
+        self.register_buffer("B0", b0.clone())
+        # While merged, the exact residual is kept here (one weight's memory) so that unmerge is
+        # bit-exact and merge/unmerge cycles never drift. Non-persistent: no state-dict key.
+        self.register_buffer("residual_while_merged", None, persistent=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # The layer has taken the base's tensors over; the shell must not keep W alive.
+        base.weight, base.bias = None, None
+
+    @property
+    def merged(self) -> bool:
+        return self.residual_while_merged is not None
+
+    def delta_weight(self, a: Tensor | None = None, b: Tensor | None = None) -> Tensor:
+        """s * B A as an (out, in) matrix in the factors' dtype (A, B by default)."""
+        a = self.A if a is None else a
+        b = self.B if b is None else b
+        return self.scaling * (b @ a)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., in) -> (..., out), computed in x's dtype."""
+        y = F.linear(x, weight_matrix(self.weight, self.fan_in_fan_out), self.bias)
+        if self.mode == "disabled":
+            if self.merged:
+                raise RuntimeError("minipissa.disabled(): the layer is merged; unmerge it first")
+            return y
+        if self.mode == "original":
+            if self.merged:
+                raise RuntimeError("minipissa.original(): the layer is merged; unmerge it first")
+            a, b = self.A0, self.B0
+        elif self.merged:
+            return y
+        else:
+            a, b, x = self.A, self.B, self.dropout(x)
+        # Scale the rank-r intermediate, not the (..., out) output: r/out of the multiplications.
+        h = F.linear(x, a.to(x.dtype)) * self.scaling
+        return y + F.linear(h, b.to(x.dtype))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold s·B·A into ``weight`` (in the factors' dtype, rounded once). No-op if merged."""
+        if self.merged:
+            return
+        residual = self.weight.data
+        delta = self.delta_weight().to(compute_dtype(residual.dtype))
+        delta = delta.mT if self.fan_in_fan_out else delta
+        self.weight.data = (residual.to(delta.dtype) + delta).to(residual.dtype).contiguous()
+        self.residual_while_merged = residual
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the residual bit-exactly. No-op if not merged."""
+        if self.residual_while_merged is not None:
+            self.weight.data = self.residual_while_merged
+            self.residual_while_merged = None
+
+    def unload(self) -> nn.Module:
+        """The base layer holding the merged weight W_res + s·B·A (frozen), without minipissa."""
+        self.merge()
+        base = self.__dict__["_base_shell"]
+        base.weight = nn.Parameter(self.weight.data, requires_grad=False)
+        base.bias = self.bias
+        self.unmerge()
+        return base
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
+        # Module.to(dtype) / .half() would round A0/B0 (and the fp32 master A/B) to the new
+        # dtype, destroying the exactness of original() and of conversion. Adapter tensors
+        # follow device moves only; change their dtype explicitly via `adapter_dtype`.
+        kept = [self.A, self.B, self.A0, self.B0, self.A.grad, self.B.grad]
+        kept_ids = {id(t) for t in kept if t is not None}
+
+        def device_only(t: Tensor) -> Tensor:
+            if id(t) not in kept_ids:
+                return fn(t)
+            target = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+            return t.to(device=target.device)
+
+        return super()._apply(device_only, recurse)
+
+    def extra_repr(self) -> str:
+        layout = ", fan_in_fan_out" if self.fan_in_fan_out else ""
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
+            f"scaling={self.scaling:g}{layout}, mode={self.mode}, merged={self.merged}"
+        )

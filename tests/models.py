@@ -1,0 +1,38 @@
+"""Tiny models for tests: plain torch, and transformers models built from configs (no download)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.float32) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_gpt2(seed: int = 0, layers: int = 2) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=128, n_embd=64, n_layer=layers, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(config).eval()
+
+
+class MLP(nn.Module):
+    def __init__(self, sizes: tuple[int, ...] = (32, 48, 24), bias: bool = True) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.tanh(x)
+        return x
