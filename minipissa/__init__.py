@@ -1,8 +1,8 @@
 """minipissa: PiSSA (principal singular values and vectors adaptation) in plain PyTorch.
 
-    import minipissa
-    minipissa.apply(model, rank=16, targets=["q_proj", "v_proj"])
-    # ... train: only the A and B parameters require grad ...
+import minipissa
+minipissa.apply(model, rank=16, targets=["q_proj", "v_proj"])
+# ... train: only the A and B parameters require grad ...
 """
 
 from .decompose import principal_factors

@@ -11,7 +11,7 @@ the base layer's names, dtype and layout (an ``nn.Linear`` stores W as (out, in)
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +66,8 @@ class PiSSALinear(nn.Module):
 
     Built from a base ``nn.Linear`` or ``Conv1D`` and factors A0 (r, in), B0 (out, r) in the
     decomposition dtype (float32, or float64 for float64 weights). The base's weight tensor is not
-    modified: the residual is a new tensor.
+    modified: the residual is a new tensor (``base_is_residual=True``: the base already holds W_res).
+    The layer takes the base's tensors over and drops them from the base module.
 
     Attributes:
         weight: residual W_res, the base's dtype and layout, frozen.
@@ -77,6 +78,14 @@ class PiSSALinear(nn.Module):
             ``.to()`` so that :meth:`original` and conversion stay exact after ``model.half()``.
         info: metadata of the initialisation (init method, singular values, ...), JSON-able.
     """
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    A: nn.Parameter
+    B: nn.Parameter
+    A0: Tensor
+    B0: Tensor
+    residual_while_merged: Tensor | None
 
     def __init__(
         self,
@@ -90,10 +99,12 @@ class PiSSALinear(nn.Module):
         fan_in_fan_out: bool | None = None,
         adapter_dtype: torch.dtype | None = None,
         info: dict[str, Any] | None = None,
+        base_is_residual: bool = False,
     ) -> None:
         super().__init__()
+        base_weight = cast(Tensor, base.weight)
         self.fan_in_fan_out = is_conv1d(base) if fan_in_fan_out is None else fan_in_fan_out
-        out_features, in_features = weight_matrix(base.weight, self.fan_in_fan_out).shape
+        out_features, in_features = weight_matrix(base_weight, self.fan_in_fan_out).shape
         rank = a0.shape[0]
         if a0.shape != (rank, in_features) or b0.shape != (out_features, rank):
             raise ValueError(
@@ -111,13 +122,16 @@ class PiSSALinear(nn.Module):
         # subclasses come back as the same class with the same attributes.
         self.__dict__["_base_shell"] = base
 
-        a0 = a0.detach().to(compute_dtype(base.weight.dtype))
+        a0 = a0.detach().to(compute_dtype(base_weight.dtype))
         b0 = b0.detach().to(a0.dtype)
         dtype = adapter_dtype or a0.dtype
-        with torch.no_grad():
-            residual = residual_weight(base.weight.detach(), a0, b0, self.scaling, self.fan_in_fan_out)
+        if base_is_residual:  # e.g. a model saved with save_residual(): take the weight as it is
+            residual = base_weight.detach()
+        else:
+            with torch.no_grad():
+                residual = residual_weight(base_weight.detach(), a0, b0, self.scaling, self.fan_in_fan_out)
         self.weight = nn.Parameter(residual, requires_grad=False)
-        bias = base.bias
+        bias = cast(Tensor | None, base.bias)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.A = nn.Parameter(a0.clone().to(dtype))
         self.B = nn.Parameter(b0.clone().to(dtype))
@@ -128,7 +142,7 @@ class PiSSALinear(nn.Module):
         self.register_buffer("residual_while_merged", None, persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # The layer has taken the base's tensors over; the shell must not keep W alive.
-        base.weight, base.bias = None, None
+        base.weight, base.bias = None, None  # type: ignore[assignment]
 
     @property
     def merged(self) -> bool:

@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -40,12 +41,18 @@ class _Plan:
     fan_in_fan_out: bool
 
 
-def _plan(model: nn.Module, rank: int | Mapping[str, int], alpha: float | Mapping[str, float] | None,
-          targets: Targets, exclude: Targets | None, fan_in_fan_out: bool | None) -> list[_Plan]:
+def _plan(
+    model: nn.Module,
+    rank: int | Mapping[str, int],
+    alpha: float | Mapping[str, float] | None,
+    targets: Targets,
+    exclude: Targets | None,
+    fan_in_fan_out: bool | None,
+) -> list[_Plan]:
     """Check every matched module before anything is changed."""
     plans = []
     for name, module in find_targets(model, targets, exclude):
-        weight = module.weight
+        weight = cast(Tensor, module.weight)
         if weight.is_meta or not weight.is_floating_point():
             raise TypeError(
                 f"minipissa: module '{name}' has a {'meta' if weight.is_meta else str(weight.dtype)} weight; "
@@ -71,8 +78,17 @@ def _plan(model: nn.Module, rank: int | Mapping[str, int], alpha: float | Mappin
 
 
 def initial_factors(
-    weight: Tensor, name: str, rank: int, scaling: float, *, fan_in_fan_out: bool, init: str = "pissa",
-    niter: int | None = None, oversample: int | None = None, seed: int = 0, components: str = "principal",
+    weight: Tensor,
+    name: str,
+    rank: int,
+    scaling: float,
+    *,
+    fan_in_fan_out: bool,
+    init: str = "pissa",
+    niter: int | None = None,
+    oversample: int | None = None,
+    seed: int = 0,
+    components: str = "principal",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A0 (r, in), B0 (out, r) and the kept singular values (r,) for one module's weight.
 
@@ -149,20 +165,40 @@ def apply(
     plans = _plan(model, rank, alpha, targets, exclude, fan_in_fan_out)
 
     for plan in plans:
-        weight = plan.module.weight
+        weight = cast(Tensor, plan.module.weight)
         scaling = lora_scaling(plan.alpha, plan.rank, rslora)
         a0, b0, sigma = initial_factors(
-            weight, plan.name, plan.rank, scaling, fan_in_fan_out=plan.fan_in_fan_out, init=init, niter=niter,
-            oversample=oversample, seed=seed, components=components,
+            weight,
+            plan.name,
+            plan.rank,
+            scaling,
+            fan_in_fan_out=plan.fan_in_fan_out,
+            init=init,
+            niter=niter,
+            oversample=oversample,
+            seed=seed,
+            components=components,
         )
         info = {
-            "init": init, "niter": niter, "oversample": oversample, "seed": seed, "components": components,
-            "singular_values": sigma.tolist(), "weight_norm": weight.detach().double().norm().item(),
+            "init": init,
+            "niter": niter,
+            "oversample": oversample,
+            "seed": seed,
+            "components": components,
+            "singular_values": sigma.tolist(),
+            "weight_norm": weight.detach().double().norm().item(),
             "base_fingerprint": fingerprint(weight),
         }
         layer = PiSSALinear(
-            plan.module, a0, b0, alpha=plan.alpha, rslora=rslora, dropout=dropout,
-            fan_in_fan_out=plan.fan_in_fan_out, adapter_dtype=adapter_dtype, info=info,
+            plan.module,
+            a0,
+            b0,
+            alpha=plan.alpha,
+            rslora=rslora,
+            dropout=dropout,
+            fan_in_fan_out=plan.fan_in_fan_out,
+            adapter_dtype=adapter_dtype,
+            info=info,
         )
         layer.info["residual_fingerprint"] = fingerprint(layer.weight)
         _replace(model, plan.name, layer)
@@ -214,7 +250,7 @@ def _mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for layer, previous in zip(layers, before):
+        for layer, previous in zip(layers, before, strict=True):
             layer.mode = previous
 
 
@@ -250,7 +286,8 @@ class Summary:
         lines = [f"{'module':<40} {'out x in':>12} {'rank':>5} {'energy':>7} {'dead':>5}"]
         for m in self.modules:
             energy = "-" if m.explained_energy is None else f"{m.explained_energy:.3f}"
-            lines.append(f"{m.name:<40} {m.shape[0]:>5} x {m.shape[1]:<5} {m.rank:>5} {energy:>7} {m.dead_components:>5}")
+            shape = f"{m.shape[0]} x {m.shape[1]}"
+            lines.append(f"{m.name:<40} {shape:>12} {m.rank:>5} {energy:>7} {m.dead_components:>5}")
         seconds = "" if self.seconds is None else f", init {self.seconds:.2f} s"
         lines.append(
             f"{len(self.modules)} adapted modules; trainable {self.trainable:,} of {self.total:,} parameters "

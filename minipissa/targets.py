@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import TypeVar, Union
+from typing import TypeVar
 
 from torch import nn
 
 from .layer import PiSSALinear, is_conv1d
 
-Pattern = Union[str, "re.Pattern[str]"]
-Targets = Union[Pattern, Sequence[Pattern]]
+Pattern = str | re.Pattern[str]
+Targets = Pattern | Sequence[Pattern]
 ALL_LINEAR = "all-linear"
 SUPPORTED = "nn.Linear and transformers-style Conv1D"
 V = TypeVar("V")
@@ -69,9 +69,7 @@ def find_targets(model: nn.Module, targets: Targets, exclude: Targets | None = N
     if not patterns:
         raise ValueError("minipissa: `targets` is empty; name modules, e.g. ['q_proj', 'v_proj'], or 'all-linear'")
     inside_pissa = {f"{n}." for n, m in model.named_modules() if isinstance(m, PiSSALinear)}
-    named = [
-        (n, m) for n, m in model.named_modules() if n and not any(n.startswith(p) for p in inside_pissa)
-    ]
+    named = [(n, m) for n, m in model.named_modules() if n and not any(n.startswith(p) for p in inside_pissa)]
     all_linear = ALL_LINEAR in patterns
     patterns = [p for p in patterns if p != ALL_LINEAR]
     heads = output_heads(model) if all_linear else set()
