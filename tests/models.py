@@ -36,3 +36,17 @@ class MLP(nn.Module):
             if i < len(self.layers) - 1:
                 x = torch.tanh(x)
         return x
+
+
+class Conv1D(nn.Module):
+    """transformers' GPT-2 Conv1D, re-declared so layer tests need no transformers: weight (in, out)."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight)
+        return out.reshape(*x.shape[:-1], self.nf)
