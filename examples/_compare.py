@@ -1,0 +1,167 @@
+"""The flow both examples share: fine-tune copies of one pretrained model with each method, sweep learning rates,
+print the results table, write the loss curves (CSV, and PNG when matplotlib is installed)."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from _train import Curve, TrainConfig, evaluate, train
+from torch import Tensor, nn
+
+import minipissa
+
+
+@dataclass
+class Method:
+    """One way to fine-tune: a name, its learning rate, and the keyword arguments for ``minipissa.apply``."""
+
+    name: str
+    lr: float
+    apply_kwargs: dict[str, Any] = field(default_factory=dict)
+    sweep_lrs: tuple[float, ...] = ()
+
+
+@dataclass
+class Result:
+    name: str
+    lr: float | None
+    train_loss: float
+    heldout_loss: float
+    curve: Curve | None = None
+    model: nn.Module | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def common_args(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps per method")
+    parser.add_argument("--pretrain-steps", type=int, default=None)
+    parser.add_argument("--rank", type=int, default=None, help="adapter rank (alpha = rank)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    parser.add_argument("--smoke", action="store_true", help="tiny model, a handful of steps (for tests)")
+    parser.add_argument("--sweep", action="store_true", help="also sweep each method's learning rate first")
+    return parser
+
+
+def finetune(
+    pretrained: nn.Module,
+    method: Method,
+    lr: float,
+    data: tuple[Tensor, Tensor],
+    cfg: TrainConfig,
+    rank: int,
+    targets: Any,
+    verbose: bool = False,
+) -> Result:
+    """Adapt a fresh copy of ``pretrained`` with ``method`` at ``lr``, train it, evaluate it."""
+    model = copy.deepcopy(pretrained)
+    # alpha = r (scaling 1) and dropout 0 for every method: the PiSSA paper's setting, and the same for LoRA so
+    # that the two differ only in their initialisation (and the learning rate each one wants).
+    minipissa.apply(model, rank, targets, alpha=rank, dropout=0.0, seed=cfg.seed, **method.apply_kwargs)
+    if verbose:
+        print(minipissa.summary(model))
+    run_cfg = dataclasses.replace(cfg, lr=lr)
+    curve = train(model, data[0], data[1], run_cfg, label=f"{method.name} lr={lr:g}")
+    return Result(method.name, lr, evaluate(model, data[0], cfg), curve.heldout[-1], curve, model)
+
+
+def sweep(
+    pretrained: nn.Module, methods: list[Method], data: tuple[Tensor, Tensor], cfg: TrainConfig, rank: int, targets: Any
+) -> dict[str, float]:
+    """Each method at each of its ``sweep_lrs`` for the full step count; returns the best lr by held-out loss."""
+    best: dict[str, float] = {}
+    rows = []
+    for method in methods:
+        scores = {}
+        for lr in method.sweep_lrs:
+            result = finetune(pretrained, method, lr, data, cfg, rank, targets)
+            scores[lr] = result.heldout_loss
+            rows.append((method.name, lr, result.train_loss, result.heldout_loss))
+        best[method.name] = min(scores, key=lambda lr: scores[lr])
+    print("\nlearning-rate sweep (final losses)")
+    print(f"{'method':<16} {'lr':>8} {'train':>8} {'held-out':>9}")
+    for name, lr, tr, ho in rows:
+        mark = "  <- best" if best[name] == lr else ""
+        print(f"{name:<16} {lr:>8g} {tr:>8.3f} {ho:>9.3f}{mark}")
+    return best
+
+
+def compare(
+    pretrained: nn.Module,
+    methods: list[Method],
+    data: tuple[Tensor, Tensor],
+    cfg: TrainConfig,
+    rank: int,
+    targets: Any,
+) -> list[Result]:
+    """The frozen model, then each method at its own lr."""
+    results = [Result("frozen", None, evaluate(pretrained, data[0], cfg), evaluate(pretrained, data[1], cfg))]
+    for i, method in enumerate(methods):
+        print(f"\nfine-tuning with {method.name} (lr {method.lr:g}, rank {rank}, targets {targets})")
+        results.append(finetune(pretrained, method, method.lr, data, cfg, rank, targets, verbose=i == 0))
+    return results
+
+
+def print_table(results: list[Result], cfg: TrainConfig) -> None:
+    print(f"\nfinal losses after {cfg.steps} fine-tuning steps (mean next-token cross-entropy, lower is better)")
+    print(f"{'method':<16} {'lr':>8} {'train':>8} {'held-out':>9} {'seconds':>8} {'tok/s':>8}")
+    for r in results:
+        lr = "-" if r.lr is None else f"{r.lr:g}"
+        secs = "-" if r.curve is None else f"{r.curve.seconds:.1f}"
+        speed = "-" if r.curve is None else f"{r.curve.tokens_per_s:,.0f}"
+        print(f"{r.name:<16} {lr:>8} {r.train_loss:>8.3f} {r.heldout_loss:>9.3f} {secs:>8} {speed:>8}")
+
+
+def write_curves(results: list[Result], out: str, stem: str) -> None:
+    """``<stem>_curves.csv`` (method, step, train_loss, heldout_loss) and ``<stem>_curves.png``."""
+    curves = [r.curve for r in results if r.curve is not None]
+    path = os.path.join(out, f"{stem}_curves.csv")
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "lr", "step", "train_loss", "heldout_loss"])
+        for c in curves:
+            held = dict(zip(c.eval_steps, c.heldout, strict=True))
+            for step, loss in zip(c.steps, c.train, strict=True):
+                writer.writerow([c.label.split()[0], c.lr, step, f"{loss:.5f}", f"{held[step]:.5f}" if step in held else ""])
+    print(f"wrote {path}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipped the PNG (pip install matplotlib to get it)")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    frozen = results[0].heldout_loss
+    for c in curves:
+        k = max(1, len(c.train) // 20)  # moving average: single-batch losses are noisy
+        smooth = [sum(c.train[max(0, i - k + 1) : i + 1]) / len(c.train[max(0, i - k + 1) : i + 1]) for i in range(len(c.train))]
+        axes[0].plot(c.steps, smooth, label=c.label)
+        axes[1].plot(c.eval_steps, c.heldout, marker="o", label=c.label)
+    axes[1].axhline(frozen, color="gray", linestyle="--", label="frozen")
+    axes[0].set_title("train loss (moving average)")
+    axes[1].set_title("held-out loss")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend()
+    axes[0].set_ylabel("cross-entropy")
+    fig.tight_layout()
+    path = os.path.join(out, f"{stem}_curves.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
