@@ -12,7 +12,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from . import decompose
+from . import decompose, distributed
 from .fingerprint import fingerprint
 from .layer import PiSSALinear, is_conv1d, lora_scaling, weight_matrix
 from .targets import Targets, find_targets, value_for
@@ -163,6 +163,10 @@ def apply(
     if oversample is not None and oversample < 0:
         raise ValueError(f"minipissa: oversample must be >= 0, got {oversample}")
     plans = _plan(model, rank, alpha, targets, exclude, fan_in_fan_out)
+    if distributed.any_sharded(p.module.weight for p in plans):  # FSDP2 / DTensor weights: one owner rank each
+        options = dict(init=init, niter=niter, oversample=oversample, seed=seed, components=components)
+        distributed.init_sharded(model, plans, rslora=rslora, dropout=dropout, adapter_dtype=adapter_dtype, **options)
+        plans = []
 
     for plan in plans:
         weight = cast(Tensor, plan.module.weight)
