@@ -1,0 +1,85 @@
+"""Command line: ``python -m minipissa convert ADAPTER OUT_DIR [--rank K] [--prefix P]`` and ``inspect FILE``.
+
+Expected errors (bad files, bad arguments) print one line to stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from .convert import PEFT_PREFIX, SERVING_RANK_LIMIT, convert_to_lora
+from .safefile import StateError, read
+
+
+def _convert(args: argparse.Namespace) -> int:
+    report = convert_to_lora(args.adapter, args.out_dir, prefix=args.prefix, rank=args.rank)
+    print(
+        f"wrote a PEFT LoRA adapter for the original weights to {report.out_dir}: {report.modules} modules, "
+        f"r={report.rank}, lora_alpha={report.alpha:g}"
+    )
+    if args.rank is not None:
+        print(f"re-compressed to rank <= {args.rank}: relative error of the weight update {report.relative_error:.3g}")
+    if report.max_rank > SERVING_RANK_LIMIT:
+        print(
+            f"warning: adapter rank {report.max_rank} exceeds {SERVING_RANK_LIMIT}, vLLM's default max_lora_rank; "
+            f"serve with --max-lora-rank {report.max_rank}, or convert with --rank {SERVING_RANK_LIMIT} "
+            "(reports the error it introduces)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    info, tensors = read(args.file)  # verifies the checksums too
+    size = os.path.getsize(args.file)
+    data = sum(t.numel() * t.element_size() for t in tensors.values())
+    print(f"{args.file}: minipissa {info['kind']} file, format version {info['format_version']}")
+    print(f"{len(tensors)} tensors, {data:,} bytes of tensor data; file {size:,} bytes (+{size - data:,} header)")
+    if info["kind"] == "residual":
+        print(f"residual weights of {len(info['residual_modules'])} modules; tied keys: {info['tied'] or 'none'}")
+        return 0
+    print("config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
+    print(f"optimizer state: {'yes, ' + info['optimizer']['class'] if info.get('optimizer') else 'no'}")
+    print(f"{'module':<40} {'out x in':>11} {'rank':>4} {'alpha':>6} {'dtype':>8} {'energy':>7}  top singular values")
+    for name, m in info["modules"].items():
+        sigma = m["info"].get("singular_values") or []
+        norm = m["info"].get("weight_norm") or 0.0
+        energy = f"{sum(s * s for s in sigma) / norm**2:.3f}" if sigma and norm > 0 else "-"
+        top = ", ".join(f"{s:.4g}" for s in sigma[:4]) + (", ..." if len(sigma) > 4 else "")
+        flag = " (fan_in_fan_out)" if m["fan_in_fan_out"] else ""
+        shape = f"{m['out_features']} x {m['in_features']}"
+        print(f"{name:<40} {shape:>11} {m['rank']:>4} {m['alpha']:>6g} {m['base_dtype']:>8} {energy:>7}  {top}{flag}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m minipissa", description="minipissa adapter files")
+    commands = parser.add_subparsers(dest="command", required=True)
+    convert = commands.add_parser(
+        "convert", help="PiSSA adapter file -> PEFT LoRA adapter directory for the original base model"
+    )
+    convert.add_argument("adapter", help="file written by minipissa.save()")
+    convert.add_argument("out_dir", help="directory for adapter_model.safetensors and adapter_config.json")
+    convert.add_argument("--rank", type=int, default=None, help="re-compress each update to at most this rank")
+    convert.add_argument("--prefix", default=PEFT_PREFIX, help=f"tensor key prefix (default {PEFT_PREFIX!r})")
+    convert.set_defaults(run=_convert)
+    inspect = commands.add_parser("inspect", help="config, modules, shapes, singular values of a minipissa file")
+    inspect.add_argument("file")
+    inspect.set_defaults(run=_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except (StateError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

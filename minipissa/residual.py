@@ -1,0 +1,86 @@
+"""save_residual() / load_residual(): decompose once, then train many runs on the residual base.
+
+The file holds the model's own state-dict keys, with every PiSSA layer's ``weight`` holding
+W_res (its A, B, A0, B0 left out: they belong in the adapter file written by ``save``). Tied
+tensors (GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``) are written once under their
+first key and restored tied. Load the adapter on top with ``load(model, adapter, base="residual")``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import safefile
+from .model import pissa_layers
+from .safefile import PathLike, StateError, full_tensor
+
+KIND = "residual"
+
+
+def _identity(t: Tensor) -> tuple[Any, ...]:
+    """Two state-dict entries with the same identity are one tied tensor."""
+    local = t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard identifies it
+    return (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape), local.stride(), t.dtype)
+
+
+def save_residual(model: nn.Module, path: PathLike) -> None:
+    """Write ``model``'s state dict with the residual weights and no adapter tensors, atomically.
+
+    A merged layer contributes its exact residual, not the merged weight.
+    """
+    layers = dict(pissa_layers(model))
+    if not layers:
+        raise StateError("minipissa.save_residual: the model has no PiSSA layers; call minipissa.apply() first")
+    adapter_keys = {f"{name}.{k}" for name in layers for k in ("A", "B", "A0", "B0")}
+    state = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in adapter_keys}
+    for name, layer in layers.items():
+        if layer.residual_while_merged is not None:
+            state[f"{name}.weight"] = layer.residual_while_merged
+    tensors: dict[str, Tensor] = {}
+    tied: dict[str, str] = {}
+    first_key: dict[tuple[Any, ...], str] = {}
+    for key, value in state.items():
+        first = first_key.setdefault(_identity(value), key)
+        if first != key:
+            tied[key] = first
+        else:
+            tensors[key] = full_tensor(value)
+    payload = {"tied": tied, "residual_modules": sorted(layers)}
+    safefile.write(path, tensors, KIND, payload)
+
+
+def load_residual(model: nn.Module, path: PathLike) -> nn.Module:
+    """Copy the residual weights of ``path`` into a plain ``model`` (same architecture), in place.
+
+    Checks every key, shape and dtype before copying anything; tied keys must be tied in the model.
+    """
+    info, tensors = safefile.read(path, KIND)
+    tied: dict[str, str] = info.get("tied", {})
+    where = f"minipissa.load_residual('{path}')"
+    if any(True for _ in pissa_layers(model)):
+        raise StateError(f"{where}: the model already has PiSSA layers; load residual weights into a plain model")
+    state = model.state_dict(keep_vars=True)
+    expected = set(tensors) | set(tied)
+    missing, extra = sorted(set(state) - expected), sorted(expected - set(state))
+    if missing or extra:
+        raise StateError(
+            f"{where}: the model's state-dict keys differ from the file's: model-only {missing[:5]}, file-only "
+            f"{extra[:5]}. Load into the architecture the residual was saved from"
+        )
+    for key, first in tied.items():
+        if _identity(state[key]) != _identity(state[first]):
+            raise StateError(f"{where}: '{key}' was tied to '{first}' when saved, but is not tied in the model")
+    for key, value in tensors.items():
+        target = state[key]
+        if tuple(target.shape) != tuple(value.shape) or target.dtype != value.dtype:
+            raise StateError(
+                f"{where}: '{key}' is {tuple(target.shape)} {target.dtype} in the model, {tuple(value.shape)} "
+                f"{value.dtype} in the file"
+            )
+    with torch.no_grad():
+        for key, value in tensors.items():
+            state[key].copy_(value)
+    return model

@@ -1,0 +1,161 @@
+"""minipissa's safetensors files: checksummed, versioned metadata, atomic writes, one error type.
+
+A file holds tensors plus two metadata entries: ``"minipissa"``, one JSON blob (format version,
+kind of file, what the tensors mean, the sha256 of every tensor's name, dtype, shape and bytes),
+and ``"minipissa_sha256"``, the sha256 of that blob. Any truncation or flipped byte therefore
+surfaces as a :class:`StateError` when the file is read, never as silently wrong weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+FORMAT_VERSION = 1
+BLOB_KEY = "minipissa"
+BLOB_SHA_KEY = "minipissa_sha256"
+
+PathLike = str | os.PathLike[str]
+
+
+class StateError(ValueError):
+    """A minipissa file or model cannot be saved, loaded or converted; the message says why and what to do.
+
+    Raised before anything is changed: the model and the files are left as they were.
+    """
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """The whole tensor behind ``t`` as a plain detached tensor (gathers a distributed ``DTensor``).
+
+    Every tensor minipissa reads from a live module for saving or converting goes through here.
+    """
+    if type(t).__name__ == "DTensor" and hasattr(t, "full_tensor"):  # no import: torch.distributed is optional
+        t = t.full_tensor()
+    return t.detach()
+
+
+def tensors_digest(tensors: Mapping[str, Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and raw bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        digest.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform/filesystem can fsync a directory
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
+    """Run ``write(temp_path)`` on a temporary file next to ``path``, fsync it, then rename it over ``path``.
+
+    If ``write`` fails (or the process dies) the previous file at ``path`` is untouched.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise StateError(f"minipissa: '{target}' is a directory; give a file path, e.g. '{target}/adapter.safetensors'")
+    directory = target.parent if str(target.parent) else Path(".")
+    if not directory.is_dir():
+        raise StateError(f"minipissa: directory '{directory}' does not exist; create it first")
+    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(temp)
+        with open(temp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    _fsync_dir(directory)
+
+
+def _write_safetensors(tensors: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
+    # A seam of its own so that tests can make the writer fail midway.
+    save_file(tensors, path, metadata=metadata)
+
+
+def write(path: PathLike, tensors: Mapping[str, Tensor], kind: str, payload: dict[str, Any]) -> None:
+    """Write ``tensors`` (plain CPU tensors) with a checksummed JSON blob ``{kind, payload...}`` atomically."""
+    plain = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    blob = json.dumps(
+        {"format_version": FORMAT_VERSION, "kind": kind, "tensors_sha256": tensors_digest(plain), **payload},
+        sort_keys=True,
+    )
+    metadata = {BLOB_KEY: blob, BLOB_SHA_KEY: hashlib.sha256(blob.encode()).hexdigest()}
+    atomic_write(path, lambda temp: _write_safetensors(plain, temp, metadata))
+
+
+def read_blob(path: PathLike, kind: str | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The verified JSON blob and the tensor names of a minipissa file, without loading tensor data.
+
+    Raises:
+        StateError: missing file, not safetensors, not written by minipissa, a different ``kind``,
+            corrupted metadata, or an unknown format version.
+    """
+    where = f"minipissa: '{path}'"
+    if not Path(path).is_file():
+        raise StateError(f"{where} does not exist or is not a file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            names = list(f.keys())
+    except Exception as e:  # the parser's own errors (truncation, bad header, ...) all mean one thing here
+        raise StateError(f"{where} is not a readable safetensors file (truncated or corrupted?): {e}") from None
+    if BLOB_KEY not in metadata:
+        raise StateError(
+            f"{where} is a safetensors file without minipissa metadata (a PEFT adapter or a plain checkpoint?); "
+            "minipissa reads files written by minipissa.save() / save_residual()"
+        )
+    blob = metadata[BLOB_KEY]
+    if hashlib.sha256(blob.encode()).hexdigest() != metadata.get(BLOB_SHA_KEY):
+        raise StateError(f"{where}: the metadata checksum does not match: the file is corrupted; save it again")
+    try:
+        info = json.loads(blob)
+    except json.JSONDecodeError as e:
+        raise StateError(f"{where}: the metadata is not valid JSON ({e}): the file is corrupted") from None
+    version = info.get("format_version") if isinstance(info, dict) else None
+    if version != FORMAT_VERSION:
+        raise StateError(
+            f"{where} has format version {version!r}; this minipissa reads version {FORMAT_VERSION}. "
+            "Use the minipissa version that wrote it, or upgrade minipissa."
+        )
+    if kind is not None and info.get("kind") != kind:
+        raise StateError(
+            f"{where} is a minipissa '{info.get('kind')}' file, not a '{kind}' file "
+            "(adapters: minipissa.load(); residual weights: minipissa.load_residual())"
+        )
+    return info, names
+
+
+def read(path: PathLike, kind: str | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The verified blob and all tensors (on the CPU) of a minipissa file; see :func:`read_blob`."""
+    info, names = read_blob(path, kind)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {name: f.get_tensor(name) for name in names}
+    except Exception as e:
+        raise StateError(f"minipissa: '{path}': a tensor cannot be read (truncated or corrupted?): {e}") from None
+    if tensors_digest(tensors) != info.get("tensors_sha256"):
+        raise StateError(f"minipissa: '{path}': the tensor checksum does not match: the file is corrupted")
+    return info, tensors
