@@ -140,31 +140,35 @@ def _broadcast(tensor: Tensor, mesh: Any, owner: int) -> Tensor:
 def init_sharded(
     model: nn.Module,
     plans: Sequence[_Plan],
+    factor_options: dict[str, Any],
     *,
     rslora: bool,
     dropout: float,
     adapter_dtype: torch.dtype | None,
-    **factor_options: Any,
-) -> None:
-    """Replace each planned module (DTensor weight) by a PiSSALinear, computing its factors on one owner rank.
+) -> list[_Plan]:
+    """Replace each planned module with a DTensor weight by a PiSSALinear, its factors computed on one owner
+    rank; return the plans with plain weights, for apply() to handle as in one process.
 
     Every rank of the mesh must call this with the same plans (it is a sequence of collectives). The
     residual is written into the weight's existing shards, so the Parameter objects (and FSDP2's
     bookkeeping of them) stay; A and B become FSDP2 parameters of their own small group.
     ``factor_options`` are :func:`minipissa.model.initial_factors`'s keywords (init, niter, seed, ...).
     """
-    from .model import _replace, initial_factors  # model.py imports this module lazily, and we it
+    from .model import _replace, initial_factors  # model.py imports this module, so import it late
 
+    plain = [p for p in plans if not is_dtensor(p.module.weight)]
+    plans = [p for p in plans if is_dtensor(p.module.weight)]
+    if not plans:
+        return plain
     layouts = [_layout(p.name, cast(Tensor, p.module.weight)) for p in plans]
-    meshes = {id(mesh) for mesh, _ in layouts}
-    if len({m.get_group() for m, _ in layouts}) != 1:
+    if len({mesh.get_group() for mesh, _ in layouts}) != 1:
         raise NotImplementedError(
-            f"minipissa: the target weights lie on {len(meshes)} different process groups; sharded init "
-            "needs them all on one mesh"
+            "minipissa: the target weights are sharded over different process groups; sharded init needs "
+            "them all on one mesh (one fully_shard mesh for the whole model)"
         )
     fsdp = _FsdpAdoption(model, plans)  # checks before anything changes
     mesh = layouts[0][0]
-    world, me = mesh.size(), mesh.get_local_rank()
+    world = mesh.size()
     shapes = [weight_matrix(cast(Tensor, p.module.weight), p.fan_in_fan_out).shape for p in plans]
     owners = assign_owners([float(m * n * min(m, n)) for m, n in shapes], world)
     queues = [[i for i, o in enumerate(owners) if o == r] for r in range(world)]
@@ -203,7 +207,7 @@ def init_sharded(
             _scatter_into(weight, residual, *layouts[i], owner)
             del residual
             _install(model, plan, a0, b0, info, rslora, dropout, adapter_dtype, fsdp, _replace)
-    del me
+    return plain
 
 
 def _decompose(plan: _Plan, weight: Tensor, rslora: bool, options: dict[str, Any], initial_factors: Any) -> tuple:

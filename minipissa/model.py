@@ -165,8 +165,9 @@ def apply(
     plans = _plan(model, rank, alpha, targets, exclude, fan_in_fan_out)
     if distributed.any_sharded(p.module.weight for p in plans):  # FSDP2 / DTensor weights: one owner rank each
         options = dict(init=init, niter=niter, oversample=oversample, seed=seed, components=components)
-        distributed.init_sharded(model, plans, rslora=rslora, dropout=dropout, adapter_dtype=adapter_dtype, **options)
-        plans = []
+        plans = distributed.init_sharded(
+            model, plans, options, rslora=rslora, dropout=dropout, adapter_dtype=adapter_dtype
+        )
 
     for plan in plans:
         weight = cast(Tensor, plan.module.weight)

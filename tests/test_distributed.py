@@ -34,7 +34,7 @@ TARGETS = ["lin_a", "lin_b"]
 # Loss tolerance. Distributed and single-process runs differ only in summation order: the gradient is
 # a sum over the 8 samples (DDP/FSDP2 sum two halves of 4, then all-reduce), each term itself a sum of
 # <= 23 products, so each step's gradient moves by <= ~32 * eps64 = 7e-15 relative. Over STEPS small
-# SGD steps on this smooth loss this stays ~1e-13 (measured: <= 1e-15). 1e-11 keeps a 100x margin and is
+# SGD steps on this smooth loss this stays ~1e-13 (measured: 2.6e-16). 1e-11 keeps a 100x margin and is
 # still 8 orders of magnitude below what a real bug does (a rank training on the wrong half, gradients
 # summed instead of averaged: the loss moves by > 1e-4 after one step; see test_tolerance_detects_bugs).
 LOSS_RTOL = 1e-11
@@ -189,6 +189,79 @@ def sharded_init_worker(rank: int, out: Path) -> None:
     torch.save({"layers": layers, "losses": losses, "A_sharded": sharded}, out / f"rank{rank}.pt")
 
 
+class Conv1D(nn.Module):
+    """transformers-style Conv1D (weight stored (in, out)), detected by minipissa by its structure."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf, dtype=torch.float64))
+        self.bias = nn.Parameter(torch.zeros(nf, dtype=torch.float64))
+
+
+def layouts_net() -> nn.Module:
+    """One target per DTensor layout: Shard(0) of a Conv1D, Shard(1), Replicate (23 and 15: uneven), and a
+    plain weight."""
+    torch.manual_seed(5)
+    return nn.ModuleDict(
+        {
+            "conv": Conv1D(23, 15),
+            "cols": nn.Linear(15, 23).double(),
+            "repl": nn.Linear(23, 15).double(),
+            "plain": nn.Linear(15, 15).double(),  # not distributed: apply() handles it as in one process
+        }
+    )
+
+
+LAYOUTS_APPLY = dict(rank=3, targets=["conv", "cols", "repl", "plain"], niter=2, oversample=2, seed=11)
+
+
+def _distribute(model: nn.Module, mesh: Any, placements: dict[str, Any]) -> None:
+    from torch.distributed.tensor import distribute_tensor
+
+    for name, placement in placements.items():
+        module = model.get_submodule(name)
+        placements_ = list(placement) if isinstance(placement, tuple) else [placement]
+        module.weight = nn.Parameter(distribute_tensor(module.weight.detach(), mesh, placements_))
+
+
+def _error(fn: Callable[[], object]) -> tuple[str, str]:
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the test process checks type and message
+        return type(e).__name__, str(e)
+    return "none", ""
+
+
+def dtensor_worker(rank: int, out: Path) -> None:
+    """apply() on hand-made DTensor weights (no FSDP2), randomized SVD; and the named errors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = _mesh()
+    model = layouts_net()
+    _distribute(model, mesh, {"conv": Shard(0), "cols": Shard(1), "repl": Replicate()})
+    minipissa.apply(model, **LAYOUTS_APPLY)
+    result: dict[str, Any] = {"layers": _layers(model)}
+
+    flat = layouts_net()
+    _distribute(flat, init_device_mesh("cpu", (WORLD, 1)), {"cols": (Shard(0), Replicate())})
+    result["mesh2d"] = _error(lambda: minipissa.apply(flat, **LAYOUTS_APPLY))
+    result["mesh2d_untouched"] = not list(minipissa.pissa_layers(flat))
+
+    itself = make_net()
+    fully_shard(itself.blocks[0].lin_a, mesh=mesh)
+    _shard_blocks(itself, mesh)
+    result["target_sharded"] = _error(lambda: minipissa.apply(itself, **APPLY))
+
+    ran = make_net()
+    _shard_blocks(ran, mesh)
+    ran(torch.zeros(1, 15, dtype=torch.float64))
+    result["after_forward"] = _error(lambda: minipissa.apply(ran, **APPLY))
+    torch.save(result, out / f"rank{rank}.pt")
+
+
 # ---- tests ---------------------------------------------------------------------------------------
 
 
@@ -243,3 +316,22 @@ def test_assign_owners_balances_cost() -> None:
     loads = [sum(c for c, o in zip([5.0, 1.0, 4.0, 3.0, 3.0], owners, strict=True) if o == r) for r in (0, 1)]
     assert sorted(loads) == [8.0, 8.0]
     assert distributed.assign_owners([1.0, 1.0, 1.0], 4) == [0, 1, 2]
+
+
+def test_sharded_init_layouts_and_errors(tmp_path: Path) -> None:
+    """Shard(0) of a Conv1D, Shard(1), Replicate, randomized SVD: same factors and residual as one process;
+    unsupported layouts and FSDP2 misuse give named errors before anything changes."""
+    single = minipissa.apply(layouts_net(), **LAYOUTS_APPLY)
+    for result in spawn(dtensor_worker, tmp_path):
+        assert set(result["layers"]) == {"conv", "cols", "repl", "plain"}
+        for name, layer in minipissa.pissa_layers(single):
+            assert result["layers"][name]["info"] == layer.info, name
+            for key, tensor in result["layers"][name]["tensors"].items():
+                assert torch.equal(tensor, getattr(layer, key)), (name, key)
+        kind, message = result["mesh2d"]
+        assert kind == "NotImplementedError" and "'cols'" in message and "2-D mesh" in message, message
+        assert result["mesh2d_untouched"]
+        kind, message = result["target_sharded"]
+        assert kind == "ValueError" and "'blocks.0.lin_a'" in message
+        kind, message = result["after_forward"]
+        assert kind == "RuntimeError" and "before the first forward" in message
