@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from . import state
+from . import distributed, state
 from .safefile import PathLike, StateError, atomic_write
 
 PEFT_PREFIX = "base_model.model."
@@ -141,11 +141,15 @@ def convert_to_lora(
         "inference_mode": True,
         "use_dora": False,
     }
-    out.mkdir(parents=True, exist_ok=True)
     plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(out / "adapter_model.safetensors", lambda t: save_file(plain, t, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2) + "\n"
-    atomic_write(out / "adapter_config.json", lambda t: _write_text(t, text))
+
+    def write() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "adapter_model.safetensors", lambda t: save_file(plain, t, metadata={"format": "pt"}))
+        atomic_write(out / "adapter_config.json", lambda t: _write_text(t, text))
+
+    distributed.write_once(src if isinstance(src, nn.Module) else None, write)  # rank 0 if sharded
     overall = math.sqrt(tail_total[0] / tail_total[1]) if tail_total[1] > 0 else 0.0
     return ConversionReport(out, r, lora_alpha, max(ranks.values()), len(recs), overall, errors)
 

@@ -142,7 +142,7 @@ def read_blob(path: PathLike, kind: str | None = None) -> tuple[dict[str, Any], 
         )
     if kind is not None and info.get("kind") != kind:
         raise StateError(
-            f"{where} is a minipissa '{info.get('kind')}' file, not a '{kind}' file "
+            f"{where} is a minipissa file of kind '{info.get('kind')}', expected kind '{kind}' "
             "(adapters: minipissa.load(); residual weights: minipissa.load_residual())"
         )
     return info, names

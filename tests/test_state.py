@@ -191,7 +191,7 @@ def test_bad_files(tmp_path: Path) -> None:
         "missing.safetensors": "does not exist",
         "text.safetensors": "not a readable safetensors",
         "peft.safetensors": "without minipissa metadata",
-        "res.safetensors": "'residual' file, not a 'adapter' file",
+        "res.safetensors": "of kind 'residual', expected kind 'adapter'",
     }
     for name, message in cases.items():
         with pytest.raises(StateError, match=message):
