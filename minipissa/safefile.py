@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -76,10 +76,12 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
     directory = target.parent if str(target.parent) else Path(".")
     if not directory.is_dir():
         raise StateError(f"minipissa: directory '{directory}' does not exist; create it first")
-    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+    temp = str(directory / f".{target.name}.{secrets.token_hex(8)}.tmp")
+    open(temp, "xb").close()
+    mode = os.stat(temp).st_mode  # the umask's usual mode; safetensors (and mkstemp) would leave 0600
     try:
         write(temp)
+        os.chmod(temp, mode)
         with open(temp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(temp, target)

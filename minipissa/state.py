@@ -20,7 +20,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from . import optimizer_state, safefile
+from . import distributed, optimizer_state, safefile
 from .decompose import compute_dtype
 from .fingerprint import fingerprint, same
 from .layer import PiSSALinear, is_conv1d, weight_matrix
@@ -67,13 +67,20 @@ def records(model: nn.Module) -> list[ModuleRecord]:
         found.append(
             ModuleRecord(
                 name, layer.rank, layer.alpha, layer.rslora, layer.fan_in_fan_out, layer.in_features,
-                layer.out_features, dropout, str(layer.weight.dtype).removeprefix("torch."), dict(layer.info),
+                layer.out_features, dropout, _base_dtype(layer), dict(layer.info),
                 *tensors,
             )
         )  # fmt: skip
     if not found:
         raise StateError("minipissa: the model has no PiSSA layers; call minipissa.apply() or minipissa.load() first")
     return found
+
+
+def _base_dtype(layer: PiSSALinear) -> str:
+    """The dtype of the base weight the adapter was made from (the residual may have been cast since):
+    reloading reproduces the model exactly only on a base of that dtype."""
+    fp = layer.info.get("base_fingerprint")
+    return fp["dtype"] if isinstance(fp, dict) else str(layer.weight.dtype).removeprefix("torch.")
 
 
 def _config(recs: list[ModuleRecord]) -> dict[str, Any]:
@@ -109,7 +116,7 @@ def save(model: nn.Module, path: PathLike, *, optimizer: torch.optim.Optimizer |
         }
         opt_tensors, payload["optimizer"] = optimizer_state.pack(optimizer, params)
         tensors.update(opt_tensors)
-    safefile.write(path, tensors, KIND, payload)
+    distributed.write_once(model, lambda: safefile.write(path, tensors, KIND, payload))  # rank 0 if sharded
 
 
 def _version() -> str:

@@ -315,3 +315,23 @@ def test_metadata_records_the_run(tmp_path: Path) -> None:
     top = torch.linalg.svdvals(weight)[:4]  # niter 2, oversample 3 on a 48x32 Gaussian: within a few %
     assert torch.allclose(torch.tensor(m["info"]["singular_values"], dtype=torch.float64), top, rtol=0.1)
     json.dumps(info)  # and the whole blob is plain JSON
+
+
+def test_cast_after_apply_reloads_on_the_original_dtype(tmp_path: Path) -> None:
+    """apply() in fp32, then model.half(): the file needs the fp32 base (the residual was made from it)."""
+    model = adapted().half()
+    path = tmp_path / "a.safetensors"
+    minipissa.save(model, path)
+    half_base = mlp().half()
+    before = snapshot(half_base)
+    with pytest.raises(StateError, match="Cast the model to float32"):
+        minipissa.load(half_base, path)
+    assert_unchanged(half_base, before)
+    loaded = minipissa.load(mlp(), path).half()
+    assert torch.equal(model(X.half()), loaded(X.half()))
+
+
+def test_saved_file_has_ordinary_permissions(tmp_path: Path) -> None:
+    minipissa.save(adapted(), tmp_path / "a.safetensors")
+    (tmp_path / "plain").write_bytes(b"")
+    assert (tmp_path / "a.safetensors").stat().st_mode == (tmp_path / "plain").stat().st_mode
