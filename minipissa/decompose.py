@@ -46,6 +46,80 @@ def exact_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return u, s, vh.mT
 
 
+def small_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenpairs of small symmetric matrices (..., k, k), eigenvalues descending.
+
+    On a GPU this runs on the host: cuSOLVER solves one small matrix per launch (about 1 ms for
+    k = 80 on an H100), LAPACK does the same in a fraction of that.
+    """
+    values, vectors = torch.linalg.eigh(gram.cpu())
+    return values.flip(-1).to(gram.device), vectors.flip(-1).to(gram.device)
+
+
+def orthonormalize(y: Tensor) -> Tensor:
+    """An orthonormal basis (..., m, k) of the columns of ``y`` (..., m, k), k <= m, in y's dtype.
+
+    Cholesky-QR twice ("CholQR2") in float64: two k x k Grams, Cholesky factors and GEMMs instead of
+    a Householder QR, 5x faster for tall batches on a GPU. Stable while cond(y) < ~1e7; items whose
+    Gram is not numerically positive definite (rank-deficient y) fall back to Householder QR.
+    """
+    q = y.to(torch.float64)
+    failed = torch.zeros(y.shape[:-2], dtype=torch.bool, device=y.device)
+    eye = torch.eye(y.shape[-1], dtype=torch.float64, device=y.device)
+    for _ in range(2):  # the second pass restores orthogonality lost to cond(y)^2 in the first
+        chol, info = torch.linalg.cholesky_ex(q.mT @ q)
+        failed |= info != 0
+        q = q @ torch.linalg.solve_triangular(chol, eye, upper=False).mT
+    if bool(failed.any()):  # one sync per call; rare: exactly low-rank weights
+        q = torch.where(failed[..., None, None], torch.linalg.qr(y.to(torch.float64)).Q, q)
+    return q.to(y.dtype)
+
+
+def _normalize_columns(wv: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """U, S from W V (..., m, r) for orthonormal V: S_i = ||W v_i||, U = W V / S.
+
+    Components with S <= eps * m * max(S) (rank-deficient W) get S = 0 and U = 0, so their
+    factors are zero, as with an SVD.
+    """
+    s = torch.linalg.vector_norm(wv, dim=-2)
+    alive = s > eps * wv.shape[-2] * s.amax(dim=-1, keepdim=True)
+    u = torch.where(alive.unsqueeze(-2), wv / torch.where(alive, s, 1.0).unsqueeze(-2), 0.0)
+    return u, torch.where(alive, s, 0.0)
+
+
+#: Extra eigenvectors kept from the compute-dtype eigensolver and refined in float64 (exact mode).
+REFINE_EXTRA = 16
+
+
+def gram_principal(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact top-``rank`` singular triplets from the eigendecomposition of the smaller Gram matrix.
+
+    The Gram G (N x N, N = min(m, n)) is formed in float64. Its eigendecomposition runs in
+    ``matrix``'s dtype (fp32's eigensolver is the fast one on both CPU and GPU); the top
+    ``rank + REFINE_EXTRA`` eigenvectors are then refined in float64 by one subspace-iteration
+    step and a Rayleigh-Ritz projection, which removes the fp32 mixing between nearby
+    eigenvectors (the only large error: it scales like eps / (sigma_r^2 - sigma_{r+1}^2)).
+    The triplets come from W itself (S_i = ||W v_i||), so s * B A is W's projection onto V.
+
+    Args:
+        matrix: (..., m, n) float32 or float64.
+    Returns:
+        U (..., m, rank), S (..., rank) descending, V (..., n, rank), in ``matrix``'s dtype.
+    """
+    flip = matrix.shape[-2] < matrix.shape[-1]
+    w = (matrix.mT if flip else matrix).to(torch.float64)  # (M, N), N <= M
+    gram = w.mT @ w
+    k = min(gram.shape[-1], rank + REFINE_EXTRA)
+    basis = torch.linalg.eigh(gram.to(matrix.dtype)).eigenvectors[..., -k:].to(torch.float64)
+    basis = orthonormalize(gram @ basis)
+    _, rotation = small_eigh(basis.mT @ gram @ basis)
+    v = basis @ rotation[..., :rank]
+    u, s = _normalize_columns(w @ v, torch.finfo(matrix.dtype).eps)
+    if flip:
+        u, v = v, u
+    return u.to(matrix.dtype), s.to(matrix.dtype), v.to(matrix.dtype)
+
+
 def randomized_svd(matrix: Tensor, rank: int, niter: int, omega: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Top-``rank`` triplets by a randomized range finder (Halko et al. 2011, Alg. 4.4 + 5.1).
 
@@ -58,14 +132,19 @@ def randomized_svd(matrix: Tensor, rank: int, niter: int, omega: Tensor) -> tupl
     """
     if omega.shape[-1] < rank:
         raise ValueError(f"sketch has {omega.shape[-1]} columns, fewer than rank {rank}")
-    q = torch.linalg.qr(matrix @ omega).Q
+    q = orthonormalize(matrix @ omega)
     for _ in range(niter):
         # Re-orthonormalise after every product: without it the columns collapse onto the
         # top singular vector and the small-sigma directions are lost to rounding.
-        q = torch.linalg.qr(matrix.mT @ q).Q
-        q = torch.linalg.qr(matrix @ q).Q
-    u_small, s, vh = torch.linalg.svd(q.mT @ matrix, full_matrices=False)
-    return (q @ u_small)[..., :rank], s[..., :rank], vh.mT[..., :rank]
+        q = orthonormalize(matrix @ orthonormalize(matrix.mT @ q))
+    # Rayleigh-Ritz on span(Q): the top eigenvectors of the small Gram (Q^T W)(Q^T W)^T, in float64.
+    projected = (q.mT @ matrix).to(torch.float64)  # (..., k, n)
+    _, rotation = small_eigh(projected @ projected.mT)
+    rotation = rotation[..., :rank]
+    u = q.to(torch.float64) @ rotation  # (..., m, rank), orthonormal
+    # W^T u = (Q^T W)^T rotation: V S without another pass over W.
+    v, s = _normalize_columns(projected.mT @ rotation, torch.finfo(matrix.dtype).eps)
+    return u.to(matrix.dtype), s.to(matrix.dtype), v.to(matrix.dtype)
 
 
 def split_factors(u: Tensor, s: Tensor, v: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
@@ -96,16 +175,17 @@ def principal_factors(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A (..., r, n), B (..., m, r) and the kept singular values S (..., r) of ``matrix`` (..., m, n).
 
-    ``niter=None`` runs an exact SVD; an int runs the randomized range finder with that many power
-    iterations on ``omega`` (required then). ``components="minor"`` keeps the bottom r triplets
-    (MiLoRA), exact mode only. Runs in ``matrix``'s dtype.
+    ``niter=None`` is exact (:func:`gram_principal`; a full SVD for "minor"); an int runs the
+    randomized range finder with that many power iterations on ``omega`` (required then).
+    ``components="minor"`` keeps the bottom r triplets (MiLoRA), exact mode only. Runs in ``matrix``'s dtype.
     """
     if components not in ("principal", "minor"):
         raise ValueError(f"components must be 'principal' or 'minor', got {components!r}")
-    if niter is None:
+    if niter is None and components == "principal":
+        u, s, v = gram_principal(matrix, rank)
+    elif niter is None:
         u, s, v = exact_svd(matrix)
-        keep = slice(0, rank) if components == "principal" else slice(s.shape[-1] - rank, None)
-        u, s, v = u[..., keep], s[..., keep], v[..., keep]
+        u, s, v = u[..., -rank:], s[..., -rank:], v[..., -rank:]
     else:
         if components == "minor":
             raise ValueError("components='minor' needs the exact SVD (niter=None)")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
 import torch
 from torch import Tensor, nn
 
-from . import decompose, distributed
+from . import batching, decompose, distributed
 from .fingerprint import fingerprint
 from .layer import PiSSALinear, is_conv1d, lora_scaling, weight_matrix
 from .targets import Targets, find_targets, value_for
@@ -109,6 +109,26 @@ def initial_factors(
     return decompose.principal_factors(matrix, rank, scaling, niter=niter, omega=omega, components=components)
 
 
+def _progress_reporter(progress: bool | Callable[[int, int], None], total: int) -> Callable[[int], None]:
+    """A ``report(done)`` for apply's loop: the user's callback, a tqdm bar, or nothing."""
+    if callable(progress):
+        return lambda done: progress(done, total)
+    if not progress:
+        return lambda done: None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional
+        return lambda done: None
+    bar = tqdm(total=total, desc="minipissa init", unit="module")
+
+    def report(done: int) -> None:
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    return report
+
+
 def apply(
     model: nn.Module,
     rank: int | Mapping[str, int],
@@ -125,6 +145,8 @@ def apply(
     exclude: Targets | None = None,
     fan_in_fan_out: bool | None = None,
     adapter_dtype: torch.dtype | None = None,
+    memory_budget: int = batching.MEMORY_BUDGET,
+    progress: bool | Callable[[int, int], None] = False,
 ) -> nn.Module:
     """Replace the target layers of ``model`` by PiSSALinear layers, in place, and return it.
 
@@ -143,6 +165,10 @@ def apply(
         exclude: patterns (same forms as ``targets``) never to adapt.
         fan_in_fan_out: force the weight layout; default detects Conv1D (weight stored (in, out)).
         adapter_dtype: dtype of the trainable A and B; default float32 (float64 for float64 weights).
+        memory_budget: bytes of extra memory the batched decomposition may use at once (weights of
+            one shape are stacked and decomposed together in chunks of this size); default 1 GiB.
+        progress: ``progress(done, total)`` is called after each adapted module; True shows a tqdm
+            bar when tqdm is installed. The time taken is in :func:`summary`.
 
     After apply, only the A and B parameters require gradients.
     """
@@ -169,21 +195,31 @@ def apply(
             model, plans, options, rslora=rslora, dropout=dropout, adapter_dtype=adapter_dtype
         )
 
-    for plan in plans:
-        weight = cast(Tensor, plan.module.weight)
-        scaling = lora_scaling(plan.alpha, plan.rank, rslora)
-        a0, b0, sigma = initial_factors(
-            weight,
-            plan.name,
-            plan.rank,
-            scaling,
-            fan_in_fan_out=plan.fan_in_fan_out,
-            init=init,
-            niter=niter,
-            oversample=oversample,
-            seed=seed,
-            components=components,
+    jobs = [
+        batching.Job(
+            p.name, cast(Tensor, p.module.weight), p.rank, lora_scaling(p.alpha, p.rank, rslora), p.fan_in_fan_out
         )
+        for p in plans
+    ]
+    factors: Iterator[tuple[batching.Job, Tensor, Tensor, Tensor]]
+    if init == "lora":
+        factors = (
+            (
+                j,
+                *initial_factors(
+                    j.weight, j.name, j.rank, j.scaling, fan_in_fan_out=j.fan_in_fan_out, init=init, seed=seed
+                ),
+            )
+            for j in jobs
+        )
+    else:  # grouped by shape and chunked to memory_budget: one batched decomposition per chunk
+        factors = batching.factors(
+            jobs, niter=niter, oversample=oversample, seed=seed, components=components, memory_budget=memory_budget
+        )
+    report = _progress_reporter(progress, len(jobs))
+    plan_of = {p.name: p for p in plans}
+    for done, (job, a0, b0, sigma) in enumerate(factors, 1):
+        plan, weight = plan_of[job.name], job.weight
         info = {
             "init": init,
             "niter": niter,
@@ -207,6 +243,8 @@ def apply(
         )
         layer.info["residual_fingerprint"] = fingerprint(layer.weight)
         _replace(model, plan.name, layer)
+        del job, weight, a0, b0  # let the replaced weight go before the next chunk is stacked
+        report(done)
 
     for param in model.parameters():
         param.requires_grad_(False)

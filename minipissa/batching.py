@@ -1,0 +1,97 @@
+"""Initial factors for many weights at once: grouped by shape, chunked to a memory budget.
+
+:func:`minipissa.apply` hands every target weight here. Weights of one (shape, dtype, device, rank,
+scaling) are stacked and decomposed together, a chunk at a time, so that a GPU runs one batched
+kernel instead of hundreds of small ones while peak memory stays near ``memory_budget`` whatever
+the model's size. Each module's randomized sketch still comes from its own generator seeded by
+(seed, module name), so grouping, chunking and order change the factors by floating-point rounding
+of a batched product at most, and each residual is computed later, per layer, from the factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import decompose
+from .layer import weight_matrix
+
+#: Default bound (bytes) on the extra memory a chunk of stacked weights and its workspace may take.
+MEMORY_BUDGET = 1 << 30
+
+
+@dataclass
+class Job:
+    """One weight to factor: W (stored layout), its module name (seeds the sketch), rank and scaling."""
+
+    name: str
+    weight: Tensor
+    rank: int
+    scaling: float
+    fan_in_fan_out: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in) of the weight matrix."""
+        out_features, in_features = weight_matrix(self.weight, self.fan_in_fan_out).shape
+        return out_features, in_features
+
+
+def workspace_bytes(m: int, n: int, rank: int, columns: int | None, dtype: torch.dtype) -> int:
+    """Bytes one (m, n) item of a chunk needs: its stacked copy plus the decomposition's workspace.
+
+    ``columns`` is the sketch width (randomized) or None (exact: a float64 copy of W and a few
+    float64 Gram-sized buffers).
+    """
+    size = torch.empty(0, dtype=dtype).element_size()
+    if columns is None:
+        k = min(m, n)
+        return m * n * (size + 8) + 4 * k * k * 8
+    return m * n * size + 4 * (m + n) * columns * 8
+
+
+def factors(
+    jobs: list[Job],
+    *,
+    niter: int | None,
+    oversample: int | None,
+    seed: int,
+    components: str,
+    memory_budget: int = MEMORY_BUDGET,
+) -> Iterator[tuple[Job, Tensor, Tensor, Tensor]]:
+    """(job, A0 (r, in), B0 (out, r), kept singular values (r,)) for every job, one chunk at a time.
+
+    Yields in group order, not job order; A0/B0 are in the decomposition dtype on the weight's device.
+    """
+    groups: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        key = (job.shape, job.weight.dtype, job.weight.device, job.rank, job.scaling)
+        groups.setdefault(key, []).append(job)
+    for ((m, n), weight_dtype, device, rank, scaling), members in groups.items():
+        dtype = decompose.compute_dtype(weight_dtype)
+        columns = None if niter is None else decompose.sketch_columns(rank, oversample, m, n)
+        # On the CPU a batch buys nothing (LAPACK and BLAS loop over it) and single matrices keep the
+        # factors bit-identical to a per-module decomposition (as sharded init computes them).
+        batched = device.type != "cpu"
+        size = max(1, memory_budget // workspace_bytes(m, n, rank, columns, dtype)) if batched else 1
+        for start in range(0, len(members), size):
+            chunk = members[start : start + size]
+            matrices = [weight_matrix(j.weight.detach(), j.fan_in_fan_out).to(dtype) for j in chunk]
+            matrix = torch.stack(matrices) if batched else matrices[0]
+            del matrices
+            omega = None
+            if columns is not None:
+                seeds = [decompose.module_seed(seed, j.name) for j in chunk]
+                sketches = [decompose.sketch(n, columns, s, dtype, device) for s in seeds]
+                omega = torch.stack(sketches) if batched else sketches[0]
+            a, b, sigma = decompose.principal_factors(
+                matrix, rank, scaling, niter=niter, omega=omega, components=components
+            )
+            del matrix, omega  # free the chunk before the caller builds layers from it
+            if not batched:
+                a, b, sigma = a[None], b[None], sigma[None]
+            for i, job in enumerate(chunk):
+                yield job, a[i], b[i], sigma[i]
