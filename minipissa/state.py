@@ -172,6 +172,8 @@ def _check_existing(layer: PiSSALinear, rec: ModuleRecord, where: str) -> None:
             f"{where} already is a PiSSA layer with a different adapter (rank, alpha, layout or initial "
             "factors differ); load onto the plain base model instead"
         )
+    if layer.merged:
+        raise StateError(f"{where} is merged; call minipissa.unmerge(model) before loading A and B into it")
     if layer.A.dtype != rec.A.dtype:
         raise StateError(f"{where} has adapter dtype {layer.A.dtype}, the file {rec.A.dtype}; they must match")
 

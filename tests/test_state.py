@@ -163,6 +163,7 @@ def _refusals(tmp_path: Path) -> list[tuple[str, nn.Module, dict, str]]:
         ("dtype", mlp(dtype=torch.float64), {}, "Cast the model to float32"),
         ("missing module", mlp(sizes=(32, 48)), {}, "'layers.1' of .* is not in the model"),
         ("other adapter", other_adapter, {}, "different adapter"),
+        ("merged", minipissa.merge(adapted()), {}, "is merged; call minipissa.unmerge"),
         ("stray adapter", minipissa.apply(mlp(sizes=(32, 48, 24, 8)), 4, ["layers.2"]), {}, r"layers.2.*does not"),
         ("base arg", mlp(), {"base": "merged"}, "base must be"),
         ("optimizer first", mlp(), {"optimizer": torch.optim.SGD(mlp().parameters())}, "call load"),
