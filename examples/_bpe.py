@@ -34,7 +34,7 @@ def train_ranks(texts: list[str], merges: int, sample_chars: int = 1_000_000) ->
     pairs: collections.Counter[tuple[bytes, bytes]] = collections.Counter()
     where: dict[tuple[bytes, bytes], set[int]] = collections.defaultdict(set)
     for i, (parts, count) in enumerate(vocab):
-        for pair in zip(parts, parts[1:]):
+        for pair in zip(parts, parts[1:], strict=False):
             pairs[pair] += count
             where[pair].add(i)
     while len(ranks) < 256 + merges and pairs:
@@ -46,7 +46,7 @@ def train_ranks(texts: list[str], merges: int, sample_chars: int = 1_000_000) ->
         ranks.setdefault(merged, len(ranks))
         for i in list(where[best]):
             parts, count = vocab[i]
-            for pair in zip(parts, parts[1:]):
+            for pair in zip(parts, parts[1:], strict=False):
                 pairs[pair] -= count
                 if pairs[pair] <= 0:
                     del pairs[pair]
@@ -60,7 +60,7 @@ def train_ranks(texts: list[str], merges: int, sample_chars: int = 1_000_000) ->
                     new.append(parts[j])
                     j += 1
             vocab[i] = (new, count)
-            for pair in zip(new, new[1:]):
+            for pair in zip(new, new[1:], strict=False):
                 pairs[pair] += count
                 where[pair].add(i)
         del where[best]

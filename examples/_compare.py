@@ -82,20 +82,28 @@ def finetune(
 def sweep(
     pretrained: nn.Module, methods: list[Method], data: tuple[Tensor, Tensor], cfg: TrainConfig, rank: int, targets: Any
 ) -> dict[str, float]:
-    """Each method at each of its ``sweep_lrs`` for the full step count; returns the best lr by held-out loss."""
+    """Each method at each of its ``sweep_lrs`` for the full step count; returns the best lr by validation loss.
+
+    The validation set is the tail of the training stream (as long as the held-out set), cut off from training
+    here, so the sweep never sees the held-out text that the final table reports.
+    """
+    cut = len(data[0]) - len(data[1])
+    data = (data[0][:cut], data[0][cut:])
     best: dict[str, float] = {}
     rows = []
     for method in methods:
+        if not method.sweep_lrs:
+            continue
         scores = {}
         for lr in method.sweep_lrs:
             result = finetune(pretrained, method, lr, data, cfg, rank, targets)
             scores[lr] = result.heldout_loss
             rows.append((method.name, lr, result.train_loss, result.heldout_loss))
         best[method.name] = min(scores, key=lambda lr: scores[lr])
-    print("\nlearning-rate sweep (final losses)")
-    print(f"{'method':<16} {'lr':>8} {'train':>8} {'held-out':>9}")
+    print("\nlearning-rate sweep (final losses; validation = the last part of the training text, held out here)")
+    print(f"{'method':<16} {'lr':>8} {'train':>8} {'valid':>9}")
     for name, lr, tr, ho in rows:
-        mark = "  <- best" if best[name] == lr else ""
+        mark = "  <- best" if best.get(name) == lr else ""
         print(f"{name:<16} {lr:>8g} {tr:>8.3f} {ho:>9.3f}{mark}")
     return best
 
@@ -136,7 +144,8 @@ def write_curves(results: list[Result], out: str, stem: str) -> None:
         for c in curves:
             held = dict(zip(c.eval_steps, c.heldout, strict=True))
             for step, loss in zip(c.steps, c.train, strict=True):
-                writer.writerow([c.label.split()[0], c.lr, step, f"{loss:.5f}", f"{held[step]:.5f}" if step in held else ""])
+                heldout = f"{held[step]:.5f}" if step in held else ""
+                writer.writerow([c.label.rsplit(" lr=", 1)[0], c.lr, step, f"{loss:.5f}", heldout])
     print(f"wrote {path}")
     try:
         import matplotlib
@@ -150,7 +159,8 @@ def write_curves(results: list[Result], out: str, stem: str) -> None:
     frozen = results[0].heldout_loss
     for c in curves:
         k = max(1, len(c.train) // 20)  # moving average: single-batch losses are noisy
-        smooth = [sum(c.train[max(0, i - k + 1) : i + 1]) / len(c.train[max(0, i - k + 1) : i + 1]) for i in range(len(c.train))]
+        windows = [c.train[max(0, i - k + 1) : i + 1] for i in range(len(c.train))]
+        smooth = [sum(w) / len(w) for w in windows]
         axes[0].plot(c.steps, smooth, label=c.label)
         axes[1].plot(c.eval_steps, c.heldout, marker="o", label=c.label)
     axes[1].axhline(frozen, color="gray", linestyle="--", label="frozen")

@@ -80,7 +80,7 @@ SIZES = {
 }  # fmt: skip
 # Learning rates picked by `--sweep` (held-out loss after the default 200 steps; numbers in examples/README.md).
 PISSA_LR, LORA_LR = 1e-3, 3e-3
-SWEEP_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
+SWEEP_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 TARGETS = "all-linear"  # qkv, attn_out, fc, proj in every block
 
 
