@@ -15,7 +15,7 @@ of device.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -48,6 +48,38 @@ def full_tensor(tensor: Tensor) -> Tensor:
     """The whole tensor: ``DTensor.full_tensor()`` (a collective: every rank of its mesh must call
     this, in the same order), or ``tensor`` itself when it is a plain tensor."""
     return cast(Tensor, cast(Any, tensor).full_tensor()) if is_dtensor(tensor) else tensor
+
+
+def is_sharded(model: nn.Module | None) -> bool:
+    """Whether any parameter or buffer of ``model`` is a DTensor (FSDP2 / DTensor training)."""
+    if model is None:
+        return False
+    return any_sharded(model.parameters()) or any_sharded(model.buffers())
+
+
+def write_once(model: nn.Module | None, write: Callable[[], None]) -> None:
+    """Run ``write`` (which writes files from tensors already gathered) on one rank of a sharded run.
+
+    A sharded model (DTensors) is gathered by collectives, so every rank has called the function that
+    calls this: global rank 0 writes, the others wait for it, and all raise if it failed. An unsharded
+    model (one process, or DDP, where one often saves from rank 0 alone) is written by whoever calls.
+    """
+    if not (is_sharded(model) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        write()
+        return
+    failure: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            write()
+        except BaseException as e:  # noqa: BLE001 - reported to every rank below, then re-raised
+            failure = e
+    # Doubles as the barrier: no rank goes on before rank 0 has written (or failed).
+    box = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+    dist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
+    if box[0] is not None:
+        raise RuntimeError(f"minipissa: rank 0 failed to write the file: {box[0]}")
 
 
 def assign_owners(costs: Sequence[float], world: int) -> list[int]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import safefile
+from . import distributed, safefile
 from .model import pissa_layers
 from .safefile import PathLike, StateError, full_tensor
 
@@ -49,7 +49,7 @@ def save_residual(model: nn.Module, path: PathLike) -> None:
         else:
             tensors[key] = full_tensor(value)
     payload = {"tied": tied, "residual_modules": sorted(layers)}
-    safefile.write(path, tensors, KIND, payload)
+    distributed.write_once(model, lambda: safefile.write(path, tensors, KIND, payload))  # rank 0 if sharded
 
 
 def load_residual(model: nn.Module, path: PathLike) -> nn.Module:

@@ -22,6 +22,9 @@ from torch import Tensor, nn
 
 import minipissa
 from minipissa import distributed
+from minipissa.fingerprint import fingerprint
+from minipissa.layer import residual_weight, weight_matrix
+from minipissa.model import initial_factors
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch built without gloo"
@@ -79,10 +82,11 @@ def data(batch: int = 8) -> tuple[Tensor, Tensor]:
 APPLY = dict(rank=4, targets=TARGETS, alpha=8.0, seed=3)
 
 
-def train(model: nn.Module, x: Tensor, y: Tensor, world: int = 1, lr: float = LR) -> list[float]:
+def train(
+    model: nn.Module, x: Tensor, y: Tensor, world: int = 1, lr: float = LR, opt: torch.optim.Optimizer | None = None
+) -> list[float]:
     """SGD on each step's batch (this rank's share of it); the loss returned is the whole batch's mean."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr)
+    opt = opt or torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
     for step in range(STEPS):
         loss = nn.functional.mse_loss(model(x[step]), y[step])
@@ -262,6 +266,37 @@ def dtensor_worker(rank: int, out: Path) -> None:
     torch.save(result, out / f"rank{rank}.pt")
 
 
+def momentum_sgd(model: nn.Module) -> torch.optim.Optimizer:
+    """SGD with momentum: it has state (a buffer per parameter, sharded under FSDP2) for save(optimizer=)."""
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR, momentum=0.9)
+
+
+def save_all(model: nn.Module, opt: torch.optim.Optimizer, out: Path, tag: str) -> None:
+    minipissa.save(model, out / f"{tag}.safetensors", optimizer=opt)
+    minipissa.convert_to_lora(model, out / f"{tag}_lora")
+    minipissa.save_residual(model, out / f"{tag}_residual.safetensors")
+
+
+def save_worker(rank: int, out: Path) -> None:
+    """Every rank trains on the whole batch, so FSDP2's averaged gradients are bit-identical to one
+    process ((g + g) / 2 = g exactly) and so must the saved files be. Then the sharded-init flow saves
+    (split data: equal to rounding only)."""
+    model = minipissa.apply(make_net(), **APPLY)
+    _shard_blocks(model, _mesh())
+    opt = momentum_sgd(model)
+    train(model, *data(), world=WORLD, opt=opt)
+    save_all(model, opt, out, "fsdp")  # collective: every rank calls, rank 0 writes, all wait
+    # Every rank may read the file as soon as save() returns.
+    result: dict[str, Any] = {"readable": (out / "fsdp.safetensors").is_file()}
+
+    sharded_first = make_net()
+    _shard_blocks(sharded_first, _mesh())
+    minipissa.apply(sharded_first, **APPLY)
+    train(sharded_first, *_my_half(rank), world=WORLD)
+    minipissa.save(sharded_first, out / "sharded_init.safetensors")
+    torch.save(result, out / f"rank{rank}.pt")
+
+
 # ---- tests ---------------------------------------------------------------------------------------
 
 
@@ -297,17 +332,56 @@ def test_fsdp2_training_matches_single_process(tmp_path: Path) -> None:
         assert_trajectory(result["losses"], expected)
 
 
+def init_tolerance(matrix: Tensor, rank: int) -> float:
+    """Max abs difference of s*B0*A0 (and so of W_res) between two float64 inits that differ only in
+    rounding (apply() stacks same-shape weights into one batched decomposition, an owner rank decomposes
+    one matrix, so BLAS blocks differently). Each is a backward-stable computation: an input perturbation
+    of ~n*eps*|W|_2, which Wedin's theorem amplifies by |W|_2 / (sigma_r - sigma_r+1) in the principal
+    subspace; x10 margin. (Measured differences: ~1e-15 here; a wrong seed or factor is O(1).)"""
+    sigma = torch.linalg.svdvals(matrix)
+    gap = (sigma[rank - 1] - sigma[rank]).item()
+    return 10 * max(matrix.shape) * torch.finfo(matrix.dtype).eps * sigma[0].item() ** 2 / gap
+
+
+def assert_same_init(layers: dict[str, dict[str, Any]], fresh: nn.Module, kwargs: dict[str, Any]) -> None:
+    """A distributed init against single-process ones on the same weights.
+
+    Bit-identical to the one-matrix path (initial_factors on the whole weight: what the owner rank
+    runs), so gathering, broadcasting and scattering add nothing; against apply(), which may batch
+    same-shape weights, within init_tolerance.
+    """
+    single = minipissa.apply(copy.deepcopy(fresh), **kwargs)
+    assert set(layers) == {name for name, _ in minipissa.pissa_layers(single)}
+    for name, layer in minipissa.pissa_layers(single):
+        got, info = layers[name]["tensors"], layers[name]["info"]
+        weight = fresh.get_submodule(name).weight.detach()
+        options = {k: kwargs.get(k) for k in ("niter", "oversample")}
+        a0, b0, sigma = initial_factors(
+            weight, name, layer.rank, layer.scaling, fan_in_fan_out=layer.fan_in_fan_out, seed=kwargs["seed"], **options
+        )
+        residual = residual_weight(weight, a0, b0, layer.scaling, layer.fan_in_fan_out)
+        for key, expected in dict(A0=a0, B0=b0, A=a0, B=b0, weight=residual).items():
+            assert torch.equal(got[key], expected), (name, key)
+        assert torch.equal(got["bias"], fresh.get_submodule(name).bias), name
+        assert info["singular_values"] == sigma.tolist(), name
+        assert info["residual_fingerprint"] == fingerprint(residual), name
+
+        tol = init_tolerance(weight_matrix(weight, layer.fan_in_fan_out), layer.rank)
+        part = layer.scaling * got["B0"] @ got["A0"]
+        assert (part - layer.delta_weight(layer.A0, layer.B0)).abs().max().item() <= tol, name
+        assert (got["weight"] - layer.weight).abs().max().item() <= tol, name
+        assert (sigma - torch.tensor(layer.info["singular_values"], dtype=sigma.dtype)).abs().max().item() <= tol, name
+        same = {k: v for k, v in info.items() if k not in ("singular_values", "residual_fingerprint")}
+        assert same == {k: layer.info[k] for k in same} and set(info) == set(layer.info), name
+
+
 def test_sharded_init_equals_single_process(tmp_path: Path) -> None:
-    single, expected = reference()
-    results = spawn(sharded_init_worker, tmp_path)
-    for result in results:
+    """FSDP2 first, then apply(): the factors, residual and info of a single-process init; then FSDP2
+    training (A and B sharded) follows the single-process loss trajectory."""
+    _, expected = reference()
+    for result in spawn(sharded_init_worker, tmp_path):
         assert result["A_sharded"]
-        layers = result["layers"]
-        assert set(layers) == {name for name, _ in minipissa.pissa_layers(single)}
-        for name, layer in minipissa.pissa_layers(single):
-            assert layers[name]["info"] == layer.info, name
-            for key, tensor in layers[name]["tensors"].items():
-                assert torch.equal(tensor, getattr(layer, key)), (name, key)
+        assert_same_init(result["layers"], make_net(), APPLY)
         assert_trajectory(result["losses"], expected)
 
 
@@ -321,13 +395,9 @@ def test_assign_owners_balances_cost() -> None:
 def test_sharded_init_layouts_and_errors(tmp_path: Path) -> None:
     """Shard(0) of a Conv1D, Shard(1), Replicate, randomized SVD: same factors and residual as one process;
     unsupported layouts and FSDP2 misuse give named errors before anything changes."""
-    single = minipissa.apply(layouts_net(), **LAYOUTS_APPLY)
     for result in spawn(dtensor_worker, tmp_path):
         assert set(result["layers"]) == {"conv", "cols", "repl", "plain"}
-        for name, layer in minipissa.pissa_layers(single):
-            assert result["layers"][name]["info"] == layer.info, name
-            for key, tensor in result["layers"][name]["tensors"].items():
-                assert torch.equal(tensor, getattr(layer, key)), (name, key)
+        assert_same_init(result["layers"], layouts_net(), LAYOUTS_APPLY)
         kind, message = result["mesh2d"]
         assert kind == "NotImplementedError" and "'cols'" in message and "2-D mesh" in message, message
         assert result["mesh2d_untouched"]
@@ -335,3 +405,44 @@ def test_sharded_init_layouts_and_errors(tmp_path: Path) -> None:
         assert kind == "ValueError" and "'blocks.0.lin_a'" in message
         kind, message = result["after_forward"]
         assert kind == "RuntimeError" and "before the first forward" in message
+
+
+def assert_same_file(path: Path, expected: Path) -> None:
+    """Same metadata, keys, dtypes and tensor bytes. (Not the raw file bytes: safetensors writes the
+    metadata map in hash order, which differs between processes even for one-process saves.)"""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as got, safe_open(expected, "pt") as want:
+        assert got.metadata() == want.metadata(), path.name
+        keys = list(want.keys())
+        assert list(got.keys()) == keys, path.name
+        for key in keys:
+            assert torch.equal(got.get_tensor(key), want.get_tensor(key)), (path.name, key)
+            assert got.get_tensor(key).dtype == want.get_tensor(key).dtype, (path.name, key)
+
+
+def test_save_after_fsdp2_training_gives_the_single_process_files(tmp_path: Path) -> None:
+    """save(optimizer=), convert_to_lora and save_residual after FSDP2 training: byte for byte the files of
+    one process; they load in one process and reproduce the trained model."""
+    single = minipissa.apply(make_net(), **APPLY)
+    opt = momentum_sgd(single)
+    train(single, *data(), opt=opt)
+    (tmp_path / "one").mkdir()
+    save_all(single, opt, tmp_path / "one", "fsdp")
+    for result in spawn(save_worker, tmp_path):
+        assert result["readable"]
+    for name in ("fsdp.safetensors", "fsdp_residual.safetensors", "fsdp_lora/adapter_model.safetensors"):
+        assert_same_file(tmp_path / name, tmp_path / "one" / name)
+    config = "fsdp_lora/adapter_config.json"
+    assert (tmp_path / config).read_bytes() == (tmp_path / "one" / config).read_bytes()
+
+    x = data()[0][0]
+    loaded = minipissa.load(make_net(), tmp_path / "fsdp.safetensors")
+    assert torch.equal(loaded(x), single(x))
+    # The sharded-init flow trained on split data: the file loads, and the model follows the
+    # single-process one to the loss tolerance.
+    reference_model, _ = reference()
+    trained = copy.deepcopy(reference_model)
+    train(trained, *data())
+    loaded = minipissa.load(make_net(), tmp_path / "sharded_init.safetensors")
+    torch.testing.assert_close(loaded(x), trained(x), rtol=LOSS_RTOL, atol=LOSS_RTOL)
