@@ -281,13 +281,27 @@ def save_worker(rank: int, out: Path) -> None:
     """Every rank trains on the whole batch, so FSDP2's averaged gradients are bit-identical to one
     process ((g + g) / 2 = g exactly) and so must the saved files be. Then the sharded-init flow saves
     (split data: equal to rounding only)."""
+    import minipissa.convert
+    import minipissa.safefile
+
+    writes = []
+    for module in (minipissa.safefile, minipissa.convert):  # count the files this rank writes
+        original = module.atomic_write
+
+        def counted(path: Any, write: Any, original: Any = original) -> None:
+            writes.append(Path(path).name)
+            original(path, write)
+
+        module.atomic_write = counted  # type: ignore[attr-defined]
     model = minipissa.apply(make_net(), **APPLY)
     _shard_blocks(model, _mesh())
     opt = momentum_sgd(model)
     train(model, *data(), world=WORLD, opt=opt)
     save_all(model, opt, out, "fsdp")  # collective: every rank calls, rank 0 writes, all wait
     # Every rank may read the file as soon as save() returns.
-    result: dict[str, Any] = {"readable": (out / "fsdp.safetensors").is_file()}
+    result: dict[str, Any] = {"readable": (out / "fsdp.safetensors").is_file(), "writes": writes}
+    # Rank 0 fails to write (no such directory): every rank raises, none hangs.
+    result["failure"] = _error(lambda: minipissa.save(model, out / "missing" / "x.safetensors"))
 
     sharded_first = make_net()
     _shard_blocks(sharded_first, _mesh())
@@ -429,7 +443,15 @@ def test_save_after_fsdp2_training_gives_the_single_process_files(tmp_path: Path
     train(single, *data(), opt=opt)
     (tmp_path / "one").mkdir()
     save_all(single, opt, tmp_path / "one", "fsdp")
-    for result in spawn(save_worker, tmp_path):
+    results = spawn(save_worker, tmp_path)
+    assert sorted(results[0]["writes"]) == sorted(
+        ["fsdp.safetensors", "adapter_model.safetensors", "adapter_config.json", "fsdp_residual.safetensors",
+         "x.safetensors", "sharded_init.safetensors"]
+    )  # fmt: skip
+    assert results[1]["writes"] == []
+    assert results[0]["failure"][0] == "StateError"
+    assert results[1]["failure"][0] == "RuntimeError" and "StateError" in results[1]["failure"][1]
+    for result in results:
         assert result["readable"]
     for name in ("fsdp.safetensors", "fsdp_residual.safetensors", "fsdp_lora/adapter_model.safetensors"):
         assert_same_file(tmp_path / name, tmp_path / "one" / name)
