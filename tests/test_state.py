@@ -87,10 +87,10 @@ def test_round_trip_bit_exact(tmp_path: Path, build, targets, niter) -> None:  #
     rslora=st.booleans(),
     conv1d=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
-    niter=st.sampled_from([None, 0, 2]),
+    init=st.sampled_from(["exact", "randomized 0", "randomized 2", "minor", "lora"]),
     adapter_bf16=st.booleans(),
 )
-def test_round_trip_property(tmp_path_factory, sizes, rank, alpha, rslora, conv1d, dtype, niter, adapter_bf16) -> None:  # type: ignore[no-untyped-def]
+def test_round_trip_property(tmp_path_factory, sizes, rank, alpha, rslora, conv1d, dtype, init, adapter_bf16) -> None:  # type: ignore[no-untyped-def]
     from transformers.pytorch_utils import Conv1D
 
     n_in, n_out = sizes
@@ -102,10 +102,12 @@ def test_round_trip_property(tmp_path_factory, sizes, rank, alpha, rslora, conv1
         nn.init.normal_(layer.weight)
         return nn.Sequential(layer).to(dtype)
 
+    how = {"init": "lora"} if init == "lora" else {"components": "minor"} if init == "minor" else {}
+    if init.startswith("randomized"):
+        how["niter"] = int(init.split()[1])
     model = minipissa.apply(
-        build(), rank, ["0"], alpha=alpha, rslora=rslora, niter=niter,
-        adapter_dtype=torch.bfloat16 if adapter_bf16 else None,
-    )  # fmt: skip
+        build(), rank, ["0"], alpha=alpha, rslora=rslora, adapter_dtype=torch.bfloat16 if adapter_bf16 else None, **how
+    )
     perturb(model)
     path = tmp_path_factory.mktemp("rt") / "a.safetensors"
     minipissa.save(model, path)
