@@ -53,6 +53,15 @@ def workspace_bytes(m: int, n: int, rank: int, columns: int | None, dtype: torch
     return m * n * size + 4 * (m + n) * columns * 8
 
 
+def batches_help(device: torch.device) -> bool:
+    """Whether stacking weights pays on ``device``: on a GPU, yes (one kernel per chunk, not per weight).
+
+    On the CPU a batch buys nothing (LAPACK and BLAS loop over it), and single matrices keep the
+    factors bit-identical to a per-module decomposition (as sharded init computes them).
+    """
+    return device.type != "cpu"
+
+
 def factors(
     jobs: list[Job],
     *,
@@ -73,9 +82,7 @@ def factors(
     for ((m, n), weight_dtype, device, rank, scaling), members in groups.items():
         dtype = decompose.compute_dtype(weight_dtype)
         columns = None if niter is None else decompose.sketch_columns(rank, oversample, m, n)
-        # On the CPU a batch buys nothing (LAPACK and BLAS loop over it) and single matrices keep the
-        # factors bit-identical to a per-module decomposition (as sharded init computes them).
-        batched = device.type != "cpu"
+        batched = batches_help(device)
         size = max(1, memory_budget // workspace_bytes(m, n, rank, columns, dtype)) if batched else 1
         for start in range(0, len(members), size):
             chunk = members[start : start + size]

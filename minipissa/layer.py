@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adapter_fn import adapted_linear
 from .decompose import compute_dtype
 
 MODES = ("adapter", "original", "disabled")
@@ -156,7 +157,13 @@ class PiSSALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in) -> (..., out), computed in x's dtype."""
-        y = F.linear(x, weight_matrix(self.weight, self.fan_in_fan_out), self.bias)
+        weight = weight_matrix(self.weight, self.fan_in_fan_out)
+        if self.mode == "adapter" and not self.merged and not torch.is_autocast_enabled(x.device.type):
+            # The fast path: one autograd node, in-place adds, minimal saved tensors (adapter_fn.py).
+            xa = None if isinstance(self.dropout, nn.Identity) or not self.training else self.dropout(x)
+            return adapted_linear(x, xa, weight, self.bias, self.A, self.B, self.scaling)
+        # The reference formula: other modes, and autocast (which picks dtypes per op).
+        y = F.linear(x, weight, self.bias)
         if self.mode == "disabled":
             if self.merged:
                 raise RuntimeError("minipissa.disabled(): the layer is merged; unmerge it first")
