@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import decompose
 from .layer import weight_matrix
@@ -25,13 +26,19 @@ MEMORY_BUDGET = 1 << 30
 
 @dataclass
 class Job:
-    """One weight to factor: W (stored layout), its module name (seeds the sketch), rank and scaling."""
+    """One weight to factor: its module (W is read when needed, so that a replaced module's weight
+    is freed at once), module name (seeds the sketch), rank and scaling."""
 
     name: str
-    weight: Tensor
+    module: nn.Module
     rank: int
     scaling: float
     fan_in_fan_out: bool
+
+    @property
+    def weight(self) -> Tensor:
+        """The stored weight, (out, in) or (in, out) when ``fan_in_fan_out``."""
+        return cast(Tensor, self.module.weight)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -196,10 +196,7 @@ def apply(
         )
 
     jobs = [
-        batching.Job(
-            p.name, cast(Tensor, p.module.weight), p.rank, lora_scaling(p.alpha, p.rank, rslora), p.fan_in_fan_out
-        )
-        for p in plans
+        batching.Job(p.name, p.module, p.rank, lora_scaling(p.alpha, p.rank, rslora), p.fan_in_fan_out) for p in plans
     ]
     factors: Iterator[tuple[batching.Job, Tensor, Tensor, Tensor]]
     if init == "lora":

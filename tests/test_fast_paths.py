@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import weakref
 from pathlib import Path
 
 import pytest
@@ -260,3 +261,12 @@ def test_torch_compile_traces_the_fused_layer():
     got = torch.autograd.grad(compiled(x).sum(), [x, model.layers[0].A])
     for u, v in zip(got, eager, strict=True):
         assert torch.allclose(u, v, atol=1e-6)
+
+
+def test_apply_frees_each_original_weight_as_it_goes():
+    # Peak memory must not grow with the model: a replaced weight is released before the next chunk.
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
+    refs = [weakref.ref(layer.weight) for layer in model]
+    dead: list[int] = []
+    minipissa.apply(model, 2, "all-linear", progress=lambda done, total: dead.append(sum(r() is None for r in refs)))
+    assert dead == [1, 2, 3, 4]
