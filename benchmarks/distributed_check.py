@@ -36,7 +36,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import minipissa
-from minipissa.distributed import _chunks
+from minipissa.shards import chunk_sizes
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -81,7 +81,7 @@ def build(args: argparse.Namespace, device: torch.device, mesh: Any | None) -> n
         for name, param in model.named_parameters():
             full = full_weight(name, param.shape, device).to(param.dtype)
             if minipissa.distributed.is_dtensor(param):  # Shard(0): take this rank's rows
-                sizes = _chunks(param.shape[0], dist.get_world_size())
+                sizes = chunk_sizes(param.shape[0], dist.get_world_size())
                 start = sum(sizes[: dist.get_rank()])
                 param.to_local().copy_(full[start : start + sizes[dist.get_rank()]])
             else:

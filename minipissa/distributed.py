@@ -24,7 +24,9 @@ from torch import Tensor, nn
 
 from .decompose import compute_dtype
 from .fingerprint import fingerprint
+from .fsdp_adopt import FsdpAdoption
 from .layer import PiSSALinear, lora_scaling, residual_weight, weight_matrix
+from .shards import broadcast, gather_to, layout, scatter_into
 
 if TYPE_CHECKING:
     from .model import _Plan
@@ -96,78 +98,6 @@ def assign_owners(costs: Sequence[float], world: int) -> list[int]:
     return owners
 
 
-def _chunks(size: int, world: int) -> list[int]:
-    """Per-rank lengths of a dimension of ``size`` split like ``torch.chunk`` (DTensor/FSDP2's Shard)."""
-    step = -(-size // world)
-    return [max(0, min(step, size - r * step)) for r in range(world)]
-
-
-def _layout(name: str, weight: Tensor) -> tuple[Any, int | None]:
-    """(1-D device mesh, shard dim or None for Replicate) of a DTensor weight; named error otherwise."""
-    from torch.distributed.tensor import Replicate, Shard
-
-    dt = cast(Any, weight)
-    mesh, placements = dt.device_mesh, dt.placements
-    if mesh.ndim == 1 and isinstance(placements[0], Shard):
-        return mesh, placements[0].dim
-    if mesh.ndim == 1 and isinstance(placements[0], Replicate):
-        return mesh, None
-    raise NotImplementedError(
-        f"minipissa: module '{name}' has a DTensor weight on a {mesh.ndim}-D mesh with placements "
-        f"{tuple(placements)}; sharded init supports one mesh dimension with Shard(d) or Replicate() "
-        "(FSDP2 fully_shard over a 1-D mesh). Call minipissa.apply before sharding instead."
-    )
-
-
-def _gather_to(weight: Tensor, mesh: Any, dim: int | None, owner: int) -> Tensor | None:
-    """The whole weight on mesh rank ``owner``, None on the others. Every rank of the mesh calls it."""
-    local = cast(Any, weight).to_local()
-    me = mesh.get_local_rank()
-    if dim is None:
-        return local if me == owner else None
-    sizes = _chunks(weight.shape[dim], mesh.size())
-    padded = _pad(local, dim, sizes[0])
-    parts = [torch.empty_like(padded) for _ in sizes] if me == owner else None
-    dist.gather(padded, parts, group=mesh.get_group(), group_dst=owner)
-    if parts is None:
-        return None
-    return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes, strict=True)], dim)
-
-
-def _scatter_into(weight: Tensor, full: Tensor | None, mesh: Any, dim: int | None, owner: int) -> None:
-    """Write the owner's ``full`` tensor into every rank's shard of ``weight``, in place."""
-    local = cast(Any, weight).to_local()
-    group = mesh.get_group()
-    if dim is None:
-        buffer = full if full is not None else torch.empty_like(local)
-        dist.broadcast(buffer, group=group, group_src=owner)
-        local.copy_(buffer)
-        return
-    sizes = _chunks(weight.shape[dim], mesh.size())
-    received = _pad(local, dim, sizes[0]).new_empty(0).resize_(_pad(local, dim, sizes[0]).shape)
-    parts = None
-    if full is not None:
-        parts = [_pad(piece, dim, sizes[0]) for piece in full.split(sizes[0], dim)]
-        parts += [torch.zeros_like(received)] * (len(sizes) - len(parts))
-    dist.scatter(received, parts, group=group, group_src=owner)
-    local.copy_(received.narrow(dim, 0, sizes[mesh.get_local_rank()]))
-
-
-def _pad(tensor: Tensor, dim: int, length: int) -> Tensor:
-    """``tensor`` zero-padded along ``dim`` to ``length``, contiguous (collectives need equal shapes)."""
-    missing = length - tensor.shape[dim]
-    if missing == 0:
-        return tensor.contiguous()
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor, tensor.new_zeros(shape)], dim).contiguous()
-
-
-def _broadcast(tensor: Tensor, mesh: Any, owner: int) -> Tensor:
-    dist.broadcast(tensor, group=mesh.get_group(), group_src=owner)
-    return tensor
-
-
 @torch.no_grad()
 def init_sharded(
     model: nn.Module,
@@ -192,13 +122,13 @@ def init_sharded(
     plans = [p for p in plans if is_dtensor(p.module.weight)]
     if not plans:
         return plain
-    layouts = [_layout(p.name, cast(Tensor, p.module.weight)) for p in plans]
+    layouts = [layout(p.name, cast(Tensor, p.module.weight)) for p in plans]
     if len({mesh.get_group() for mesh, _ in layouts}) != 1:
         raise NotImplementedError(
             "minipissa: the target weights are sharded over different process groups; sharded init needs "
             "them all on one mesh (one fully_shard mesh for the whole model)"
         )
-    fsdp = _FsdpAdoption(model, plans)  # checks before anything changes
+    fsdp = FsdpAdoption(model, plans)  # checks before anything changes
     mesh = layouts[0][0]
     world = mesh.size()
     shapes = [weight_matrix(cast(Tensor, p.module.weight), p.fan_in_fan_out).shape for p in plans]
@@ -206,7 +136,7 @@ def init_sharded(
     queues = [[i for i, o in enumerate(owners) if o == r] for r in range(world)]
     for step in range(max((len(q) for q in queues), default=0)):
         batch = [q[step] for q in queues if step < len(q)]  # at most one matrix per rank
-        whole = {i: _gather_to(cast(Tensor, plans[i].module.weight), *layouts[i], owners[i]) for i in batch}
+        whole = {i: gather_to(cast(Tensor, plans[i].module.weight), *layouts[i], owners[i]) for i in batch}
         # Each rank decomposes the one matrix it owns in this round: this is where ranks run in parallel.
         mine = {
             i: _decompose(plans[i], w, rslora, factor_options, initial_factors)
@@ -232,11 +162,11 @@ def init_sharded(
                 )
             )
             for t in (a0, b0, sigma):
-                _broadcast(t, mesh, owner)
+                broadcast(t, mesh, owner)
             box = [info]
             dist.broadcast_object_list(box, group=mesh.get_group(), group_src=owner)
             info = _ordered_info(box[0], sigma)
-            _scatter_into(weight, residual, *layouts[i], owner)
+            scatter_into(weight, residual, *layouts[i], owner)
             del residual
             _install(model, plan, a0, b0, info, rslora, dropout, adapter_dtype, fsdp, _replace)
     return plain
@@ -276,7 +206,7 @@ def _install(
     rslora: bool,
     dropout: float,
     adapter_dtype: torch.dtype | None,
-    fsdp: _FsdpAdoption,
+    fsdp: FsdpAdoption,
     replace: Any,
 ) -> None:
     base = plan.module
@@ -299,64 +229,3 @@ def _install(
     layer.info["residual_fingerprint"] = residual_fp
     replace(model, plan.name, layer)
     fsdp.adopt(base, layer)
-
-
-class _FsdpAdoption:
-    """Keeps FSDP2's bookkeeping right when a module it manages is replaced by a PiSSALinear.
-
-    FSDP2 records, for each parameter, the module it sets the all-gathered tensor on. The weight and bias
-    keep their Parameter objects, so only that module reference moves to the new layer. A and B are new:
-    they get their own FSDP2 group on the layer (same mesh and policies as the enclosing group), so they
-    are sharded, all-gathered and reduce-scattered like any parameter. These are FSDP2 internals
-    (torch 2.13); if they change, the checks here fail loudly before anything is modified.
-    """
-
-    def __init__(self, model: nn.Module, plans: Sequence[_Plan]) -> None:
-        self.found: dict[int, tuple[Any, list[Any]]] = {}
-        try:
-            from torch.distributed.fsdp._fully_shard._fsdp_state import _get_module_fsdp_state
-        except ImportError:  # pragma: no cover
-            return
-        targets = {id(p.module): p.name for p in plans}
-        for plan in plans:
-            if _get_module_fsdp_state(plan.module) is not None:
-                raise ValueError(
-                    f"minipissa: fully_shard was applied to the target module '{plan.name}' itself; apply it "
-                    "to the blocks that contain the targets (e.g. decoder layers) and to the root, then "
-                    "minipissa.apply"
-                )
-        for module in model.modules():
-            state = _get_module_fsdp_state(module)
-            if state is None:
-                continue
-            if state._is_root is not None:
-                raise RuntimeError(
-                    "minipissa: this FSDP2 model has already run a forward pass; call minipissa.apply "
-                    "before the first forward (FSDP2 fixes its parameter groups then)"
-                )
-            for group in state._fsdp_param_groups:
-                for param in group.fsdp_params:
-                    info = param._module_info
-                    if any(id(m) in targets for m in info.shared_modules):
-                        raise NotImplementedError("minipissa: a target module is shared (used twice) under FSDP2")
-                    if id(info.module) in targets:
-                        self.found.setdefault(id(info.module), (group, []))[1].append(param)
-
-    def adopt(self, old: nn.Module, new: PiSSALinear) -> None:
-        entry = self.found.get(id(old))
-        if entry is None:  # a DTensor weight that FSDP2 does not manage
-            return
-        from torch.distributed.fsdp import fully_shard
-
-        group, params = entry
-        for param in params:
-            param._module_info.module = new
-        frozen = {p for p in (new.weight, new.bias) if p is not None}
-        fully_shard(
-            new,
-            mesh=group.mesh_info.mesh,
-            reshard_after_forward=group.post_forward_mesh_info is not None,
-            mp_policy=group.mp_policy,
-            offload_policy=group.offload_policy,
-            ignored_params=cast(set[nn.Parameter], frozen),
-        )
