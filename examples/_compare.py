@@ -39,9 +39,14 @@ class Result:
     model: nn.Module | None = None
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
+def setup(args: argparse.Namespace) -> None:
+    """Seed every RNG, create the output directory; in --smoke mode use one thread (tiny matrices gain nothing
+    from more, and on a busy CI machine spare threads only fight over the cores)."""
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    if args.smoke:
+        torch.set_num_threads(1)
 
 
 def common_args(description: str) -> argparse.ArgumentParser:
@@ -162,7 +167,8 @@ def write_curves(results: list[Result], out: str, stem: str) -> None:
         windows = [c.train[max(0, i - k + 1) : i + 1] for i in range(len(c.train))]
         smooth = [sum(w) / len(w) for w in windows]
         axes[0].plot(c.steps, smooth, label=c.label)
-        axes[1].plot(c.eval_steps, c.heldout, marker="o", label=c.label)
+        # Step 0 is the frozen model for every method: both inits leave the function unchanged.
+        axes[1].plot([0, *c.eval_steps], [frozen, *c.heldout], marker="o", label=c.label)
     axes[1].axhline(frozen, color="gray", linestyle="--", label="frozen")
     axes[0].set_title("train loss (moving average)")
     axes[1].set_title("held-out loss")

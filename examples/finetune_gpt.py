@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 
 import _bpe
 import _corpus
 import torch
 import torch.nn.functional as F
-from _compare import Method, common_args, compare, print_table, seed_everything, sweep, write_curves
+from _compare import Method, common_args, compare, print_table, setup, sweep, write_curves
 from _convert_check import check_conversion
 from _train import TrainConfig, evaluate, train
 from torch import Tensor, nn
@@ -79,7 +78,7 @@ SIZES = {
                   steps=6, rank=2, eval_batches=2, log_every=3, eval_every=3),
 }  # fmt: skip
 # Learning rates picked by `--sweep` (held-out loss after the default 200 steps; numbers in examples/README.md).
-PISSA_LR, LORA_LR = 1e-3, 3e-3
+PISSA_LR, LORA_LR = 1e-2, 3e-2
 SWEEP_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 TARGETS = "all-linear"  # qkv, attn_out, fc, proj in every block
 
@@ -99,8 +98,7 @@ def main() -> None:
     size = SIZES["smoke" if args.smoke else "full"]
     steps = args.steps or size["steps"]
     rank = args.rank or size["rank"]
-    os.makedirs(args.out, exist_ok=True)
-    seed_everything(args.seed)
+    setup(args)
     started = time.perf_counter()
 
     code, docs = _corpus.load(size["corpus_bytes"])

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 import time
 
 import _corpus
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
-from _compare import Method, common_args, compare, print_table, seed_everything, sweep, write_curves
+from _compare import Method, common_args, compare, print_table, setup, sweep, write_curves
 from _convert_check import check_conversion
 from _train import TrainConfig, train
 from torch import Tensor, nn
@@ -166,7 +165,7 @@ SIZES = {
                   corpus_bytes=300_000, pretrain=6, steps=6, rank=2, eval_batches=2, log_every=3, eval_every=3),
 }  # fmt: skip
 # Learning rates picked by `--sweep` (held-out loss after the default steps; numbers in examples/README.md).
-PISSA_LR, LORA_LR = 1e-3, 3e-3
+PISSA_LR, LORA_LR = 1e-2, 3e-2
 SWEEP_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 
 
@@ -188,8 +187,7 @@ def main() -> None:
     size = SIZES["smoke" if args.smoke else "full"]
     steps, rank = args.steps or size["steps"], args.rank or size["rank"]
     targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
-    os.makedirs(args.out, exist_ok=True)
-    seed_everything(args.seed)
+    setup(args)
     started = time.perf_counter()
 
     code, docs = _corpus.load(size["corpus_bytes"])
