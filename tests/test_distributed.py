@@ -301,3 +301,25 @@ def test_save_after_fsdp2_training_gives_the_single_process_files(tmp_path: Path
     train(trained, *data())
     loaded = minipissa.load(make_net(), tmp_path / "sharded_init.safetensors")
     torch.testing.assert_close(loaded(x), trained(x), rtol=LOSS_RTOL, atol=LOSS_RTOL)
+
+
+def test_distributed_check_script_runs_tiny(tmp_path: Path) -> None:
+    """benchmarks/distributed_check.py (the multi-GPU check) in its CPU/gloo smoke configuration, so that
+    it cannot rot between GPU runs: FSDP2 sharded init, FSDP2 and DDP training, the file loads in one
+    process and reproduces the distributed logits."""
+    pytest.importorskip("transformers")
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "benchmarks" / "distributed_check.py"
+    cmd = [sys.executable, "-W", "ignore", str(script), "--tiny", "--ranks", "2", "--ddp", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    run = results["runs"][0]
+    assert run["world"] == 2 and len(run["fsdp"]["losses"]) == len(run["ddp"]["losses"]) == 5
+    assert results["checks"]["factor_tensors"] == 2 * 7 * 2  # A0 and B0 of 7 projections x 2 layers
+    # The same weights, factors and A/B in one process; fp32, so at most the rounding of differently
+    # ordered sums (~sqrt(96) * eps32 per layer, 1e-6) may differ: measured 0.0.
+    assert results["checks"]["loaded_logits_rel_diff"] < 1e-5
