@@ -7,9 +7,17 @@ When the weights are already sharded (FSDP2 ``fully_shard``, DTensor parameters 
 :func:`minipissa.apply` hands the targets to :func:`init_sharded`: every target weight is gathered to one
 owner rank (greedy by cost, so ranks take different matrices and init time falls with the number of
 ranks), decomposed there by the same code and per-module seed as in a single process, the factors are
-broadcast (small), and the residual is scattered back into the weight's own shards, in place. Peak memory
-per rank stays near one full matrix; the factors equal a single-process init bit for bit on the same kind
-of device.
+broadcast (small), and the residual is scattered back into the weight's own shards, in place. A rank holds
+at most one whole matrix at a time, in a few copies (its gathered pieces, the decomposition's float32
+copy, the residual), whatever the model's size. The factors equal a single-process init bit for bit where
+that init decomposes one matrix at a time (the CPU); apply() on a GPU stacks same-shape weights, which
+changes them by rounding only.
+
+Saving a sharded model (:func:`write_once`): every rank calls ``save``/``convert_to_lora``/``save_residual``
+(gathering is collective), rank 0 writes, the others wait and then may read the file.
+
+Not supported on sharded weights: 2-D meshes (HSDP, FSDP + TP) for sharded init (apply before sharding
+instead), merge/unmerge/unload, and ``load`` onto a sharded model (load, then shard).
 """
 
 from __future__ import annotations
