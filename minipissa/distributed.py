@@ -67,6 +67,22 @@ def is_sharded(model: nn.Module | None) -> bool:
     return any_sharded(model.parameters()) or any_sharded(model.buffers())
 
 
+def refuse_sharded(model: nn.Module, what: str) -> None:
+    """A named error for operations that would write a sharded (DTensor) weight outside FSDP2's storage."""
+    if not is_sharded(model):
+        return
+    instead = (
+        "load onto the whole model first, then shard it"
+        if what == "load"
+        else f"save the adapter (minipissa.save, on every rank), load it onto the whole model in one process and "
+        f"{what} there"
+    )
+    raise NotImplementedError(
+        f"minipissa.{what}: the model is sharded (DTensor weights) and FSDP2 keeps its own storage of the "
+        f"shards, which {what} would not reach; {instead}"
+    )
+
+
 def write_once(model: nn.Module | None, write: Callable[[], None]) -> None:
     """Run ``write`` (which writes files from tensors already gathered) on one rank of a sharded run.
 

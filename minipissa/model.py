@@ -257,6 +257,7 @@ def merge(model: nn.Module) -> nn.Module:
 
     Keeps each residual while merged: one extra weight's memory per adapted layer.
     """
+    distributed.refuse_sharded(model, "merge")
     for _, layer in pissa_layers(model):
         layer.merge()
     return model
@@ -271,6 +272,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def unload(model: nn.Module) -> nn.Module:
     """Merge and put the original Linear/Conv1D classes back: the fine-tuned model, no minipissa left."""
+    distributed.refuse_sharded(model, "unload")
     for name, layer in list(pissa_layers(model)):
         _replace(model, name, layer.unload())
     model.__dict__.pop("_minipissa_seconds", None)

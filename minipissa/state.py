@@ -260,6 +260,7 @@ def load(
     Raises:
         StateError: with the module name and what to do; the model is then unchanged.
     """
+    distributed.refuse_sharded(model, "load")
     if base not in ("original", "residual"):
         raise StateError(f"minipissa.load: base must be 'original' or 'residual', got {base!r}")
     info, recs, opt_tensors = read(path)

@@ -107,6 +107,13 @@ def dtensor_worker(rank: int, out: Path) -> None:
     shard_blocks(ran, mesh)
     ran(torch.zeros(1, 15, dtype=torch.float64))
     result["after_forward"] = error_of(lambda: minipissa.apply(ran, **APPLY))
+
+    minipissa.save(minipissa.apply(make_net(), **APPLY), out / "adapter.safetensors")  # plain: every rank writes
+    trained = minipissa.apply(make_net(), **APPLY)
+    shard_blocks(trained, mesh)
+    result["merge"] = error_of(lambda: minipissa.merge(trained))
+    result["unload"] = error_of(lambda: minipissa.unload(trained))
+    result["load"] = error_of(lambda: minipissa.load(ran, out / "adapter.safetensors"))
     torch.save(result, out / f"rank{rank}.pt")
 
 
@@ -252,6 +259,9 @@ def test_sharded_init_layouts_and_errors(tmp_path: Path) -> None:
         assert kind == "ValueError" and "'blocks.0.lin_a'" in message
         kind, message = result["after_forward"]
         assert kind == "RuntimeError" and "before the first forward" in message
+        for what in ("merge", "unload", "load"):
+            kind, message = result[what]
+            assert kind == "NotImplementedError" and f"minipissa.{what}: the model is sharded" in message
 
 
 def assert_same_file(path: Path, expected: Path) -> None:
