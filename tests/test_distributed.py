@@ -71,14 +71,26 @@ def fsdp_worker(rank: int, out: Path) -> None:
 
 def sharded_init_worker(rank: int, out: Path) -> None:
     """fully_shard first, then apply(): each weight decomposed on one rank; then train."""
+    import minipissa.model
+
+    decomposed = []  # the matrices this rank decomposes
+    original = minipissa.model.initial_factors
+
+    def counted(weight: Tensor, name: str, *args: Any, **kwargs: Any) -> Any:
+        decomposed.append(name)
+        return original(weight, name, *args, **kwargs)
+
+    minipissa.model.initial_factors = counted  # type: ignore[assignment]
     model = make_net()
     shard_blocks(model, cpu_mesh())
+    weights_sharded = distributed.is_dtensor(model.blocks[0].lin_a.weight)
     minipissa.apply(model, **APPLY)
     layers = layers_of(model)
     a = model.blocks[0].lin_a.A
-    sharded = distributed.is_dtensor(a) and tuple(a.to_local().shape) == (2, 15)
+    sharded = weights_sharded and distributed.is_dtensor(a) and tuple(a.to_local().shape) == (2, 15)
     losses = train(model, *my_half(rank), world=WORLD)
-    torch.save({"layers": layers, "losses": losses, "A_sharded": sharded}, out / f"rank{rank}.pt")
+    result = {"layers": layers, "losses": losses, "A_sharded": sharded, "decomposed": decomposed}
+    torch.save(result, out / f"rank{rank}.pt")
 
 
 def dtensor_worker(rank: int, out: Path) -> None:
@@ -233,7 +245,12 @@ def test_sharded_init_equals_single_process(tmp_path: Path) -> None:
     """FSDP2 first, then apply(): the factors, residual and info of a single-process init; then FSDP2
     training (A and B sharded) follows the single-process loss trajectory."""
     _, expected = reference()
-    for result in spawn(sharded_init_worker, tmp_path):
+    results = spawn(sharded_init_worker, tmp_path)
+    # Each matrix decomposed once, on one rank; the ranks share the work (2 of the 4 matrices each).
+    mine = [set(result["decomposed"]) for result in results]
+    assert sorted(results[0]["decomposed"] + results[1]["decomposed"]) == sorted(results[0]["layers"])
+    assert [len(m) for m in mine] == [2, 2]
+    for result in results:
         assert result["A_sharded"]
         assert_same_init(result["layers"], make_net(), APPLY)
         assert_trajectory(result["losses"], expected)
