@@ -162,6 +162,7 @@ def worker(rank: int, args: argparse.Namespace, world: int, port: int) -> None:
             result["ddp"] = train(args, ddp, device)
         if rank == 0:
             (out / "result.json").write_text(json.dumps(result, indent=1))
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
 

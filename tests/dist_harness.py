@@ -113,6 +113,7 @@ def _entry(rank: int, fn: Callable[..., None], port: int, out: Path) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         fn(rank, out)
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
 
