@@ -44,6 +44,8 @@ from minipissa.fingerprint import fingerprint
 from minipissa.layer import residual_weight, weight_matrix
 from minipissa.model import initial_factors
 
+LORA_APPLY = dict(LAYOUTS_APPLY, init="lora")
+
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch built without gloo"
 )
@@ -104,6 +106,9 @@ def dtensor_worker(rank: int, out: Path) -> None:
     distribute(model, mesh, {"conv": Shard(0), "cols": Shard(1), "repl": Replicate()})
     minipissa.apply(model, **LAYOUTS_APPLY)
     result: dict[str, Any] = {"layers": layers_of(model)}
+    lora = layouts_net()
+    distribute(lora, mesh, {"conv": Shard(0), "cols": Shard(1), "repl": Replicate()})
+    result["lora"] = layers_of(minipissa.apply(lora, **LORA_APPLY))
 
     flat = layouts_net()
     distribute(flat, init_device_mesh("cpu", (WORLD, 1)), {"cols": (Shard(0), Replicate())})
@@ -269,6 +274,11 @@ def test_sharded_init_layouts_and_errors(tmp_path: Path) -> None:
     for result in spawn(dtensor_worker, tmp_path):
         assert set(result["layers"]) == {"conv", "cols", "repl", "plain"}
         assert_same_init(result["layers"], layouts_net(), LAYOUTS_APPLY)
+        single = minipissa.apply(layouts_net(), **LORA_APPLY)  # init="lora": the base stays, B0 = 0
+        for name, layer in minipissa.pissa_layers(single):
+            assert result["lora"][name]["info"] == layer.info
+            for key, tensor in result["lora"][name]["tensors"].items():
+                assert torch.equal(tensor, getattr(layer, key)), (name, key)
         kind, message = result["mesh2d"]
         assert kind == "NotImplementedError" and "'cols'" in message and "2-D mesh" in message, message
         assert result["mesh2d_untouched"]
