@@ -72,7 +72,7 @@ class GPT(nn.Module):
 
 # Sizes: (defaults, --smoke). The defaults were chosen to finish in about 2-3 minutes on 2 CPU cores.
 SIZES = {
-    "full": dict(dim=192, layers=4, heads=6, seq=128, batch=16, merges=1024, corpus_bytes=10**9, pretrain=600,
+    "full": dict(dim=192, layers=4, heads=6, seq=128, batch=16, merges=1024, corpus_bytes=10**9, pretrain=400,
                  steps=200, rank=8, eval_batches=16, log_every=50, eval_every=50),
     "smoke": dict(dim=32, layers=1, heads=2, seq=32, batch=4, merges=64, corpus_bytes=300_000, pretrain=6,
                   steps=6, rank=2, eval_batches=2, log_every=3, eval_every=3),

@@ -160,7 +160,7 @@ def tokens_of(sp: spm.SentencePieceProcessor, texts: list[str]) -> Tensor:
 
 SIZES = {
     "full": dict(dim=192, layers=4, heads=6, kv_heads=2, hidden=512, seq=128, batch=16, vocab=1024,
-                 corpus_bytes=10**9, pretrain=600, steps=200, rank=8, eval_batches=16, log_every=50, eval_every=50),
+                 corpus_bytes=10**9, pretrain=400, steps=200, rank=8, eval_batches=16, log_every=50, eval_every=50),
     "smoke": dict(dim=32, layers=1, heads=2, kv_heads=1, hidden=64, seq=32, batch=4, vocab=400,
                   corpus_bytes=300_000, pretrain=6, steps=6, rank=2, eval_batches=2, log_every=3, eval_every=3),
 }  # fmt: skip
