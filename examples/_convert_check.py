@@ -55,7 +55,10 @@ def check_conversion(trained: nn.Module, original: nn.Module, sample: Tensor, ou
     minipissa.save(trained, adapter_path)
     print(f"saved the PiSSA adapter to {adapter_path} ({os.path.getsize(adapter_path) / 1e6:.2f} MB)")
     report = minipissa.convert_to_lora(adapter_path, lora_dir)
-    print(f"converted it to a PEFT-layout LoRA for the original weights in {lora_dir}: {report}")
+    print(
+        f"converted it to a PEFT-layout LoRA for the original weights in {lora_dir}: {report.modules} modules, "
+        f"rank {report.rank} (= 2r: [B | -B0] [A ; A0]), lora_alpha {report.alpha:g}"
+    )
     reloaded = load_lora_onto(original, lora_dir)
     trained.eval()
     reloaded.eval()
