@@ -6,6 +6,7 @@ Each run is a subprocess with the current interpreter, writing into a temporary 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -19,8 +20,13 @@ pytest.importorskip("sentencepiece")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def run_example(script: str, out: Path, *extra: str) -> str:
+def run_example(script: str, out: Path, *extra: str, block_matplotlib: bool = False) -> str:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
+    if block_matplotlib:  # a stub package that fails to import, found before the real one
+        stub = out / "no_matplotlib" / "matplotlib"
+        stub.mkdir(parents=True)
+        (stub / "__init__.py").write_text("raise ImportError('matplotlib blocked by the test')\n")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(stub.parent), env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / script), "--smoke", "--device", "cpu", "--out", str(out), *extra],
         capture_output=True,
@@ -53,10 +59,14 @@ def test_finetune_gpt_smoke(tmp_path: Path) -> None:
     assert "tok/s" in stdout
     check_table_and_csv(stdout, tmp_path, "gpt", ["PiSSA", "LoRA"])
     assert (tmp_path / "gpt_lora_converted" / "adapter_model.safetensors").is_file()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "gpt_curves.png").is_file()
 
 
 def test_llama_sentencepiece_smoke(tmp_path: Path) -> None:
-    stdout = run_example("llama_sentencepiece.py", tmp_path, "--targets", "q_proj,v_proj")
+    stdout = run_example("llama_sentencepiece.py", tmp_path, "--targets", "q_proj,v_proj", block_matplotlib=True)
+    assert "matplotlib is not installed: skipped the PNG" in stdout
+    assert not (tmp_path / "llama_curves.png").exists()
     check_table_and_csv(stdout, tmp_path, "llama", ["PiSSA exact", "PiSSA niter=4", "LoRA"])
     assert "self_attn.q_proj" in stdout and "mlp.gate_proj" not in stdout  # --targets was honoured
     assert "randomized init (niter 4" in stdout
