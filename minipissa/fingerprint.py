@@ -21,7 +21,9 @@ MOMENT_RTOL = 1e-6
 def fingerprint(weight: Tensor) -> dict[str, Any]:
     """{"shape", "dtype", "sum", "sumsq", "sample_sha256"} of a tensor, JSON-able."""
     flat = weight.detach().reshape(-1)
-    index = torch.linspace(0, max(flat.numel() - 1, 0), min(SAMPLES, flat.numel()), device=flat.device).long()
+    # Integer arithmetic: a float32 linspace rounds n - 1 up past the end for n > 2^24 elements.
+    count = min(SAMPLES, flat.numel())
+    index = torch.arange(count, device=flat.device) * max(flat.numel() - 1, 0) // max(count - 1, 1)
     sample = flat[index].contiguous().cpu().view(torch.uint8)
     wide = flat.to(torch.float64)
     return {

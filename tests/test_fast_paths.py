@@ -270,3 +270,14 @@ def test_apply_frees_each_original_weight_as_it_goes():
     dead: list[int] = []
     minipissa.apply(model, 2, "all-linear", progress=lambda done, total: dead.append(sum(r() is None for r in refs)))
     assert dead == [1, 2, 3, 4]
+
+
+def test_fingerprint_samples_stay_in_bounds_for_large_weights():
+    # float32 linspace rounded n - 1 = 2^24 + 3 up to n: an out-of-bounds index (a device-side
+    # assert on CUDA for every weight of a 7B model), hence integer sample indices.
+    from minipissa.fingerprint import fingerprint
+
+    big = torch.zeros(2**24 + 4, dtype=torch.uint8)
+    big[-1] = 7
+    assert fingerprint(big)["shape"] == [2**24 + 4]
+    assert fingerprint(big)["sample_sha256"] != fingerprint(torch.zeros_like(big))["sample_sha256"]  # last sampled
