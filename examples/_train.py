@@ -80,7 +80,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # Weight decay pulls parameters toward zero. For LoRA's B that is the identity update, but PiSSA's A and B
     # start at the principal components, so decay would erase the pretrained knowledge they hold: no decay on
     # adapters (the spec recommends this), and none on biases / norms either (the usual convention).
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue

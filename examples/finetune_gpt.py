@@ -20,6 +20,7 @@ import time
 
 import _bpe
 import _corpus
+import tiktoken
 import torch
 import torch.nn.functional as F
 from _compare import Method, common_args, compare, print_table, setup, sweep, write_curves
@@ -83,11 +84,11 @@ SWEEP_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 TARGETS = "all-linear"  # qkv, attn_out, fc, proj in every block
 
 
-def tokens_of(enc: object, texts: list[str]) -> Tensor:
+def tokens_of(enc: tiktoken.Encoding, texts: list[str]) -> Tensor:
     """One stream: the documents' tokens joined by <|endoftext|>."""
-    eot = enc.eot_token  # type: ignore[attr-defined]
+    eot = enc.eot_token
     ids: list[int] = []
-    for doc in enc.encode_ordinary_batch(texts):  # type: ignore[attr-defined]
+    for doc in enc.encode_ordinary_batch(texts):
         ids.extend(doc)
         ids.append(eot)
     return torch.tensor(ids, dtype=torch.long)
