@@ -1,0 +1,139 @@
+"""Training step: frozen base vs PEFT LoRA (default fp32 adapters, and bf16 adapters) vs minipissa,
+on the same weights, in one process.
+
+A step is forward + backward (+ AdamW on the adapters, fused on CUDA). The embeddings' output
+requires grad in every contender, so that the frozen base also runs a full backward (dx through
+every layer). Reported: median ms/step, ratio to the frozen base's step, peak memory of the step
+above the memory in use before the contender was built (its weights included).
+
+    python benchmarks/step_bench.py --setting minilm
+    python benchmarks/step_bench.py --setting llama-small
+    python benchmarks/step_bench.py --setting llama-7b --device cuda --compile --out step_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import common
+import torch
+from torch import nn
+
+import minipissa
+
+
+def build(setting: str, device: str) -> tuple[nn.Module, Any, Any, tuple[int, int]]:
+    """(model, minipissa targets, PEFT targets, (batch, sequence))."""
+    if setting == "minilm":
+        return common.minilm().to(device), common.MINILM_TARGETS, common.MINILM_PEFT_TARGETS, (8, 128)
+    if setting == "llama-small":
+        model = common.llama(4, 1024, 2816, 16, 4096, torch.float32, device)
+        return model, common.LLAMA_TARGETS, common.LLAMA_TARGETS, (2, 256)
+    return common.llama_7b(device), common.LLAMA_TARGETS, common.LLAMA_TARGETS, (4, 512)
+
+
+def loss_fn(model: nn.Module, ids: torch.Tensor, causal: bool) -> torch.Tensor:
+    if causal:
+        return model(input_ids=ids, labels=ids).loss
+    return model(input_ids=ids).last_hidden_state.float().square().mean()  # an encoder: any scalar
+
+
+def step_time(
+    model: nn.Module, ids: torch.Tensor, causal: bool, device: str, warmup: int, steps: int
+) -> dict[str, Any]:
+    """Median ms per step and peak memory (GiB) above the level before the first step."""
+    model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    params = [p for p in model.parameters() if p.requires_grad]
+    cuda = device.startswith("cuda")
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=cuda) if params else None
+
+    def step() -> None:
+        loss_fn(model, ids, causal).backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    common.sync(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        common.sync(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return {"ms": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times), "peak_gib": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=["minilm", "llama-small", "llama-7b"], default="minilm")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(minipissa model)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.threads:  # on a shared machine, 1 thread avoids OpenMP threads spinning for a busy core
+        torch.set_num_threads(args.threads)
+    device, r = args.device, args.rank
+    base, targets, peft_targets, (batch, seq) = build(args.setting, device)
+    base.requires_grad_(False)
+    ids = torch.randint(0, base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    bf16 = next(base.parameters()).dtype == torch.bfloat16
+    contenders: list[tuple[str, Callable[[nn.Module], nn.Module]]] = [
+        ("frozen base", lambda m: m),
+        ("PEFT LoRA (default: fp32 adapters)", lambda m: common.peft_lora(m, peft_targets, r, True)),
+    ]
+    if bf16:
+        contenders.append(("PEFT LoRA bf16 adapters", lambda m: common.peft_lora(m, peft_targets, r, True, True)))
+    contenders.append(("minipissa (fp32 masters)", lambda m: minipissa.apply(m, r, targets, niter=2)))
+    if args.compile:
+        contenders.append(
+            ("minipissa + torch.compile", lambda m: torch.compile(minipissa.apply(m, r, targets, niter=2)))
+        )
+    rows, errs = [], {}
+    for label, make in contenders:
+
+        def run(make: Callable[[nn.Module], nn.Module] = make, label: str = label) -> dict[str, Any]:
+            before = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else None
+            model = make(common.fresh(base)).train()
+            row: dict[str, Any] = {"contender": label}
+            row.update(step_time(model, ids, args.setting != "minilm", device, args.warmup, args.steps))
+            if before is not None:
+                row["peak_gib"] -= before
+            print(f"[{label}] {row}", flush=True)
+            del model
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            return row
+
+        row = common.guarded(label, run, errs)
+        if row is not None:
+            rows.append(row)
+    frozen = next((row for row in rows if row["contender"] == "frozen base"), None)
+    for row in rows:
+        if frozen is not None:
+            row["x_frozen"] = row["ms"] / frozen["ms"]
+            if row.get("peak_gib") is not None:
+                row["extra_gib_vs_frozen"] = row["peak_gib"] - frozen["peak_gib"]
+    env = common.environment()
+    print(f"\nstep, {args.setting}: batch {batch} x {seq}, r = {r}, AdamW, {env['device']}, torch {env['torch']}")
+    print(common.table(rows, ["contender", "ms", "ms_min", "x_frozen", "peak_gib", "extra_gib_vs_frozen"]))
+    for label, message in errs.items():
+        print(f"FAILED {label}: {message}")
+    payload = {"setting": args.setting, "rank": r, "batch": [batch, seq], "env": env, "rows": rows, "errors": errs}
+    common.save(args.out, payload)
+
+
+if __name__ == "__main__":
+    main()
