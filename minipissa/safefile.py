@@ -1,14 +1,16 @@
 """minipissa's safetensors files: checksummed, versioned metadata, atomic writes, one error type.
 
-A file holds tensors plus two metadata entries: ``"minipissa"``, one JSON blob (format version,
-kind of file, what the tensors mean, the sha256 of every tensor's name, dtype, shape and bytes),
-and ``"minipissa_sha256"``, the sha256 of that blob. Any truncation or flipped byte therefore
-surfaces as a :class:`StateError` when the file is read, never as silently wrong weights.
+A file holds tensors plus one metadata entry, ``"minipissa"``: a JSON blob (format version, kind of
+file, what the tensors mean, the sha256 of every tensor's name, dtype, shape and bytes, and
+``blob_sha256``, the sha256 of the blob's own canonical JSON without that field). One entry, so the
+file's bytes do not depend on the order in which safetensors writes metadata keys. Any truncation
+or flipped byte surfaces as a :class:`StateError` when the file is read, never as wrong weights.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -24,7 +26,7 @@ from torch import Tensor
 
 FORMAT_VERSION = 1
 BLOB_KEY = "minipissa"
-BLOB_SHA_KEY = "minipissa_sha256"
+BLOB_SHA_FIELD = "blob_sha256"
 
 PathLike = str | os.PathLike[str]
 
@@ -52,7 +54,9 @@ def tensors_digest(tensors: Mapping[str, Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name]
         digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
-        digest.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        flat = t.detach().reshape(-1).contiguous().cpu()
+        if flat.numel():  # raw bytes without numpy, which is no dependency of minipissa
+            digest.update(ctypes.string_at(flat.data_ptr(), flat.numel() * flat.element_size()))
     return digest.hexdigest()
 
 
@@ -100,12 +104,15 @@ def _write_safetensors(tensors: dict[str, Tensor], path: str, metadata: dict[str
 def write(path: PathLike, tensors: Mapping[str, Tensor], kind: str, payload: dict[str, Any]) -> None:
     """Write ``tensors`` (plain CPU tensors) with a checksummed JSON blob ``{kind, payload...}`` atomically."""
     plain = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    blob = json.dumps(
-        {"format_version": FORMAT_VERSION, "kind": kind, "tensors_sha256": tensors_digest(plain), **payload},
-        sort_keys=True,
-    )
-    metadata = {BLOB_KEY: blob, BLOB_SHA_KEY: hashlib.sha256(blob.encode()).hexdigest()}
+    content = {"format_version": FORMAT_VERSION, "kind": kind, "tensors_sha256": tensors_digest(plain), **payload}
+    content[BLOB_SHA_FIELD] = _blob_sha(content)
+    metadata = {BLOB_KEY: json.dumps(content, sort_keys=True)}
     atomic_write(path, lambda temp: _write_safetensors(plain, temp, metadata))
+
+
+def _blob_sha(content: dict[str, Any]) -> str:
+    canonical = json.dumps({k: v for k, v in content.items() if k != BLOB_SHA_FIELD}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def read_blob(path: PathLike, kind: str | None = None) -> tuple[dict[str, Any], list[str]]:
@@ -129,13 +136,12 @@ def read_blob(path: PathLike, kind: str | None = None) -> tuple[dict[str, Any], 
             f"{where} is a safetensors file without minipissa metadata (a PEFT adapter or a plain checkpoint?); "
             "minipissa reads files written by minipissa.save() / save_residual()"
         )
-    blob = metadata[BLOB_KEY]
-    if hashlib.sha256(blob.encode()).hexdigest() != metadata.get(BLOB_SHA_KEY):
-        raise StateError(f"{where}: the metadata checksum does not match: the file is corrupted; save it again")
     try:
-        info = json.loads(blob)
+        info = json.loads(metadata[BLOB_KEY])
     except json.JSONDecodeError as e:
         raise StateError(f"{where}: the metadata is not valid JSON ({e}): the file is corrupted") from None
+    if not isinstance(info, dict) or info.get(BLOB_SHA_FIELD) != _blob_sha(info):
+        raise StateError(f"{where}: the metadata checksum does not match: the file is corrupted; save it again")
     version = info.get("format_version") if isinstance(info, dict) else None
     if version != FORMAT_VERSION:
         raise StateError(

@@ -338,3 +338,13 @@ def test_saved_file_has_ordinary_permissions(tmp_path: Path) -> None:
     minipissa.save(adapted(), tmp_path / "a.safetensors")
     (tmp_path / "plain").write_bytes(b"")
     assert (tmp_path / "a.safetensors").stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
+def test_saving_the_same_model_twice_gives_the_same_bytes(tmp_path: Path) -> None:
+    # safetensors writes metadata keys in hash order: with more than one key the bytes would vary.
+    model = adapted()
+    contents = set()
+    for i in range(4):
+        minipissa.save(model, tmp_path / f"a{i}.safetensors")
+        contents.add((tmp_path / f"a{i}.safetensors").read_bytes())
+    assert len(contents) == 1
