@@ -117,6 +117,8 @@ def main() -> None:
     warm_up(device)
     base, targets, peft_targets, names = build(args.setting, device)
     base.requires_grad_(False)
+    if device.startswith("cuda"):  # the model's weights alone: 12.6 GiB for the 7B shape in bf16
+        print(f"model built: {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated", flush=True)
     refs = references(base, names, r)
     errs: dict[str, str] = {}
     mp, pp = common.minipissa_products, common.peft_products
