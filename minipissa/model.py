@@ -157,7 +157,8 @@ def apply(
         alpha: LoRA alpha (int/float or mapping like ``rank``); default = the module's rank, so s = 1.
         rslora: scaling alpha / sqrt(r) instead of alpha / r.
         init: 'pissa', or 'lora' (Kaiming-uniform A, zero B, base untouched) for comparisons.
-        niter: None for the exact SVD; an int for a randomized SVD with that many power iterations.
+        niter: None for the exact top-r (float64 Gram eigendecomposition, refined; see
+            ``decompose.gram_principal``); an int for a randomized SVD with that many power iterations.
         oversample: extra sketch columns for the randomized SVD; default 4 * rank.
         seed: seeds each module's own generator together with its name; the global RNG is untouched.
         components: 'principal' (PiSSA) or 'minor' (MiLoRA: bottom r triplets; exact SVD only).
