@@ -1,4 +1,4 @@
-"""Initial factors for many weights at once: grouped by shape, chunked to a memory budget.
+"""Initial factors for many weights at once: grouped by shape, chunked to a memory budget; progress.
 
 :func:`minipissa.apply` hands every target weight here. Weights of one (shape, dtype, device, rank,
 scaling) are stacked and decomposed together, a chunk at a time, so that a GPU runs one batched
@@ -10,7 +10,7 @@ of a batched product at most, and each residual is computed later, per layer, fr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -109,3 +109,23 @@ def factors(
                 a, b, sigma = a[None], b[None], sigma[None]
             for i, job in enumerate(chunk):
                 yield job, a[i], b[i], sigma[i]
+
+
+def progress_reporter(progress: bool | Callable[[int, int], None], total: int) -> Callable[[int], None]:
+    """A ``report(done)`` for apply's loop: the user's callback, a tqdm bar, or nothing."""
+    if callable(progress):
+        return lambda done: progress(done, total)
+    if not progress:
+        return lambda done: None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional
+        return lambda done: None
+    bar = tqdm(total=total, desc="minipissa init", unit="module")
+
+    def report(done: int) -> None:
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    return report

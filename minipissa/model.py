@@ -109,26 +109,6 @@ def initial_factors(
     return decompose.principal_factors(matrix, rank, scaling, niter=niter, omega=omega, components=components)
 
 
-def _progress_reporter(progress: bool | Callable[[int, int], None], total: int) -> Callable[[int], None]:
-    """A ``report(done)`` for apply's loop: the user's callback, a tqdm bar, or nothing."""
-    if callable(progress):
-        return lambda done: progress(done, total)
-    if not progress:
-        return lambda done: None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional
-        return lambda done: None
-    bar = tqdm(total=total, desc="minipissa init", unit="module")
-
-    def report(done: int) -> None:
-        bar.update(done - bar.n)
-        if done == total:
-            bar.close()
-
-    return report
-
-
 def apply(
     model: nn.Module,
     rank: int | Mapping[str, int],
@@ -214,7 +194,7 @@ def apply(
         factors = batching.factors(
             jobs, niter=niter, oversample=oversample, seed=seed, components=components, memory_budget=memory_budget
         )
-    report = _progress_reporter(progress, len(jobs))
+    report = batching.progress_reporter(progress, len(jobs))
     plan_of = {p.name: p for p in plans}
     for done, (job, a0, b0, sigma) in enumerate(factors, 1):
         plan, weight = plan_of[job.name], job.weight
