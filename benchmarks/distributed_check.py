@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import minipissa
@@ -149,7 +150,7 @@ def worker(rank: int, args: argparse.Namespace, world: int, port: int) -> None:
         with torch.no_grad():
             logits = model(input_ids=batch(args, device, seed=7)).logits.float().cpu()
         if rank == 0:
-            torch.save(logits, out / "logits.pt")
+            save_file({"logits": logits}, out / "logits.safetensors")
         del model
         if args.ddp:
             if cuda:
@@ -175,8 +176,6 @@ def free_port() -> int:
 
 def check_files(args: argparse.Namespace, worlds: list[int]) -> dict[str, Any]:
     """A0/B0 equal across N; the largest N's file loads onto the whole model in this process."""
-    from safetensors.torch import load_file
-
     files = {n: load_file(Path(args.out) / f"n{n}" / "adapter.safetensors") for n in worlds}
     first = files[worlds[0]]
     factor_keys = [k for k in first if k.endswith((".A0", ".B0"))]
@@ -187,7 +186,7 @@ def check_files(args: argparse.Namespace, worlds: list[int]) -> dict[str, Any]:
     whole.eval()
     with torch.no_grad():
         logits = whole(input_ids=batch(args, device, seed=7)).logits.float().cpu()
-    expected = torch.load(Path(args.out) / f"n{worlds[-1]}" / "logits.pt")
+    expected = load_file(Path(args.out) / f"n{worlds[-1]}" / "logits.safetensors")["logits"]
     rel = ((logits - expected).norm() / expected.norm()).item()
     return {"factor_max_abs_diff_across_N": diff, "loaded_logits_rel_diff": rel, "factor_tensors": len(factor_keys)}
 
