@@ -9,6 +9,7 @@ import csv
 import dataclasses
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,34 @@ def common_args(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true", help="tiny model, a handful of steps (for tests)")
     parser.add_argument("--sweep", action="store_true", help="also sweep each method's learning rate first")
     return parser
+
+
+def describe_data(tokenizer: str, pretrain: tuple[Tensor, Tensor], finetune: tuple[Tensor, Tensor], t0: float) -> None:
+    print(
+        f"tokenizer: {tokenizer}\npretraining corpus (stdlib code, docstrings removed): {len(pretrain[0]):,} train / "
+        f"{len(pretrain[1]):,} held-out tokens\nfine-tuning corpus (stdlib docstrings): {len(finetune[0]):,} train / "
+        f"{len(finetune[1]):,} held-out tokens  [{time.perf_counter() - t0:.1f} s]"
+    )
+
+
+def pretrain(
+    model: nn.Module, data: tuple[Tensor, Tensor], size: dict[str, Any], args: argparse.Namespace, steps: int
+) -> tuple[nn.Module, TrainConfig]:
+    """Pretrain ``model`` on code in place; return a copy of those original weights (what the converted LoRA is
+    reloaded onto) and the fine-tuning config every method shares (its lr is set per method)."""
+    print(f"\npretraining a model with {sum(p.numel() for p in model.parameters()):,} parameters on code")
+    base_cfg = TrainConfig(
+        steps=args.pretrain_steps or size["pretrain"], lr=3e-3, batch=size["batch"], seq=size["seq"],
+        device=args.device, seed=args.seed, weight_decay=0.1, log_every=size["log_every"] * 2,
+        eval_every=size["eval_every"] * 4, eval_batches=size["eval_batches"],
+    )  # fmt: skip
+    train(model, *data, base_cfg, label="pretrain")
+    model.eval()
+    cfg = TrainConfig(
+        steps=steps, lr=0.0, batch=size["batch"], seq=size["seq"], device=args.device, seed=args.seed + 1,
+        log_every=size["log_every"], eval_every=size["eval_every"], eval_batches=size["eval_batches"],
+    )  # fmt: skip
+    return copy.deepcopy(model), cfg
 
 
 def finetune(

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 
@@ -23,9 +22,9 @@ import _corpus
 import tiktoken
 import torch
 import torch.nn.functional as F
-from _compare import Method, common_args, compare, print_table, setup, sweep, write_curves
+from _compare import Method, common_args, compare, describe_data, pretrain, print_table, setup, sweep, write_curves
 from _convert_check import check_conversion
-from _train import TrainConfig, evaluate, train
+from _train import evaluate
 from torch import Tensor, nn
 
 
@@ -106,28 +105,12 @@ def main() -> None:
     enc = _bpe.build_encoding(code.train, size["merges"])
     pre_train, pre_held = tokens_of(enc, code.train), tokens_of(enc, code.heldout)
     ft_data = (tokens_of(enc, docs.train), tokens_of(enc, docs.heldout))
-    print(
-        f"tokenizer: tiktoken Encoding with {enc.n_vocab} tokens (256 bytes + {enc.n_vocab - 257} merges learned "
-        f"here, + <|endoftext|>)\npretraining corpus (stdlib code, docstrings removed): {len(pre_train):,} train / "
-        f"{len(pre_held):,} held-out tokens\nfine-tuning corpus (stdlib docstrings): {len(ft_data[0]):,} train / "
-        f"{len(ft_data[1]):,} held-out tokens  [{time.perf_counter() - started:.1f} s]"
-    )
+    merges = enc.n_vocab - 257
+    tokenizer = f"tiktoken Encoding, {enc.n_vocab} tokens (256 bytes + {merges} merges learned here + <|endoftext|>)"
+    describe_data(tokenizer, (pre_train, pre_held), ft_data, started)
 
     model = GPT(enc.n_vocab, size["dim"], size["layers"], size["heads"], size["seq"])
-    print(f"\npretraining a GPT with {sum(p.numel() for p in model.parameters()):,} parameters on code")
-    base_cfg = TrainConfig(
-        steps=args.pretrain_steps or size["pretrain"], lr=3e-3, batch=size["batch"], seq=size["seq"],
-        device=args.device, seed=args.seed, weight_decay=0.1, log_every=size["log_every"] * 2,
-        eval_every=size["eval_every"] * 4, eval_batches=size["eval_batches"],
-    )  # fmt: skip
-    train(model, pre_train, pre_held, base_cfg, label="pretrain")
-    model.eval()
-    original = copy.deepcopy(model)  # the weights the converted LoRA must be reloaded onto
-
-    cfg = TrainConfig(
-        steps=steps, lr=0.0, batch=size["batch"], seq=size["seq"], device=args.device, seed=args.seed + 1,
-        log_every=size["log_every"], eval_every=size["eval_every"], eval_batches=size["eval_batches"],
-    )  # fmt: skip
+    original, cfg = pretrain(model, (pre_train, pre_held), size, args, steps)
     methods = [
         Method("PiSSA", PISSA_LR, {"init": "pissa"}, SWEEP_LRS),
         Method("LoRA", LORA_LR, {"init": "lora"}, SWEEP_LRS),
@@ -144,7 +127,7 @@ def main() -> None:
     pissa = results[1].model
     assert pissa is not None
     check_conversion(pissa, original, ft_data[1][: 2 * size["seq"]].view(2, -1).to(args.device), args.out, "gpt")
-    print(f"pretrained-model held-out loss on code: {evaluate(original, pre_held, base_cfg):.3f}")
+    print(f"pretrained-model held-out loss on code: {evaluate(original, pre_held, cfg):.3f}")
     print(f"total wall time {time.perf_counter() - started:.1f} s on {args.device}")
 
 

@@ -12,7 +12,6 @@ seconds, on the pretraining corpus.
 
 from __future__ import annotations
 
-import copy
 import io
 import time
 
@@ -20,9 +19,8 @@ import _corpus
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
-from _compare import Method, common_args, compare, print_table, setup, sweep, write_curves
+from _compare import Method, common_args, compare, describe_data, pretrain, print_table, setup, sweep, write_curves
 from _convert_check import check_conversion
-from _train import TrainConfig, train
 from torch import Tensor, nn
 
 import minipissa
@@ -194,29 +192,12 @@ def main() -> None:
     sp = train_sentencepiece(code.train, size["vocab"])
     pre_train, pre_held = tokens_of(sp, code.train), tokens_of(sp, code.heldout)
     ft_data = (tokens_of(sp, docs.train), tokens_of(sp, docs.heldout))
-    print(
-        f"tokenizer: SentencePiece BPE, {sp.vocab_size()} pieces, trained here on the code corpus\n"
-        f"pretraining corpus (stdlib code, docstrings removed): {len(pre_train):,} train / {len(pre_held):,} "
-        f"held-out tokens\nfine-tuning corpus (stdlib docstrings): {len(ft_data[0]):,} train / "
-        f"{len(ft_data[1]):,} held-out tokens  [{time.perf_counter() - started:.1f} s]"
-    )
+    tokenizer = f"SentencePiece BPE, {sp.vocab_size()} pieces, trained here on the code corpus"
+    describe_data(tokenizer, (pre_train, pre_held), ft_data, started)
 
     dims = (size["dim"], size["layers"], size["heads"], size["kv_heads"], size["hidden"])
     model = LlamaForCausalLM(sp.vocab_size(), *dims)
-    print(f"\npretraining a Llama-style model with {sum(p.numel() for p in model.parameters()):,} parameters on code")
-    base_cfg = TrainConfig(
-        steps=args.pretrain_steps or size["pretrain"], lr=3e-3, batch=size["batch"], seq=size["seq"],
-        device=args.device, seed=args.seed, weight_decay=0.1, log_every=size["log_every"] * 2,
-        eval_every=size["eval_every"] * 4, eval_batches=size["eval_batches"],
-    )  # fmt: skip
-    train(model, pre_train, pre_held, base_cfg, label="pretrain")
-    model.eval()
-    original = copy.deepcopy(model)
-
-    cfg = TrainConfig(
-        steps=steps, lr=0.0, batch=size["batch"], seq=size["seq"], device=args.device, seed=args.seed + 1,
-        log_every=size["log_every"], eval_every=size["eval_every"], eval_batches=size["eval_batches"],
-    )  # fmt: skip
+    original, cfg = pretrain(model, (pre_train, pre_held), size, args, steps)
     methods = [
         Method("PiSSA exact", PISSA_LR, {"init": "pissa"}, SWEEP_LRS),
         # The randomized init matches the exact one to ~1e-5 here (printed below), so it takes the exact one's lr.
