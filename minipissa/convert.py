@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import distributed, state
-from .safefile import PathLike, StateError, atomic_write
+from .safefile import PathLike, StateError, atomic_write, write_safetensors
 
 PEFT_PREFIX = "base_model.model."
 #: vLLM's default ``max_lora_rank``: adapters of higher rank need server flags or ``rank=``.
@@ -146,7 +145,7 @@ def convert_to_lora(
 
     def write() -> None:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "adapter_model.safetensors", lambda t: save_file(plain, t, metadata={"format": "pt"}))
+        atomic_write(out / "adapter_model.safetensors", lambda t: write_safetensors(plain, t, {"format": "pt"}))
         atomic_write(out / "adapter_config.json", lambda t: _write_text(t, text))
 
     distributed.write_once(src if isinstance(src, nn.Module) else None, write)  # rank 0 if sharded

@@ -15,12 +15,13 @@ import hashlib
 import json
 import os
 import secrets
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 FORMAT_VERSION = 1
@@ -95,9 +96,48 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
     _fsync_dir(directory)
 
 
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def write_safetensors(tensors: Mapping[str, Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """Write plain CPU tensors in the safetensors format: an 8-byte little-endian header size, a JSON
+    header (dtype, shape, byte range of each tensor; ``__metadata__``), then the raw bytes.
+
+    Our own writer because ``safetensors.torch.save_file`` needs numpy, which is no dependency of
+    minipissa (reading through ``safe_open`` does not). Tensors are written in name order.
+    """
+    if sys.byteorder != "little":  # the format is little-endian; raw bytes of a big-endian host are not
+        raise StateError("minipissa: writing safetensors files needs a little-endian machine")
+    names = sorted(tensors)
+    header: dict[str, Any] = {}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise StateError(f"minipissa: tensor '{name}' has dtype {t.dtype}, which minipissa does not write")
+        size = t.numel() * t.element_size()
+        dtype, shape = SAFETENSORS_DTYPES[t.dtype], list(t.shape)
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for name in names:
+            t = tensors[name].detach().cpu().contiguous()
+            if t.numel():
+                f.write(ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()))
+
+
 def _write_safetensors(tensors: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
     # A seam of its own so that tests can make the writer fail midway.
-    save_file(tensors, path, metadata=metadata)
+    write_safetensors(tensors, path, metadata)
 
 
 def write(path: PathLike, tensors: Mapping[str, Tensor], kind: str, payload: dict[str, Any]) -> None:

@@ -246,7 +246,7 @@ def test_interrupted_save_keeps_old_file(tmp_path: Path, monkeypatch: pytest.Mon
     perturb(model, seed=2)
 
     def fail_midway(tensors: dict, temp: str, metadata: dict) -> None:
-        safefile.save_file(tensors, temp, metadata=metadata)
+        safefile.write_safetensors(tensors, temp, metadata)
         Path(temp).write_bytes(Path(temp).read_bytes()[:500])  # half-written, then the "crash"
         raise OSError("disk full")
 
@@ -348,3 +348,47 @@ def test_saving_the_same_model_twice_gives_the_same_bytes(tmp_path: Path) -> Non
         minipissa.save(model, tmp_path / f"a{i}.safetensors")
         contents.add((tmp_path / f"a{i}.safetensors").read_bytes())
     assert len(contents) == 1
+
+
+@pytest.mark.parametrize("dtype", sorted(safefile.SAFETENSORS_DTYPES, key=str))
+def test_own_safetensors_writer_is_read_back_by_safetensors(tmp_path: Path, dtype: torch.dtype) -> None:
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "b.matrix": (torch.randn(3, 5, generator=g) * 50).to(dtype),
+        "a.vector": (torch.randn(7, generator=g) * 50).to(dtype),
+        "c.empty": torch.zeros(0, 4, dtype=dtype),
+        "d.scalar": torch.tensor(3, dtype=dtype),
+    }
+    path = tmp_path / "t.safetensors"
+    safefile.write_safetensors(tensors, str(path), {"note": "x"})
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"note": "x"}
+        back = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    assert back.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t), k
+
+
+def test_save_load_convert_need_no_numpy(tmp_path: Path) -> None:
+    # numpy is no dependency of minipissa (nor of torch or safetensors), but safetensors.torch.save_file imports it.
+    script = f"""
+import sys
+sys.modules["numpy"] = None  # any import of numpy now fails
+import torch, minipissa
+torch.manual_seed(0)
+model = minipissa.apply(torch.nn.Sequential(torch.nn.Linear(8, 6)), 2, "0")
+minipissa.save(model, r"{tmp_path}/a.safetensors")
+minipissa.convert_to_lora(r"{tmp_path}/a.safetensors", r"{tmp_path}/lora")
+minipissa.save_residual(model, r"{tmp_path}/r.safetensors")
+fresh = minipissa.load_residual(torch.nn.Sequential(torch.nn.Linear(8, 6)), r"{tmp_path}/r.safetensors")
+minipissa.load(fresh, r"{tmp_path}/a.safetensors", base="residual")
+assert torch.equal(fresh(torch.ones(1, 8)), model(torch.ones(1, 8)))
+print("ok")
+"""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
