@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .decompose import compute_dtype
 from .fingerprint import fingerprint
 from .fsdp_adopt import FsdpAdoption
-from .layer import PiSSALinear, lora_scaling, residual_weight, weight_matrix
+from .layer import lora_scaling, residual_weight, weight_matrix
 from .shards import broadcast, gather_to, layout, scatter_into
 
 if TYPE_CHECKING:
@@ -236,18 +236,7 @@ def _install(
     base = plan.module
     weight, bias = cast(nn.Parameter, base.weight), cast(nn.Parameter | None, base.bias)
     residual_fp = info.pop("residual_fingerprint")
-    layer = PiSSALinear(
-        base,
-        a0,
-        b0,
-        alpha=plan.alpha,
-        rslora=rslora,
-        dropout=dropout,
-        fan_in_fan_out=plan.fan_in_fan_out,
-        adapter_dtype=adapter_dtype,
-        info=info,
-        base_is_residual=True,
-    )
+    layer = plan.layer(a0, b0, info, rslora=rslora, dropout=dropout, adapter_dtype=adapter_dtype, base_is_residual=True)
     # Keep the very Parameter objects (now holding the residual): FSDP2 all-gathers those.
     layer.weight, layer.bias = weight, bias
     layer.info["residual_fingerprint"] = residual_fp

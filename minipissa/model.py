@@ -40,6 +40,23 @@ class _Plan:
     alpha: float
     fan_in_fan_out: bool
 
+    def layer(
+        self,
+        a0: Tensor,
+        b0: Tensor,
+        info: dict,
+        *,
+        rslora: bool,
+        dropout: float,
+        adapter_dtype: torch.dtype | None,
+        base_is_residual: bool = False,
+    ) -> PiSSALinear:
+        """The PiSSALinear replacing this plan's module (which it takes the tensors of)."""
+        return PiSSALinear(
+            self.module, a0, b0, alpha=self.alpha, rslora=rslora, dropout=dropout, fan_in_fan_out=self.fan_in_fan_out,
+            adapter_dtype=adapter_dtype, info=info, base_is_residual=base_is_residual,
+        )  # fmt: skip
+
 
 def _plan(
     model: nn.Module,
@@ -208,17 +225,7 @@ def apply(
             "weight_norm": weight.detach().double().norm().item(),
             "base_fingerprint": fingerprint(weight),
         }
-        layer = PiSSALinear(
-            plan.module,
-            a0,
-            b0,
-            alpha=plan.alpha,
-            rslora=rslora,
-            dropout=dropout,
-            fan_in_fan_out=plan.fan_in_fan_out,
-            adapter_dtype=adapter_dtype,
-            info=info,
-        )
+        layer = plan.layer(a0, b0, info, rslora=rslora, dropout=dropout, adapter_dtype=adapter_dtype)
         layer.info["residual_fingerprint"] = fingerprint(layer.weight)
         _replace(model, plan.name, layer)
         del job, weight, a0, b0  # let the replaced weight go before the next chunk is stacked
