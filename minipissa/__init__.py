@@ -1,24 +1,16 @@
 """minipissa: PiSSA (principal singular values and vectors adaptation) in plain PyTorch.
 
 import minipissa
-minipissa.apply(model, rank=16, targets=["q_proj", "v_proj"])
-# ... train: only the A and B parameters require grad ...
+minipissa.apply(model, rank=16, targets=["q_proj", "v_proj"])  # only A and B require grad
+# ... your training loop ...
+minipissa.save(model, "adapter.safetensors")
+minipissa.convert_to_lora("adapter.safetensors", "lora_dir")  # PEFT LoRA for the original weights
 """
 
 from .convert import ConversionReport, convert_to_lora
 from .decompose import principal_factors
 from .layer import PiSSALinear
-from .model import (
-    Summary,
-    apply,
-    disabled,
-    merge,
-    original,
-    pissa_layers,
-    summary,
-    unload,
-    unmerge,
-)
+from .model import Summary, apply, disabled, merge, original, pissa_layers, summary, unload, unmerge
 from .residual import load_residual, save_residual
 from .safefile import StateError
 from .state import load, save
@@ -26,22 +18,24 @@ from .state import load, save
 __version__ = "0.1.0"
 
 __all__ = [
+    # adapt a model, and undo it
+    "apply",
+    "merge",
+    "unmerge",
+    "unload",
+    "original",
+    "disabled",
+    "summary",
+    "Summary",
+    "pissa_layers",
+    "PiSSALinear",
+    "principal_factors",
+    # files
+    "save",
+    "load",
+    "save_residual",
+    "load_residual",
+    "convert_to_lora",
     "ConversionReport",
     "StateError",
-    "convert_to_lora",
-    "load",
-    "load_residual",
-    "save",
-    "save_residual",
-    "PiSSALinear",
-    "Summary",
-    "apply",
-    "disabled",
-    "merge",
-    "original",
-    "pissa_layers",
-    "principal_factors",
-    "summary",
-    "unload",
-    "unmerge",
 ]
