@@ -10,7 +10,8 @@ minipissa.convert_to_lora("adapter.safetensors", "lora_dir")  # PEFT LoRA for th
 from .convert import ConversionReport, convert_to_lora
 from .decompose import principal_factors
 from .layer import PiSSALinear
-from .model import Summary, apply, disabled, merge, original, pissa_layers, summary, unload, unmerge
+from .model import apply, disabled, merge, original, pissa_layers, unload, unmerge
+from .report import Summary, summary
 from .residual import load_residual, save_residual
 from .safefile import StateError
 from .state import load, save
