@@ -1,4 +1,4 @@
-"""Whole-model operations: apply(), merge/unmerge/unload, original()/disabled() contexts, summary()."""
+"""Whole-model operations: apply(), merge/unmerge/unload, original()/disabled() contexts."""
 
 from __future__ import annotations
 
