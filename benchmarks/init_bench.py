@@ -12,7 +12,6 @@ P = s B0 A0 against P_r, the rank-r part of a float64 SVD of the same weight, on
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 from typing import Any
@@ -99,10 +98,7 @@ def warm_up(device: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setting", choices=["minilm", "llama-small", "llama-7b"], default="minilm")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rank", type=int, default=16)
+    parser = common.arguments(__doc__)
     parser.add_argument("--niter", type=int, default=4)
     parser.add_argument(
         "--exact-layers", type=int, default=2, help="layers of the model PEFT's exact init runs on (0: skip)"

@@ -13,7 +13,6 @@ above the memory in use before the contender was built (its weights included).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -73,10 +72,7 @@ def step_time(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setting", choices=["minilm", "llama-small", "llama-7b"], default="minilm")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rank", type=int, default=16)
+    parser = common.arguments(__doc__)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(minipissa model)")
