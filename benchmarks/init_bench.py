@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import minipissa
+from minipissa.targets import find_targets
 
 
 def build(setting: str, device: str, layers: int | None = None) -> tuple[nn.Module, Any, Any, list[str]]:
@@ -73,7 +74,11 @@ def contend(
     label: str, base: nn.Module, make: Any, device: str, refs: dict, products: Any, errs: dict
 ) -> dict[str, Any] | None:
     def run() -> dict[str, Any]:
-        model = common.fresh(base)
+        gc.collect()
+        model = common.fresh(base).to(device)  # the base may wait on the host (one model on the GPU)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            print(f"[{label}] starts with {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated", flush=True)
         with common.Probe(device) as probe:
             model = make(model)
         row = {"contender": label, "seconds": probe.seconds, "peak_extra_gib": probe.peak_extra_gib}
@@ -106,6 +111,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="rounds; the fastest time of each is kept")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", default=None, help="JSON file for the results")
+    parser.add_argument("--cprofile", action="store_true", help="host profile of one more randomized apply")
     args = parser.parse_args()
     if args.threads:  # on a shared machine, 1 thread avoids OpenMP threads spinning for a busy core
         torch.set_num_threads(args.threads)
@@ -116,6 +122,10 @@ def main() -> None:
     if device.startswith("cuda"):  # the model's weights alone: 12.6 GiB for the 7B shape in bf16
         print(f"model built: {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated", flush=True)
     refs = references(base, names, r)
+    if args.setting == "llama-7b":  # keep the base on the host: each contender copies it to the GPU
+        base = base.cpu()
+        gc.collect()
+        torch.cuda.empty_cache()
     errs: dict[str, str] = {}
     mp, pp = common.minipissa_products, common.peft_products
 
@@ -139,7 +149,18 @@ def main() -> None:
     for _ in range(args.repeat):  # rounds interleave the contenders; each keeps its fastest time
         for label, make, products in contenders:
             rows.append(contend(label, base, make, device, refs, products, errs))
-    modules = len(list(minipissa.pissa_layers(minipissa.apply(common.fresh(base), 1, targets, init="lora"))))
+    modules = len(list(find_targets(base, targets)))
+    if args.cprofile:  # where the host waits: syncs show as time in .item()/.cpu()/tolist()
+        import cProfile
+        import pstats
+
+        model = common.fresh(base).to(device)
+        common.sync(device)
+        with cProfile.Profile() as profiler:
+            minipissa.apply(model, r, targets, niter=q)
+            common.sync(device)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
+        del model
     del base
     if (
         not small and args.exact_layers > 0

@@ -68,7 +68,25 @@ def step_time(
         common.sync(device)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    return {"ms": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times), "peak_gib": peak}
+    row = {"ms": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times), "peak_gib": peak}
+    if cuda:
+        row.update(gpu_busy(step))
+    return row
+
+
+def gpu_busy(step: Callable[[], None]) -> dict[str, Any]:
+    """Kernel time and kernel count of one step (profiler): a step much longer than its kernels
+    is bound by the host (Python, launches), not by the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    return {
+        "kernel_ms": sum(e.self_device_time_total for e in events) / 1e3,
+        "kernels": sum(e.count for e in events),
+    }
 
 
 def main() -> None:
@@ -94,9 +112,10 @@ def main() -> None:
         contenders.append(("PEFT LoRA bf16 adapters", lambda m: common.peft_lora(m, peft_targets, r, True, True)))
     contenders.append(("minipissa (fp32 masters)", lambda m: minipissa.apply(m, r, targets, niter=2)))
     if args.compile:
-        contenders.append(
-            ("minipissa + torch.compile", lambda m: torch.compile(minipissa.apply(m, r, targets, niter=2)))
-        )
+        contenders += [  # compiled against compiled: the frozen base gains from the compiler too
+            ("frozen base + torch.compile", lambda m: torch.compile(m)),
+            ("minipissa + torch.compile", lambda m: torch.compile(minipissa.apply(m, r, targets, niter=2))),
+        ]
     rows, errs = [], {}
     for label, make in contenders:
 
@@ -124,7 +143,8 @@ def main() -> None:
                 row["extra_gib_vs_frozen"] = row["peak_gib"] - frozen["peak_gib"]
     env = common.environment()
     print(f"\nstep, {args.setting}: batch {batch} x {seq}, r = {r}, AdamW, {env['device']}, torch {env['torch']}")
-    print(common.table(rows, ["contender", "ms", "ms_min", "x_frozen", "peak_gib", "extra_gib_vs_frozen"]))
+    columns = ["contender", "ms", "ms_min", "x_frozen", "kernel_ms", "kernels", "peak_gib", "extra_gib_vs_frozen"]
+    print(common.table(rows, columns))
     for label, message in errs.items():
         print(f"FAILED {label}: {message}")
     payload = {"setting": args.setting, "rank": r, "batch": [batch, seq], "env": env, "rows": rows, "errors": errs}

@@ -31,13 +31,15 @@ def module_seed(seed: int, name: str) -> int:
 
 
 def sketch(n: int, columns: int, seed: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A Gaussian test matrix (n, columns) drawn on the CPU from its own generator.
+    """A Gaussian test matrix (n, columns) drawn on ``device`` from its own generator.
 
-    Drawing on the CPU makes the sketch identical on every device; the global RNG is untouched.
+    The same seed gives the same sketch on the same kind of device (the CPU's and CUDA's generators
+    differ, so factors from a CPU and a GPU init differ by the randomness of the sketch, both
+    valid); the global RNG is untouched. Drawn where the weight lives: the CPU takes ~2 ms for a
+    4096 x 80 sketch, 0.5 s for the 224 of a 7B model, which was the whole GPU init budget.
     """
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    omega = torch.randn(n, columns, generator=generator, dtype=dtype)
-    return omega.to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(n, columns, generator=generator, dtype=dtype, device=device)
 
 
 def exact_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .decompose import compute_dtype
-from .fingerprint import fingerprint
+from .fingerprint import describe, fingerprint
 from .fsdp_adopt import FsdpAdoption
 from .layer import lora_scaling, residual_weight, weight_matrix
 from .shards import broadcast, gather_to, layout, scatter_into
@@ -204,11 +204,7 @@ def _decompose(plan: _Plan, weight: Tensor, rslora: bool, options: dict[str, Any
     )
     residual = residual_weight(weight, a0, b0, scaling, plan.fan_in_fan_out)
     info = {key: options.get(key) for key in INFO_OPTIONS}
-    info.update(
-        weight_norm=weight.double().norm().item(),
-        base_fingerprint=fingerprint(weight),
-        residual_fingerprint=fingerprint(residual),
-    )
+    info.update(describe(sigma, fingerprint(weight), fingerprint(residual)))
     return a0.contiguous(), b0.contiguous(), sigma.contiguous(), residual, info
 
 

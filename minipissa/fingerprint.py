@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,19 +21,38 @@ MOMENT_RTOL = 1e-6
 @torch.no_grad()
 def fingerprint(weight: Tensor) -> dict[str, Any]:
     """{"shape", "dtype", "sum", "sumsq", "sample_sha256"} of a tensor, JSON-able."""
+    return fingerprint_later(weight)()
+
+
+@torch.no_grad()
+def fingerprint_later(weight: Tensor) -> Callable[[], dict[str, Any]]:
+    """Queue a fingerprint's device work now; the returned function reads it back when called.
+
+    apply() fingerprints every weight twice: reading each result back at once would stop the host
+    until the GPU is idle, 448 times for a 7B model. Called after the loop, the reads are copies.
+    """
     flat = weight.detach().reshape(-1)
     # Integer arithmetic: a float32 linspace rounds n - 1 up past the end for n > 2^24 elements.
     count = min(SAMPLES, flat.numel())
     index = torch.arange(count, device=flat.device) * max(flat.numel() - 1, 0) // max(count - 1, 1)
-    sample = flat[index].contiguous().cpu().view(torch.uint8)
+    sample = flat[index].contiguous()
     wide = flat.to(torch.float64)
-    return {
-        "shape": list(weight.shape),
-        "dtype": str(weight.dtype).removeprefix("torch."),
-        "sum": wide.sum().item(),
-        "sumsq": wide.square().sum().item(),
-        "sample_sha256": hashlib.sha256(bytes(sample.tolist())).hexdigest(),
-    }
+    moments = torch.stack([wide.sum(), torch.dot(wide, wide)])
+    del wide
+    shape, dtype = list(weight.shape), str(weight.dtype).removeprefix("torch.")
+
+    def read() -> dict[str, Any]:
+        total, sumsq = moments.tolist()
+        raw = sample.cpu().view(torch.uint8)
+        return {
+            "shape": shape,
+            "dtype": dtype,
+            "sum": total,
+            "sumsq": sumsq,
+            "sample_sha256": hashlib.sha256(bytes(raw.tolist())).hexdigest(),
+        }
+
+    return read
 
 
 def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -45,3 +65,13 @@ def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
         and abs(a["sum"] - b["sum"]) <= MOMENT_RTOL * scale
         and math.isclose(a["sumsq"], b["sumsq"], rel_tol=MOMENT_RTOL)
     )
+
+
+def describe(sigma: Tensor, base: dict[str, Any], residual: dict[str, Any]) -> dict[str, Any]:
+    """A layer's info entries about its weight: kept singular values, ||W||_F and both fingerprints."""
+    return {
+        "singular_values": sigma.tolist(),
+        "weight_norm": math.sqrt(base["sumsq"]),
+        "base_fingerprint": base,
+        "residual_fingerprint": residual,
+    }

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import batching, decompose, distributed
-from .fingerprint import fingerprint
+from .fingerprint import describe, fingerprint_later
 from .layer import PiSSALinear, is_conv1d, lora_scaling, weight_matrix
 from .targets import Targets, find_targets, value_for
 
@@ -213,23 +213,18 @@ def apply(
         )
     report = batching.progress_reporter(progress, len(jobs))
     plan_of = {p.name: p for p in plans}
+    pending = []  # read back after the loop: a read inside it would stall the GPU once per module
     for done, (job, a0, b0, sigma) in enumerate(factors, 1):
         plan, weight = plan_of[job.name], job.weight
-        info = {
-            "init": init,
-            "niter": niter,
-            "oversample": oversample,
-            "seed": seed,
-            "components": components,
-            "singular_values": sigma.tolist(),
-            "weight_norm": weight.detach().double().norm().item(),
-            "base_fingerprint": fingerprint(weight),
-        }
-        layer = plan.layer(a0, b0, info, rslora=rslora, dropout=dropout, adapter_dtype=adapter_dtype)
-        layer.info["residual_fingerprint"] = fingerprint(layer.weight)
+        options = {"init": init, "niter": niter, "oversample": oversample, "seed": seed, "components": components}
+        base_print = fingerprint_later(weight)
+        layer = plan.layer(a0, b0, options, rslora=rslora, dropout=dropout, adapter_dtype=adapter_dtype)
+        pending.append((layer, sigma, base_print, fingerprint_later(layer.weight)))
         _replace(model, plan.name, layer)
         del job, weight, a0, b0  # let the replaced weight go before the next chunk is stacked
         report(done)
+    for layer, sigma, base_print, residual_print in pending:
+        layer.info.update(describe(sigma, base_print(), residual_print()))
 
     for param in model.parameters():
         param.requires_grad_(False)

@@ -1,0 +1,196 @@
+"""GPU probe: where an adapter's time goes, per projection and per group sharing an input.
+
+Times forward + backward (grads of x, A, B) of one Llama-2-7B projection at N = 2048 tokens in
+bf16, for the frozen linear, a plain module-style adapter, and the fused function, each eagerly
+(CUDA events) and replayed from a CUDA graph (kernel time alone, no launch gaps). The gap between
+the two is host overhead; the gap between the graph time and the frozen graph time is the kernels.
+
+    PYTHONPATH=$PWD python benchmarks/adapter_probe.py
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from minipissa.adapter_fn import adapted_linear
+
+N, R, DT = 2048, 16, torch.bfloat16
+
+
+def plain(x: Tensor, w: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """A module-style adapter with fp32 masters: what a clean nn.Module computes."""
+    return F.linear(x, w) + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+
+
+class FusedV2(torch.autograd.Function):
+    """Candidate: dA and dB straight out of the GEMM in float32 (no cast, no scale kernels); s = 1."""
+
+    @staticmethod
+    def forward(ctx, x, w, a, b):  # type: ignore[no-untyped-def]
+        a_c, b_c = a.to(x.dtype), b.to(x.dtype)
+        h = x @ a_c.mT
+        y = F.linear(x, w)
+        y.addmm_(h, b_c.mT)
+        ctx.save_for_backward(x, h, w, a_c, b_c)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def]
+        x, h, w, a_c, b_c = ctx.saved_tensors
+        dh = g @ b_c
+        dx = g @ w
+        dx.addmm_(dh, a_c)
+        return dx, None, torch.mm(dh.mT, x, out_dtype=torch.float32), torch.mm(g.mT, h, out_dtype=torch.float32)
+
+
+class SharedH(torch.autograd.Function):
+    """Candidate: the rank-r intermediates of all projections sharing x in one GEMM, (N, k r)."""
+
+    @staticmethod
+    def forward(ctx, x, *As):  # type: ignore[no-untyped-def]
+        a_c = torch.cat(As).to(x.dtype)
+        ctx.save_for_backward(x, a_c)
+        return x @ a_c.mT
+
+    @staticmethod
+    def backward(ctx, dh):  # type: ignore[no-untyped-def]
+        x, a_c = ctx.saved_tensors
+        da = torch.mm(dh.mT, x, out_dtype=torch.float32)
+        return dh @ a_c, *da.split(R)
+
+
+class WithH(torch.autograd.Function):
+    """Candidate: one projection given its precomputed h: x W^T + h B^T."""
+
+    @staticmethod
+    def forward(ctx, x, h, w, b):  # type: ignore[no-untyped-def]
+        b_c = b.to(x.dtype)
+        y = F.linear(x, w)
+        y.addmm_(h, b_c.mT)
+        ctx.save_for_backward(h, w, b_c)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def]
+        h, w, b_c = ctx.saved_tensors
+        return g @ w, g @ b_c, None, torch.mm(g.mT, h, out_dtype=torch.float32)
+
+
+def timed(fn: Callable[[], object], reps: int = 30) -> tuple[float, float]:
+    """(eager ms, graph-replay ms), medians."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    eager = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        eager.append(start.elapsed_time(end))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    replay = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        replay.append(start.elapsed_time(end))
+    return statistics.median(eager), statistics.median(replay)
+
+
+def group(shapes: list[tuple[int, int]]) -> None:
+    """Projections sharing one input x (N, in): q/k/v, or gate/up, or a single one."""
+    in_features = shapes[0][1]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(N, in_features, device="cuda", dtype=DT, generator=g).requires_grad_(True)
+    ws = [torch.randn(o, i, device="cuda", dtype=DT, generator=g) / i**0.5 for o, i in shapes]
+    As = [(torch.randn(R, i, device="cuda", generator=g) / i**0.5).requires_grad_(True) for o, i in shapes]
+    Bs = [(torch.randn(o, R, device="cuda", generator=g) / R**0.5).requires_grad_(True) for o, i in shapes]
+    gys = [torch.randn(N, o, device="cuda", dtype=DT, generator=g) for o, i in shapes]
+    trainable = [x, *As, *Bs]
+
+    def frozen() -> object:
+        return torch.autograd.grad([F.linear(x, w) for w in ws], [x], gys)
+
+    def module() -> object:
+        ys = [plain(x, w, a, b) for w, a, b in zip(ws, As, Bs, strict=True)]
+        return torch.autograd.grad(ys, trainable, gys)
+
+    def fused() -> object:
+        ys = [adapted_linear(x, None, w, None, a, b, 1.0) for w, a, b in zip(ws, As, Bs, strict=True)]
+        return torch.autograd.grad(ys, trainable, gys)
+
+    def v2() -> object:
+        ys = [FusedV2.apply(x, w, a, b) for w, a, b in zip(ws, As, Bs, strict=True)]
+        return torch.autograd.grad(ys, trainable, gys)
+
+    def grouped() -> object:
+        h = SharedH.apply(x, *As)
+        ys = [WithH.apply(x, h[:, k * R : (k + 1) * R], w, b) for k, (w, b) in enumerate(zip(ws, Bs, strict=True))]
+        return torch.autograd.grad(ys, trainable, gys)
+
+    reference = [t.double() for t in fused()]
+    for name, fn in [("v2", v2), ("grouped", grouped)]:
+        errors = [((t.double() - r).norm() / r.norm()).item() for t, r in zip(fn(), reference, strict=True)]
+        print(f"  {name} vs fused: max rel diff of grads {max(errors):.2e}")
+    base_eager, base_graph = timed(frozen)
+    label = "+".join(f"{o}x{i}" for o, i in shapes)
+    print(f"{label}: frozen eager {base_eager:.3f} ms, graph {base_graph:.3f} ms")
+    for name, fn in [("module", module), ("fused", fused), ("v2", v2), ("grouped", grouped)]:
+        eager, graph = timed(fn)
+        print(
+            f"  {name:8s} eager {eager:.3f} ms (+{eager - base_eager:.3f}, x{eager / base_eager:.2f}), "
+            f"graph {graph:.3f} ms (+{graph - base_graph:.3f}, x{graph / base_graph:.2f})"
+        )
+
+
+def kernels(shape: tuple[int, int]) -> None:
+    """The fused function's kernels, one projection, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    o, i = shape
+    x = torch.randn(N, i, device="cuda", dtype=DT).requires_grad_(True)
+    w = torch.randn(o, i, device="cuda", dtype=DT) / i**0.5
+    a = torch.randn(R, i, device="cuda").requires_grad_(True)
+    b = torch.randn(o, R, device="cuda").requires_grad_(True)
+    gy = torch.randn(N, o, device="cuda", dtype=DT)
+    for _ in range(3):
+        torch.autograd.grad(adapted_linear(x, None, w, None, a, b, 1.0), [x, a, b], gy)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            torch.autograd.grad(adapted_linear(x, None, w, None, a, b, 1.0), [x, a, b], gy)
+        torch.cuda.synchronize()
+    print(f"kernels of the fused function, {o}x{i}, per call (10 calls):")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=70))
+
+
+def main() -> None:
+    print(torch.__version__, torch.cuda.get_device_name())
+    group([(4096, 4096)])
+    group([(11008, 4096)])
+    group([(4096, 11008)])
+    group([(4096, 4096)] * 3)
+    group([(11008, 4096)] * 2)
+    kernels((4096, 4096))
+    kernels((11008, 4096))
+
+
+if __name__ == "__main__":
+    main()
