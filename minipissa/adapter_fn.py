@@ -20,6 +20,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+#: torch.mm(..., out_dtype=float32) for bf16/fp16 operands (CUDA, torch >= 2.8): the adapters' float32
+#: gradients come straight out of the GEMM, with no separate cast kernel.
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def _mm_as(left: Tensor, right: Tensor, dtype: torch.dtype) -> Tensor:
+    """left @ right, returned in ``dtype`` (a master weight's gradient)."""
+    if left.dtype == dtype:
+        return torch.mm(left, right)
+    if _MM_OUT_DTYPE and left.is_cuda and dtype == torch.float32 and left.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(left, right, out_dtype=dtype)
+    return torch.mm(left, right).to(dtype)
+
 
 class AdaptedLinear(torch.autograd.Function):
     """Forward/backward of ``x W^T + bias + s * (xa A^T) B^T`` with frozen W and bias.
@@ -27,6 +40,11 @@ class AdaptedLinear(torch.autograd.Function):
     Shapes: x (..., in); xa (..., in) = dropout(x), or None for x itself (one tensor passed once:
     torch.compile cannot trace a function given the same tensor twice); weight (out, in) (any view);
     bias (out,) or None; a (r, in); b (out, r). A and B may be float32 masters for bf16 activations.
+
+    Kernels per call with s = 1 (the default alpha = r): forward 5 (cast A, cast B, h = xa A^T,
+    the base GEMM, y += h B^T in place); backward 5 (dh = g B, dx = g W, dx += dh A in place,
+    dA = dh^T xa and dB = g^T h, in float32 straight out of the GEMM on CUDA). On a GPU each launch
+    costs the host more than the kernel costs the GPU at these skinny shapes, so the count matters.
     """
 
     @staticmethod
@@ -40,17 +58,16 @@ class AdaptedLinear(torch.autograd.Function):
         b: Tensor,
         scaling: float,
     ) -> Tensor:
-        lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         xa2 = x2 if xa is None else xa.reshape(-1, xa.shape[-1])
         a_c, b_c = a.to(x.dtype), b.to(x.dtype)
-        h = xa2 @ a_c.mT  # (N, r): the only adapter activation kept
+        h = torch.mm(xa2, a_c.mT)  # (N, r): the only adapter activation kept
         y = F.linear(x2, weight, bias)
         y.addmm_(h, b_c.mT, alpha=scaling)
         ctx.scaling, ctx.shared = scaling, xa is None
         ctx.a_dtype, ctx.b_dtype = a.dtype, b.dtype
         ctx.save_for_backward(xa2 if ctx.needs_input_grad[4] else None, h, weight, a_c, b_c)
-        return y.reshape(*lead, y.shape[-1])
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -59,18 +76,22 @@ class AdaptedLinear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         dx = dxa = da = db = None
         need_x, need_xa, _, _, need_a, need_b, _ = ctx.needs_input_grad
-        dh = g @ b_c  # (N, r), without the factor s; small
+        dh = torch.mm(g, b_c)  # (N, r)
+        if s != 1.0:
+            dh.mul_(s)  # s once, on the small tensor: dx, dxa and dA below then carry it
         if need_x:
-            dx = g @ weight
+            dx = torch.mm(g, weight)
             if ctx.shared:  # xa is x: one (N, in) gradient, the adapter's part accumulated in place
-                dx.addmm_(dh, a_c, alpha=s)
-            dx = dx.reshape(*grad.shape[:-1], dx.shape[-1])
+                dx.addmm_(dh, a_c)
+            dx = dx.view(*grad.shape[:-1], dx.shape[-1])
         if need_xa and not ctx.shared:
-            dxa = (s * (dh @ a_c)).reshape(*grad.shape[:-1], a_c.shape[-1])
+            dxa = torch.mm(dh, a_c).view(*grad.shape[:-1], a_c.shape[-1])
         if need_a:
-            da = (dh.mT @ xa2).to(ctx.a_dtype).mul_(s)
+            da = _mm_as(dh.mT, xa2, ctx.a_dtype)
         if need_b:
-            db = (g.mT @ h).to(ctx.b_dtype).mul_(s)
+            db = _mm_as(g.mT, h, ctx.b_dtype)
+            if s != 1.0:
+                db.mul_(s)
         return dx, dxa, None, None, da, db, None
 
 

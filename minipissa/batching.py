@@ -93,9 +93,12 @@ def factors(
         size = max(1, memory_budget // workspace_bytes(m, n, rank, columns, dtype)) if batched else 1
         for start in range(0, len(members), size):
             chunk = members[start : start + size]
-            matrices = [weight_matrix(j.weight.detach(), j.fan_in_fan_out).to(dtype) for j in chunk]
-            matrix = torch.stack(matrices) if batched else matrices[0]
-            del matrices
+            if batched:  # converted straight into the stack: no second copy of the chunk
+                matrix = torch.empty((len(chunk), m, n), dtype=dtype, device=device)
+                for i, job in enumerate(chunk):
+                    matrix[i].copy_(weight_matrix(job.weight.detach(), job.fan_in_fan_out))
+            else:
+                matrix = weight_matrix(chunk[0].weight.detach(), chunk[0].fan_in_fan_out).to(dtype)
             omega = None
             if columns is not None:
                 seeds = [decompose.module_seed(seed, j.name) for j in chunk]

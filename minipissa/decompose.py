@@ -7,7 +7,10 @@ the compute dtype once (float32, or float64 for float64 weights) and batch as th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -58,12 +61,12 @@ def small_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
     return values.flip(-1).to(gram.device), vectors.flip(-1).to(gram.device)
 
 
-def orthonormalize(y: Tensor) -> Tensor:
-    """An orthonormal basis (..., m, k) of the columns of ``y`` (..., m, k), k <= m, in y's dtype.
+def _cholqr2(y: Tensor) -> tuple[Tensor, Tensor]:
+    """Cholesky-QR twice in float64: (Q (..., m, k), failed (...) bool), without a host sync.
 
-    Cholesky-QR twice ("CholQR2") in float64: two k x k Grams, Cholesky factors and GEMMs instead of
-    a Householder QR, 5x faster for tall batches on a GPU. Stable while cond(y) < ~1e7; items whose
-    Gram is not numerically positive definite (rank-deficient y) fall back to Householder QR.
+    Two k x k Grams, Cholesky factors and GEMMs instead of a Householder QR, 5x faster for tall
+    batches on a GPU. Stable while cond(y) < ~1e7; ``failed`` marks items whose Gram was not
+    numerically positive definite (rank-deficient y), whose Q is then garbage.
     """
     q = y.to(torch.float64)
     failed = torch.zeros(y.shape[:-2], dtype=torch.bool, device=y.device)
@@ -72,9 +75,34 @@ def orthonormalize(y: Tensor) -> Tensor:
         chol, info = torch.linalg.cholesky_ex(q.mT @ q)
         failed |= info != 0
         q = q @ torch.linalg.solve_triangular(chol, eye, upper=False).mT
+    return q.to(y.dtype), failed
+
+
+def orthonormalize(y: Tensor) -> Tensor:
+    """An orthonormal basis (..., m, k) of the columns of ``y`` (..., m, k), k <= m, in y's dtype.
+
+    Cholesky-QR twice; items where it fails (rank-deficient y) fall back to Householder QR.
+    """
+    q, failed = _cholqr2(y)
     if bool(failed.any()):  # one sync per call; rare: exactly low-rank weights
-        q = torch.where(failed[..., None, None], torch.linalg.qr(y.to(torch.float64)).Q, q)
-    return q.to(y.dtype)
+        q = torch.where(failed[..., None, None], torch.linalg.qr(y.to(torch.float64)).Q.to(y.dtype), q)
+    return q
+
+
+def _householder(y: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.linalg.qr(y.to(torch.float64)).Q.to(y.dtype), torch.zeros((), dtype=torch.bool)
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool) -> Iterator[None]:
+    """TF32 tensor-core products for float32 CUDA matmuls inside the block (restored after)."""
+    previous = torch.get_float32_matmul_precision()
+    if enabled:
+        torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _normalize_columns(wv: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -134,11 +162,10 @@ def randomized_svd(matrix: Tensor, rank: int, niter: int, omega: Tensor) -> tupl
     """
     if omega.shape[-1] < rank:
         raise ValueError(f"sketch has {omega.shape[-1]} columns, fewer than rank {rank}")
-    q = orthonormalize(matrix @ omega)
-    for _ in range(niter):
-        # Re-orthonormalise after every product: without it the columns collapse onto the
-        # top singular vector and the small-sigma directions are lost to rounding.
-        q = orthonormalize(matrix @ orthonormalize(matrix.mT @ q))
+    q = _range_finder(matrix, niter, omega, _cholqr2)
+    if q is None:  # a Cholesky-QR failed (rank-deficient sketch products): redo with Householder QR
+        q = _range_finder(matrix, niter, omega, _householder)
+        assert q is not None
     # Rayleigh-Ritz on span(Q): the top eigenvectors of the small Gram (Q^T W)(Q^T W)^T, in float64.
     projected = (q.mT @ matrix).to(torch.float64)  # (..., k, n)
     _, rotation = small_eigh(projected @ projected.mT)
@@ -147,6 +174,25 @@ def randomized_svd(matrix: Tensor, rank: int, niter: int, omega: Tensor) -> tupl
     # W^T u = (Q^T W)^T rotation: V S without another pass over W.
     v, s = _normalize_columns(projected.mT @ rotation, torch.finfo(matrix.dtype).eps)
     return u.to(matrix.dtype), s.to(matrix.dtype), v.to(matrix.dtype)
+
+
+def _range_finder(matrix: Tensor, niter: int, omega: Tensor, orthonormal: Any) -> Tensor | None:
+    """An orthonormal basis Q (..., m, k) of range(W^(2 niter + 1) Omega), or None if a step failed.
+
+    One host sync at the end, not one per step. On CUDA the sketch products run on TF32 tensor
+    cores: they only steer the subspace (each step is re-orthonormalised, and the rounding of one
+    step is damped by the next), while the projection Q^T W that the factors come from stays in
+    full float32.
+    """
+    with _tf32(matrix.is_cuda):
+        q, failed = orthonormal(matrix @ omega)
+        for _ in range(niter):
+            # Re-orthonormalise after every product: without it the columns collapse onto the
+            # top singular vector and the small-sigma directions are lost to rounding.
+            z, failed_z = orthonormal(matrix.mT @ q)
+            q, failed_q = orthonormal(matrix @ z)
+            failed = failed | failed_z | failed_q
+    return None if bool(failed.any()) else q
 
 
 def split_factors(u: Tensor, s: Tensor, v: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
