@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(minipissa model)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--only", default="", help="comma-separated label fragments: run just those contenders")
     args = parser.parse_args()
     if args.threads:  # on a shared machine, 1 thread avoids OpenMP threads spinning for a busy core
         torch.set_num_threads(args.threads)
@@ -116,6 +117,8 @@ def main() -> None:
             ("frozen base + torch.compile", lambda m: torch.compile(m)),
             ("minipissa + torch.compile", lambda m: torch.compile(minipissa.apply(m, r, targets, niter=2))),
         ]
+    if args.only:
+        contenders = [(label, make) for label, make in contenders if any(k in label for k in args.only.split(","))]
     rows, errs = [], {}
     for label, make in contenders:
 

@@ -10,7 +10,9 @@ of a batched product at most, and each residual is computed later, per layer, fr
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import cast
 
@@ -57,7 +59,9 @@ def workspace_bytes(m: int, n: int, rank: int, columns: int | None, dtype: torch
     if columns is None:
         k = min(m, n)
         return m * n * (size + 8) + 4 * k * k * 8
-    return m * n * size + 4 * (m + n) * columns * 8
+    # The range finder's float64 bases, their float32 products, Q^T W, and the previous chunk's
+    # Q and Q^T W still waiting in the pipeline: about 8 float64 (m + n) x columns buffers.
+    return m * n * size + 8 * (m + n) * columns * 8
 
 
 def batches_help(device: torch.device) -> bool:
@@ -81,37 +85,110 @@ def factors(
     """(job, A0 (r, in), B0 (out, r), kept singular values (r,)) for every job, one chunk at a time.
 
     Yields in group order, not job order; A0/B0 are in the decomposition dtype on the weight's device.
+    A randomized decomposition on CUDA is pipelined: a chunk's small eigenproblem is solved on the
+    host (in a worker thread) while the GPU runs the next chunk's range finder, and nothing waits
+    for the GPU inside the loop.
     """
     groups: dict[tuple, list[Job]] = {}
     for job in jobs:
         key = (job.shape, job.weight.dtype, job.weight.device, job.rank, job.scaling)
         groups.setdefault(key, []).append(job)
-    for ((m, n), weight_dtype, device, rank, scaling), members in groups.items():
-        dtype = decompose.compute_dtype(weight_dtype)
-        columns = None if niter is None else decompose.sketch_columns(rank, oversample, m, n)
-        batched = batches_help(device)
-        size = max(1, memory_budget // workspace_bytes(m, n, rank, columns, dtype)) if batched else 1
-        for start in range(0, len(members), size):
-            chunk = members[start : start + size]
-            if batched:  # converted straight into the stack: no second copy of the chunk
-                matrix = torch.empty((len(chunk), m, n), dtype=dtype, device=device)
-                for i, job in enumerate(chunk):
-                    matrix[i].copy_(weight_matrix(job.weight.detach(), job.fan_in_fan_out))
-            else:
-                matrix = weight_matrix(chunk[0].weight.detach(), chunk[0].fan_in_fan_out).to(dtype)
-            omega = None
-            if columns is not None:
-                seeds = [decompose.module_seed(seed, j.name) for j in chunk]
-                sketches = [decompose.sketch(n, columns, s, dtype, device) for s in seeds]
-                omega = torch.stack(sketches) if batched else sketches[0]
-            a, b, sigma = decompose.principal_factors(
-                matrix, rank, scaling, niter=niter, omega=omega, components=components
-            )
-            del matrix, omega  # free the chunk before the caller builds layers from it
-            if not batched:
-                a, b, sigma = a[None], b[None], sigma[None]
-            for i, job in enumerate(chunk):
-                yield job, a[i], b[i], sigma[i]
+    with ThreadPoolExecutor(max_workers=1) as host:
+        pending: Callable[[], Iterator] | None = None
+        for ((m, n), weight_dtype, device, rank, scaling), members in groups.items():
+            dtype = decompose.compute_dtype(weight_dtype)
+            columns = None if niter is None else decompose.sketch_columns(rank, oversample, m, n)
+            batched = batches_help(device)
+            size = max(1, memory_budget // workspace_bytes(m, n, rank, columns, dtype)) if batched else 1
+            for start in range(0, len(members), size):
+                chunk = members[start : start + size]
+                matrix = _stack(chunk, dtype, batched)
+                omega = None if columns is None else _sketches(chunk, columns, seed, dtype, batched)
+                if omega is None or not batched:
+                    a, b, sigma = decompose.principal_factors(
+                        matrix, rank, scaling, niter=niter, omega=omega, components=components
+                    )
+                    del matrix, omega  # free the chunk before the caller builds layers from it
+                    if not batched:
+                        a, b, sigma = a[None], b[None], sigma[None]
+                    yield from _items(chunk, a, b, sigma)
+                    continue
+                assert niter is not None and columns is not None
+                q, projected, failed = decompose.randomized_begin(matrix, rank, niter, omega)
+                del matrix, omega
+                rotation = host.submit(_host_eigh, *_to_host(projected @ projected.mT))
+                if pending is not None:
+                    yield from pending()
+                pending = functools.partial(
+                    _finish, chunk, q, projected, failed, rotation, rank, scaling, niter, seed, columns
+                )
+        if pending is not None:
+            yield from pending()
+
+
+def _stack(chunk: list[Job], dtype: torch.dtype, batched: bool) -> Tensor:
+    """The chunk's weights as (out, in) matrices in ``dtype``: stacked (c, m, n), or the one (m, n)."""
+    if not batched:
+        return weight_matrix(chunk[0].weight.detach(), chunk[0].fan_in_fan_out).to(dtype)
+    first = chunk[0].weight
+    m, n = chunk[0].shape
+    matrix = torch.empty((len(chunk), m, n), dtype=dtype, device=first.device)
+    for i, job in enumerate(chunk):  # converted straight into the stack: no second copy
+        matrix[i].copy_(weight_matrix(job.weight.detach(), job.fan_in_fan_out))
+    return matrix
+
+
+def _sketches(chunk: list[Job], columns: int, seed: int, dtype: torch.dtype, batched: bool) -> Tensor:
+    """Each module's own sketch (n, columns), from its seed: stacked, or the one."""
+    n, device = chunk[0].shape[1], chunk[0].weight.device
+    sketches = [decompose.sketch(n, columns, decompose.module_seed(seed, j.name), dtype, device) for j in chunk]
+    return torch.stack(sketches) if batched else sketches[0]
+
+
+def _items(chunk: list[Job], a: Tensor, b: Tensor, sigma: Tensor) -> Iterator[tuple[Job, Tensor, Tensor, Tensor]]:
+    for i, job in enumerate(chunk):
+        yield job, a[i], b[i], sigma[i]
+
+
+def _to_host(gram: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
+    """Start copying a CUDA ``gram`` to pinned host memory; the event marks the copy done."""
+    if not gram.is_cuda:
+        return gram, None
+    host = torch.empty(gram.shape, dtype=gram.dtype, pin_memory=True)
+    host.copy_(gram, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
+def _host_eigh(gram: Tensor, ready: torch.cuda.Event | None) -> Tensor:
+    """Eigenvectors of the small Grams, eigenvalues descending (runs in the worker thread)."""
+    if ready is not None:
+        ready.synchronize()
+    return decompose.small_eigh(gram)[1]
+
+
+def _finish(
+    chunk: list[Job],
+    q: Tensor,
+    projected: Tensor,
+    failed: Tensor,
+    rotation: Future,
+    rank: int,
+    scaling: float,
+    niter: int,
+    seed: int,
+    columns: int,
+) -> Iterator[tuple[Job, Tensor, Tensor, Tensor]]:
+    """The factors of a pipelined chunk, once its eigenvectors are back from the host."""
+    if bool(failed.any()):  # rare (a rank-deficient sketch product): redo the chunk, Householder QR
+        rotation.cancel()  # its input was garbage; its result (or error) is not wanted
+        matrix = _stack(chunk, q.dtype, batched=True)
+        u, s, v = decompose.randomized_svd(matrix, rank, niter, _sketches(chunk, columns, seed, q.dtype, True))
+    else:
+        u, s, v = decompose.randomized_end(q, projected, rotation.result().to(q.device), rank, q.dtype)
+    a, b = decompose.split_factors(u, s, v, scaling)
+    yield from _items(chunk, a, b, s)
 
 
 def progress_reporter(progress: bool | Callable[[int, int], None], total: int) -> Callable[[int], None]:

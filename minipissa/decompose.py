@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -61,17 +60,18 @@ def small_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
     return values.flip(-1).to(gram.device), vectors.flip(-1).to(gram.device)
 
 
-def _cholqr2(y: Tensor) -> tuple[Tensor, Tensor]:
-    """Cholesky-QR twice in float64: (Q (..., m, k), failed (...) bool), without a host sync.
+def _cholqr(y: Tensor, passes: int = 2) -> tuple[Tensor, Tensor]:
+    """Cholesky-QR in float64: (Q (..., m, k), failed (...) bool), without a host sync.
 
-    Two k x k Grams, Cholesky factors and GEMMs instead of a Householder QR, 5x faster for tall
-    batches on a GPU. Stable while cond(y) < ~1e7; ``failed`` marks items whose Gram was not
-    numerically positive definite (rank-deficient y), whose Q is then garbage.
+    k x k Grams, Cholesky factors and GEMMs instead of a Householder QR, 5x faster for tall
+    batches on a GPU. One pass leaves an orthogonality error ~ eps * cond(y)^2, enough to steer a
+    power iteration; the second restores full orthogonality. ``failed`` marks items whose Gram was
+    not numerically positive definite (rank-deficient y): their Q is garbage.
     """
     q = y.to(torch.float64)
     failed = torch.zeros(y.shape[:-2], dtype=torch.bool, device=y.device)
     eye = torch.eye(y.shape[-1], dtype=torch.float64, device=y.device)
-    for _ in range(2):  # the second pass restores orthogonality lost to cond(y)^2 in the first
+    for _ in range(passes):
         chol, info = torch.linalg.cholesky_ex(q.mT @ q)
         failed |= info != 0
         q = q @ torch.linalg.solve_triangular(chol, eye, upper=False).mT
@@ -83,14 +83,15 @@ def orthonormalize(y: Tensor) -> Tensor:
 
     Cholesky-QR twice; items where it fails (rank-deficient y) fall back to Householder QR.
     """
-    q, failed = _cholqr2(y)
+    q, failed = _cholqr(y)
     if bool(failed.any()):  # one sync per call; rare: exactly low-rank weights
         q = torch.where(failed[..., None, None], torch.linalg.qr(y.to(torch.float64)).Q.to(y.dtype), q)
     return q
 
 
-def _householder(y: Tensor) -> tuple[Tensor, Tensor]:
-    return torch.linalg.qr(y.to(torch.float64)).Q.to(y.dtype), torch.zeros((), dtype=torch.bool)
+def _householder(y: Tensor, passes: int = 1) -> tuple[Tensor, Tensor]:
+    """Householder QR, the fallback for rank-deficient sketches: (Q, failed = False)."""
+    return torch.linalg.qr(y.to(torch.float64)).Q.to(y.dtype), torch.zeros((), dtype=torch.bool, device=y.device)
 
 
 @contextlib.contextmanager
@@ -160,39 +161,51 @@ def randomized_svd(matrix: Tensor, rank: int, niter: int, omega: Tensor) -> tupl
     Returns:
         U (..., m, rank), S (..., rank), V (..., n, rank).
     """
-    if omega.shape[-1] < rank:
-        raise ValueError(f"sketch has {omega.shape[-1]} columns, fewer than rank {rank}")
-    q = _range_finder(matrix, niter, omega, _cholqr2)
-    if q is None:  # a Cholesky-QR failed (rank-deficient sketch products): redo with Householder QR
-        q = _range_finder(matrix, niter, omega, _householder)
-        assert q is not None
-    # Rayleigh-Ritz on span(Q): the top eigenvectors of the small Gram (Q^T W)(Q^T W)^T, in float64.
-    projected = (q.mT @ matrix).to(torch.float64)  # (..., k, n)
+    q, projected, failed = randomized_begin(matrix, rank, niter, omega)
+    if bool(failed.any()):  # a Cholesky-QR failed (rank-deficient sketch products): Householder QR
+        q, projected, failed = randomized_begin(matrix, rank, niter, omega, householder=True)
     _, rotation = small_eigh(projected @ projected.mT)
-    rotation = rotation[..., :rank]
-    u = q.to(torch.float64) @ rotation  # (..., m, rank), orthonormal
-    # W^T u = (Q^T W)^T rotation: V S without another pass over W.
-    v, s = _normalize_columns(projected.mT @ rotation, torch.finfo(matrix.dtype).eps)
-    return u.to(matrix.dtype), s.to(matrix.dtype), v.to(matrix.dtype)
+    return randomized_end(q, projected, rotation, rank, matrix.dtype)
 
 
-def _range_finder(matrix: Tensor, niter: int, omega: Tensor, orthonormal: Any) -> Tensor | None:
-    """An orthonormal basis Q (..., m, k) of range(W^(2 niter + 1) Omega), or None if a step failed.
+def randomized_begin(
+    matrix: Tensor, rank: int, niter: int, omega: Tensor, householder: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The device part of :func:`randomized_svd`, queued without a host sync.
 
-    One host sync at the end, not one per step. On CUDA the sketch products run on TF32 tensor
-    cores: they only steer the subspace (each step is re-orthonormalised, and the rounding of one
-    step is damped by the next), while the projection Q^T W that the factors come from stays in
+    Returns Q (..., m, k) orthonormal, Q^T W (..., k, n) in float64, and ``failed`` (...): items
+    whose Cholesky-QR broke down (redo them with ``householder=True``). On CUDA the power iteration
+    runs on TF32 tensor cores: its products only steer the subspace (each is re-orthonormalised, and
+    one step's rounding is damped by the next), while Q^T W, which the factors come from, stays in
     full float32.
     """
+    if omega.shape[-1] < rank:
+        raise ValueError(f"sketch has {omega.shape[-1]} columns, fewer than rank {rank}")
+    orthonormal = _householder if householder else _cholqr
+    failed = torch.zeros(matrix.shape[:-2], dtype=torch.bool, device=matrix.device)
     with _tf32(matrix.is_cuda):
-        q, failed = orthonormal(matrix @ omega)
+        y = matrix @ omega
         for _ in range(niter):
             # Re-orthonormalise after every product: without it the columns collapse onto the
             # top singular vector and the small-sigma directions are lost to rounding.
-            z, failed_z = orthonormal(matrix.mT @ q)
-            q, failed_q = orthonormal(matrix @ z)
-            failed = failed | failed_z | failed_q
-    return None if bool(failed.any()) else q
+            q, failed_q = orthonormal(y, passes=1)
+            z, failed_z = orthonormal(matrix.mT @ q, passes=1)
+            y = matrix @ z
+            failed = failed | failed_q | failed_z
+    q, failed_q = orthonormal(y, passes=2)
+    return q, (q.mT @ matrix).to(torch.float64), failed | failed_q
+
+
+def randomized_end(
+    q: Tensor, projected: Tensor, rotation: Tensor, rank: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Rayleigh-Ritz on span(Q): U, S, V from the eigenvectors ``rotation`` (..., k, k), descending,
+    of the small Gram (Q^T W)(Q^T W)^T (see :func:`small_eigh`)."""
+    rotation = rotation[..., :rank].to(torch.float64)
+    u = q.to(torch.float64) @ rotation  # (..., m, rank), orthonormal
+    # W^T u = (Q^T W)^T rotation: V S without another pass over W.
+    v, s = _normalize_columns(projected.mT @ rotation, torch.finfo(dtype).eps)
+    return u.to(dtype), s.to(dtype), v.to(dtype)
 
 
 def split_factors(u: Tensor, s: Tensor, v: Tensor, scaling: float) -> tuple[Tensor, Tensor]:

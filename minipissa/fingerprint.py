@@ -6,9 +6,11 @@ hash of evenly spaced elements' raw bytes (exact: one changed bit in the sample 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import math
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,45 +23,72 @@ MOMENT_RTOL = 1e-6
 @torch.no_grad()
 def fingerprint(weight: Tensor) -> dict[str, Any]:
     """{"shape", "dtype", "sum", "sumsq", "sample_sha256"} of a tensor, JSON-able."""
-    return fingerprint_later(weight)()
+    return read_all([fingerprint_later(weight)])[0]
+
+
+@dataclass
+class Pending:
+    """A fingerprint whose device work is queued: :func:`read_all` reads it back."""
+
+    shape: list[int]
+    dtype: str
+    moments: Tensor  # (2,) float64: sum, ||w||
+    sample: Tensor  # the sampled elements' raw bytes, uint8
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_index(numel: int, device: torch.device) -> Tensor:
+    # Integer arithmetic: a float32 linspace rounds n - 1 up past the end for n > 2^24 elements.
+    count = min(SAMPLES, numel)
+    return torch.arange(count, device=device) * max(numel - 1, 0) // max(count - 1, 1)
 
 
 @torch.no_grad()
-def fingerprint_later(weight: Tensor) -> Callable[[], dict[str, Any]]:
-    """Queue a fingerprint's device work now; the returned function reads it back when called.
+def fingerprint_later(weight: Tensor) -> Pending:
+    """Queue a fingerprint's device work, to be read back later by :func:`read_all`.
 
     apply() fingerprints every weight twice: reading each result back at once would stop the host
-    until the GPU is idle, 448 times for a 7B model. Called after the loop, the reads are copies.
+    until the GPU is idle, 448 times for a 7B model; read together after the loop, it is one copy.
     """
     flat = weight.detach().reshape(-1)
-    # Integer arithmetic: a float32 linspace rounds n - 1 up past the end for n > 2^24 elements.
-    count = min(SAMPLES, flat.numel())
-    index = torch.arange(count, device=flat.device) * max(flat.numel() - 1, 0) // max(count - 1, 1)
-    sample = flat[index].contiguous()
-    # Moments by row, each reduction reading the weight once: no float64 copy of it (4x the
-    # weight's bytes, twice per module at init). Row sums in float32 (rows of <= ~10^4 elements:
-    # rounding ~1e-7 of the row's magnitude, far inside MOMENT_RTOL), row norms in float64
-    # (float32 norms of bf16 rows drift by ~1e-6).
+    sample = flat[_sample_index(flat.numel(), flat.device)].view(torch.uint8)
+    # Each reduction reads the weight once, with no float64 copy of it (4x the weight's bytes).
+    # Row sums in float32 (rows of <= ~10^4 elements: rounding ~1e-7 of the row's magnitude, far
+    # inside MOMENT_RTOL); the norm accumulates in float64 (float32 norms of bf16 drift by ~1e-6).
     rows = flat.reshape(-1, weight.shape[-1]) if weight.ndim else flat.reshape(1, 1)
-    if not rows.is_floating_point():  # integer tensors (quantized storage): norms need floats
+    if not rows.is_floating_point():  # integer tensors (quantized storage): reductions need floats
         rows = rows.to(torch.float64)
-    sums = rows.sum(dim=1, dtype=torch.float32).to(torch.float64)
-    norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64)
-    moments = torch.stack([sums.sum(), norms.square().sum()])
-    shape, dtype = list(weight.shape), str(weight.dtype).removeprefix("torch.")
+    total = rows.sum(dim=1, dtype=torch.float32).sum(dtype=torch.float64)
+    moments = torch.stack([total, torch.linalg.vector_norm(rows, dtype=torch.float64)])
+    return Pending(list(weight.shape), str(weight.dtype).removeprefix("torch."), moments, sample)
 
-    def read() -> dict[str, Any]:
-        total, sumsq = moments.tolist()
-        raw = sample.cpu().view(torch.uint8)
-        return {
-            "shape": shape,
-            "dtype": dtype,
+
+def read_all(pending: list[Pending]) -> list[dict[str, Any]]:
+    """The fingerprints of ``pending``, with one device-to-host copy per device."""
+    moments: list[list[float]] = [[] for _ in pending]
+    samples: list[bytes] = [b"" for _ in pending]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, p in enumerate(pending):
+        by_device.setdefault(p.moments.device, []).append(i)
+    for items in by_device.values():
+        values = torch.stack([pending[i].moments for i in items]).cpu().tolist()
+        raw = torch.cat([pending[i].sample for i in items]).cpu()
+        everything = ctypes.string_at(raw.data_ptr(), raw.numel()) if raw.numel() else b""
+        offset = 0
+        for i, value in zip(items, values, strict=True):
+            size = pending[i].sample.numel()
+            moments[i], samples[i] = value, everything[offset : offset + size]
+            offset += size
+    return [
+        {
+            "shape": p.shape,
+            "dtype": p.dtype,
             "sum": total,
-            "sumsq": sumsq,
-            "sample_sha256": hashlib.sha256(bytes(raw.tolist())).hexdigest(),
+            "sumsq": norm * norm,
+            "sample_sha256": hashlib.sha256(sample).hexdigest(),
         }
-
-    return read
+        for p, (total, norm), sample in zip(pending, moments, samples, strict=True)
+    ]
 
 
 def same(a: dict[str, Any], b: dict[str, Any]) -> bool:

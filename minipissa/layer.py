@@ -51,10 +51,12 @@ def residual_weight(weight: Tensor, a0: Tensor, b0: Tensor, scaling: float, fan_
         weight: stored base weight, (out, in), or (in, out) when ``fan_in_fan_out``.
         a0: (r, in). b0: (out, r).
     """
-    delta = scaling * (b0 @ a0)
+    delta = b0 @ a0 if scaling == 1.0 else scaling * (b0 @ a0)  # x 1.0 is exact: skip that pass
     if fan_in_fan_out:
         delta = delta.mT
-    return (weight.to(a0.dtype) - delta).to(weight.dtype).contiguous()
+    # Type promotion computes in the factors' dtype, as weight.to(a0.dtype) - delta would, without
+    # materialising that copy of W.
+    return torch.sub(weight, delta).to(weight.dtype).contiguous()
 
 
 def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:

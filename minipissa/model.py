@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import batching, decompose, distributed
-from .fingerprint import describe, fingerprint_later
+from .fingerprint import describe, fingerprint_later, read_all
 from .layer import PiSSALinear, is_conv1d, lora_scaling, weight_matrix
 from .targets import Targets, find_targets, value_for
 
@@ -223,8 +223,9 @@ def apply(
         _replace(model, plan.name, layer)
         del job, weight, a0, b0  # let the replaced weight go before the next chunk is stacked
         report(done)
-    for layer, sigma, base_print, residual_print in pending:
-        layer.info.update(describe(sigma, base_print(), residual_print()))
+    prints = read_all([p for _, _, base, residual in pending for p in (base, residual)])
+    for i, (layer, sigma, _, _) in enumerate(pending):
+        layer.info.update(describe(sigma, prints[2 * i], prints[2 * i + 1]))
 
     for param in model.parameters():
         param.requires_grad_(False)

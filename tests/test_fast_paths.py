@@ -279,3 +279,36 @@ def test_fingerprint_samples_stay_in_bounds_for_large_weights():
     big[-1] = 7
     assert fingerprint(big)["shape"] == [2**24 + 4]
     assert fingerprint(big)["sample_sha256"] != fingerprint(torch.zeros_like(big))["sample_sha256"]  # last sampled
+
+
+def test_pipelined_chunks_recover_from_a_failed_cholesky_qr(monkeypatch):
+    """Exactly low-rank weights make the sketch products rank-deficient, so Cholesky-QR breaks down;
+    the pipelined (GPU) path must notice it after the fact and redo that chunk with Householder QR."""
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(24, 24) for _ in range(4)])
+        with torch.no_grad():
+            model[1].weight.copy_(torch.outer(torch.randn(24), torch.randn(24)))  # rank 1 < sketch width
+        return model
+
+    reference = minipissa.apply(build(), 4, "all-linear", niter=2)  # per module, synchronous
+    monkeypatch.setattr(batching, "batches_help", lambda device: True)
+    calls: list[bool] = []
+    original_begin = decompose.randomized_begin
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("householder", False))
+        return original_begin(*args, **kwargs)
+
+    monkeypatch.setattr(decompose, "randomized_begin", spy)
+    base = build()
+    x = torch.randn(5, 24)
+    expected = base(x)
+    model = minipissa.apply(base, 4, "all-linear", niter=2)
+    assert True in calls, "the rank-1 weight did not take the Householder path"
+    assert torch.allclose(model(x), expected, atol=1e-5)  # the init is still exact
+    ref_layers = dict(minipissa.pissa_layers(reference))
+    for name, layer in minipissa.pissa_layers(model):
+        product, ref = layer.B0 @ layer.A0, ref_layers[name].B0 @ ref_layers[name].A0
+        assert torch.allclose(product, ref, atol=1e-4 * ref.abs().max().item()), name
