@@ -130,9 +130,11 @@ def main() -> None:
     mp, pp = common.minipissa_products, common.peft_products
 
     def watch(done: int, total: int) -> None:
-        """Device memory in use every 32 modules: it must stay flat (a replaced weight is freed at once)."""
+        """Device memory every 32 modules: in use (grows by the adapters alone: a replaced weight is
+        freed at once), and the peak since the last report (the decomposition's workspace)."""
         if device.startswith("cuda") and (done % 32 == 0 or done == total):
-            print(f"  {done}/{total} modules, {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated", flush=True)
+            now, peak = torch.cuda.memory_allocated() / 2**30, torch.cuda.max_memory_allocated() / 2**30
+            print(f"  {done}/{total} modules, {now:.2f} GiB allocated, peak {peak:.2f} GiB", flush=True)
 
     rows = []
     contenders = [
@@ -140,6 +142,15 @@ def main() -> None:
         (f"PEFT pissa_niter_{q}", lambda m: common.peft_lora(m, peft_targets, r, f"pissa_niter_{q}"), pp),
         ("minipissa exact", lambda m: minipissa.apply(m, r, targets, progress=watch), mp),
     ]
+    if args.setting == "llama-7b":  # the time/memory trade of a smaller workspace
+        contenders.insert(
+            1,
+            (
+                f"minipissa niter={q}, memory_budget 512 MiB",
+                lambda m: minipissa.apply(m, r, targets, niter=q, memory_budget=2**29, progress=watch),
+                mp,
+            ),
+        )
     small = args.setting != "llama-7b"
     if small:  # PEFT's more accurate setting, for the error table
         peft16 = f"pissa_niter_{4 * q}"

@@ -8,6 +8,7 @@ the compute dtype once (float32, or float64 for float64 weights) and batch as th
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from collections.abc import Iterator
 
@@ -69,13 +70,18 @@ def _cholqr(y: Tensor, passes: int = 2) -> tuple[Tensor, Tensor]:
     not numerically positive definite (rank-deficient y): their Q is garbage.
     """
     q = y.to(torch.float64)
-    failed = torch.zeros(y.shape[:-2], dtype=torch.bool, device=y.device)
-    eye = torch.eye(y.shape[-1], dtype=torch.float64, device=y.device)
+    failed = torch.zeros((), dtype=torch.bool, device=y.device)
+    eye = _eye(y.shape[-1], y.device)
     for _ in range(passes):
         chol, info = torch.linalg.cholesky_ex(q.mT @ q)
-        failed |= info != 0
+        failed = failed | (info != 0)
         q = q @ torch.linalg.solve_triangular(chol, eye, upper=False).mT
     return q.to(y.dtype), failed
+
+
+@functools.lru_cache(maxsize=16)
+def _eye(k: int, device: torch.device) -> Tensor:
+    return torch.eye(k, dtype=torch.float64, device=device)
 
 
 def orthonormalize(y: Tensor) -> Tensor:
