@@ -19,7 +19,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from . import decompose
+from . import decompose, linalg
 from .layer import weight_matrix
 
 #: Default bound (bytes) on the extra memory a chunk of stacked weights and its workspace may take.
@@ -85,9 +85,8 @@ def factors(
     """(job, A0 (r, in), B0 (out, r), kept singular values (r,)) for every job, one chunk at a time.
 
     Yields in group order, not job order; A0/B0 are in the decomposition dtype on the weight's device.
-    A randomized decomposition on CUDA is pipelined: a chunk's small eigenproblem is solved on the
-    host (in a worker thread) while the GPU runs the next chunk's range finder, and nothing waits
-    for the GPU inside the loop.
+    On a GPU the chunks are pipelined: a chunk's small eigenproblem is solved on the host (in a
+    worker thread) while the GPU works on the next chunk, and nothing in the loop waits for the GPU.
     """
     groups: dict[tuple, list[Job]] = {}
     for job in jobs:
@@ -104,7 +103,7 @@ def factors(
                 chunk = members[start : start + size]
                 matrix = _stack(chunk, dtype, batched)
                 omega = None if columns is None else _sketches(chunk, columns, seed, dtype, batched)
-                if omega is None or not batched:
+                if not batched or components == "minor":
                     a, b, sigma = decompose.principal_factors(
                         matrix, rank, scaling, niter=niter, omega=omega, components=components
                     )
@@ -113,14 +112,13 @@ def factors(
                         a, b, sigma = a[None], b[None], sigma[None]
                     yield from _items(chunk, a, b, sigma)
                     continue
-                assert niter is not None and columns is not None
-                q, projected, failed = decompose.randomized_begin(matrix, rank, niter, omega)
+                started = decompose.start(matrix, rank, niter=niter, omega=omega)
                 del matrix, omega
-                rotation = host.submit(_host_eigh, *_to_host(projected @ projected.mT))
+                vectors = host.submit(_host_eigh, *_to_host(started.gram))
                 if pending is not None:
                     yield from pending()
                 pending = functools.partial(
-                    _finish, chunk, q, projected, failed, rotation, rank, scaling, niter, seed, columns
+                    _finish, chunk, started, vectors, rank, scaling, niter, seed, columns, dtype
                 )
         if pending is not None:
             yield from pending()
@@ -165,28 +163,27 @@ def _host_eigh(gram: Tensor, ready: torch.cuda.Event | None) -> Tensor:
     """Eigenvectors of the small Grams, eigenvalues descending (runs in the worker thread)."""
     if ready is not None:
         ready.synchronize()
-    return decompose.small_eigh(gram)[1]
+    return linalg.small_eigh(gram)[1]
 
 
 def _finish(
     chunk: list[Job],
-    q: Tensor,
-    projected: Tensor,
-    failed: Tensor,
-    rotation: Future,
+    started: decompose.Started,
+    vectors: Future,
     rank: int,
     scaling: float,
-    niter: int,
+    niter: int | None,
     seed: int,
-    columns: int,
+    columns: int | None,
+    dtype: torch.dtype,
 ) -> Iterator[tuple[Job, Tensor, Tensor, Tensor]]:
     """The factors of a pipelined chunk, once its eigenvectors are back from the host."""
-    if bool(failed.any()):  # rare (a rank-deficient sketch product): redo the chunk, Householder QR
-        rotation.cancel()  # its input was garbage; its result (or error) is not wanted
-        matrix = _stack(chunk, q.dtype, batched=True)
-        u, s, v = decompose.randomized_svd(matrix, rank, niter, _sketches(chunk, columns, seed, q.dtype, True))
+    if bool(started.failed.any()):  # rare (rank-deficient products): redo the chunk, Householder QR
+        vectors.cancel()  # its input was garbage; its result (or error) is not wanted
+        omega = None if columns is None else _sketches(chunk, columns, seed, dtype, True)
+        u, s, v = decompose.top_triplets(_stack(chunk, dtype, True), rank, niter=niter, omega=omega)
     else:
-        u, s, v = decompose.randomized_end(q, projected, rotation.result().to(q.device), rank, q.dtype)
+        u, s, v = started.finish(vectors.result().to(started.gram.device))
     a, b = decompose.split_factors(u, s, v, scaling)
     yield from _items(chunk, a, b, s)
 

@@ -7,13 +7,15 @@ the compute dtype once (float32, or float64 for float64 weights) and batch as th
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from . import linalg
 
 #: Extra sketch columns per adapter rank unit used when ``oversample`` is not given. Real
 #: pretrained weights have flat spectral tops, so the classic "+8" leaves a large error
@@ -51,81 +53,49 @@ def exact_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return u, s, vh.mT
 
 
-def small_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenpairs of small symmetric matrices (..., k, k), eigenvalues descending.
-
-    On a GPU this runs on the host: cuSOLVER solves one small matrix per launch (about 1 ms for
-    k = 80 on an H100), LAPACK does the same in a fraction of that.
-    """
-    values, vectors = torch.linalg.eigh(gram.cpu())
-    return values.flip(-1).to(gram.device), vectors.flip(-1).to(gram.device)
-
-
-def _cholqr(y: Tensor, passes: int = 2) -> tuple[Tensor, Tensor]:
-    """Cholesky-QR in float64: (Q (..., m, k), failed (...) bool), without a host sync.
-
-    k x k Grams, Cholesky factors and GEMMs instead of a Householder QR, 5x faster for tall
-    batches on a GPU. One pass leaves an orthogonality error ~ eps * cond(y)^2, enough to steer a
-    power iteration; the second restores full orthogonality. ``failed`` marks items whose Gram was
-    not numerically positive definite (rank-deficient y): their Q is garbage.
-    """
-    q = y.to(torch.float64)
-    failed = torch.zeros((), dtype=torch.bool, device=y.device)
-    eye = _eye(y.shape[-1], y.device)
-    for _ in range(passes):
-        chol, info = torch.linalg.cholesky_ex(q.mT @ q)
-        failed = failed | (info != 0)
-        q = q @ torch.linalg.solve_triangular(chol, eye, upper=False).mT
-    return q.to(y.dtype), failed
-
-
-@functools.lru_cache(maxsize=16)
-def _eye(k: int, device: torch.device) -> Tensor:
-    return torch.eye(k, dtype=torch.float64, device=device)
-
-
-def orthonormalize(y: Tensor) -> Tensor:
-    """An orthonormal basis (..., m, k) of the columns of ``y`` (..., m, k), k <= m, in y's dtype.
-
-    Cholesky-QR twice; items where it fails (rank-deficient y) fall back to Householder QR.
-    """
-    q, failed = _cholqr(y)
-    if bool(failed.any()):  # one sync per call; rare: exactly low-rank weights
-        q = torch.where(failed[..., None, None], torch.linalg.qr(y.to(torch.float64)).Q.to(y.dtype), q)
-    return q
-
-
-def _householder(y: Tensor, passes: int = 1) -> tuple[Tensor, Tensor]:
-    """Householder QR, the fallback for rank-deficient sketches: (Q, failed = False)."""
-    return torch.linalg.qr(y.to(torch.float64)).Q.to(y.dtype), torch.zeros((), dtype=torch.bool, device=y.device)
-
-
-@contextlib.contextmanager
-def _tf32(enabled: bool) -> Iterator[None]:
-    """TF32 tensor-core products for float32 CUDA matmuls inside the block (restored after)."""
-    previous = torch.get_float32_matmul_precision()
-    if enabled:
-        torch.set_float32_matmul_precision("high")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
-def _normalize_columns(wv: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """U, S from W V (..., m, r) for orthonormal V: S_i = ||W v_i||, U = W V / S.
-
-    Components with S <= eps * m * max(S) (rank-deficient W) get S = 0 and U = 0, so their
-    factors are zero, as with an SVD.
-    """
-    s = torch.linalg.vector_norm(wv, dim=-2)
-    alive = s > eps * wv.shape[-2] * s.amax(dim=-1, keepdim=True)
-    u = torch.where(alive.unsqueeze(-2), wv / torch.where(alive, s, 1.0).unsqueeze(-2), 0.0)
-    return u, torch.where(alive, s, 0.0)
-
-
 #: Extra eigenvectors kept from the compute-dtype eigensolver and refined in float64 (exact mode).
 REFINE_EXTRA = 16
+
+
+@dataclass
+class Started:
+    """A top-r decomposition whose device work is queued, with no host sync yet.
+
+    What is left is a small symmetric eigenproblem, ``gram`` (..., k, k) in float64, for the host
+    (:func:`linalg.small_eigh`); ``finish(vectors)`` turns its eigenvectors (..., k, k), eigenvalues
+    descending, into U (..., m, r), S (..., r), V (..., n, r). ``failed`` (...) marks items whose
+    Cholesky-QR broke down (rank-deficient products): start those again with ``householder=True``.
+    Split this way, a GPU can run the next matrices while the host solves this one's eigenproblem.
+    """
+
+    gram: Tensor
+    failed: Tensor
+    finish: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+
+
+def start(
+    matrix: Tensor, rank: int, *, niter: int | None = None, omega: Tensor | None = None, householder: bool = False
+) -> Started:
+    """Queue the top-``rank`` decomposition of ``matrix`` (..., m, n): exact (``niter=None``,
+    see :func:`gram_principal`) or randomized (see :func:`randomized_svd`)."""
+    orthonormal = linalg.householder if householder else linalg.cholqr
+    if niter is None:
+        return _start_gram(matrix, rank, orthonormal)
+    if omega is None:
+        raise ValueError("randomized decomposition needs a sketch `omega`")
+    if omega.shape[-1] < rank:
+        raise ValueError(f"sketch has {omega.shape[-1]} columns, fewer than rank {rank}")
+    return _start_randomized(matrix, rank, niter, omega, orthonormal)
+
+
+def top_triplets(
+    matrix: Tensor, rank: int, *, niter: int | None = None, omega: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`start`, then at once the host eigenproblem and :meth:`Started.finish` (one sync)."""
+    started = start(matrix, rank, niter=niter, omega=omega)
+    if bool(started.failed.any()):  # rare: exactly low-rank weights
+        started = start(matrix, rank, niter=niter, omega=omega, householder=True)
+    return started.finish(linalg.small_eigh(started.gram)[1])
 
 
 def gram_principal(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -143,22 +113,36 @@ def gram_principal(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     Returns:
         U (..., m, rank), S (..., rank) descending, V (..., n, rank), in ``matrix``'s dtype.
     """
+    return top_triplets(matrix, rank)
+
+
+def _start_gram(matrix: Tensor, rank: int, orthonormal: Any) -> Started:
     flip = matrix.shape[-2] < matrix.shape[-1]
     w = (matrix.mT if flip else matrix).to(torch.float64)  # (M, N), N <= M
     gram = w.mT @ w
     k = min(gram.shape[-1], rank + REFINE_EXTRA)
     basis = torch.linalg.eigh(gram.to(matrix.dtype)).eigenvectors[..., -k:].to(torch.float64)
-    basis = orthonormalize(gram @ basis)
-    _, rotation = small_eigh(basis.mT @ gram @ basis)
-    v = basis @ rotation[..., :rank]
-    u, s = _normalize_columns(w @ v, torch.finfo(matrix.dtype).eps)
-    if flip:
-        u, v = v, u
-    return u.to(matrix.dtype), s.to(matrix.dtype), v.to(matrix.dtype)
+    basis, failed = orthonormal(gram @ basis, passes=2)
+    w_basis = w @ basis  # (M, k): all that finish() needs of W, so W and G can go now
+    dtype, eps = matrix.dtype, torch.finfo(matrix.dtype).eps
+
+    def finish(vectors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        rotation = vectors[..., :rank].to(torch.float64)
+        v = basis @ rotation
+        u, s = linalg.normalize_columns(w_basis @ rotation, eps)
+        if flip:
+            u, v = v, u
+        return u.to(dtype), s.to(dtype), v.to(dtype)
+
+    return Started(basis.mT @ gram @ basis, failed, finish)
 
 
 def randomized_svd(matrix: Tensor, rank: int, niter: int, omega: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Top-``rank`` triplets by a randomized range finder (Halko et al. 2011, Alg. 4.4 + 5.1).
+
+    On CUDA the power iteration runs on TF32 tensor cores: its products only steer the subspace
+    (each is re-orthonormalised, and one step's rounding is damped by the next), while Q^T W, which
+    the factors come from, stays in full float32.
 
     Args:
         matrix: (..., m, n).
@@ -167,29 +151,12 @@ def randomized_svd(matrix: Tensor, rank: int, niter: int, omega: Tensor) -> tupl
     Returns:
         U (..., m, rank), S (..., rank), V (..., n, rank).
     """
-    q, projected, failed = randomized_begin(matrix, rank, niter, omega)
-    if bool(failed.any()):  # a Cholesky-QR failed (rank-deficient sketch products): Householder QR
-        q, projected, failed = randomized_begin(matrix, rank, niter, omega, householder=True)
-    _, rotation = small_eigh(projected @ projected.mT)
-    return randomized_end(q, projected, rotation, rank, matrix.dtype)
+    return top_triplets(matrix, rank, niter=niter, omega=omega)
 
 
-def randomized_begin(
-    matrix: Tensor, rank: int, niter: int, omega: Tensor, householder: bool = False
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The device part of :func:`randomized_svd`, queued without a host sync.
-
-    Returns Q (..., m, k) orthonormal, Q^T W (..., k, n) in float64, and ``failed`` (...): items
-    whose Cholesky-QR broke down (redo them with ``householder=True``). On CUDA the power iteration
-    runs on TF32 tensor cores: its products only steer the subspace (each is re-orthonormalised, and
-    one step's rounding is damped by the next), while Q^T W, which the factors come from, stays in
-    full float32.
-    """
-    if omega.shape[-1] < rank:
-        raise ValueError(f"sketch has {omega.shape[-1]} columns, fewer than rank {rank}")
-    orthonormal = _householder if householder else _cholqr
-    failed = torch.zeros(matrix.shape[:-2], dtype=torch.bool, device=matrix.device)
-    with _tf32(matrix.is_cuda):
+def _start_randomized(matrix: Tensor, rank: int, niter: int, omega: Tensor, orthonormal: Any) -> Started:
+    failed = torch.zeros((), dtype=torch.bool, device=matrix.device)
+    with linalg.tf32(matrix.is_cuda):
         y = matrix @ omega
         for _ in range(niter):
             # Re-orthonormalise after every product: without it the columns collapse onto the
@@ -199,19 +166,18 @@ def randomized_begin(
             y = matrix @ z
             failed = failed | failed_q | failed_z
     q, failed_q = orthonormal(y, passes=2)
-    return q, (q.mT @ matrix).to(torch.float64), failed | failed_q
+    projected = (q.mT @ matrix).to(torch.float64)  # (..., k, n)
+    dtype, eps = matrix.dtype, torch.finfo(matrix.dtype).eps
 
+    def finish(vectors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # Rayleigh-Ritz on span(Q) with the eigenvectors of (Q^T W)(Q^T W)^T.
+        rotation = vectors[..., :rank].to(torch.float64)
+        u = q.to(torch.float64) @ rotation  # (..., m, rank), orthonormal
+        # W^T u = (Q^T W)^T rotation: V S without another pass over W.
+        v, s = linalg.normalize_columns(projected.mT @ rotation, eps)
+        return u.to(dtype), s.to(dtype), v.to(dtype)
 
-def randomized_end(
-    q: Tensor, projected: Tensor, rotation: Tensor, rank: int, dtype: torch.dtype
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Rayleigh-Ritz on span(Q): U, S, V from the eigenvectors ``rotation`` (..., k, k), descending,
-    of the small Gram (Q^T W)(Q^T W)^T (see :func:`small_eigh`)."""
-    rotation = rotation[..., :rank].to(torch.float64)
-    u = q.to(torch.float64) @ rotation  # (..., m, rank), orthonormal
-    # W^T u = (Q^T W)^T rotation: V S without another pass over W.
-    v, s = _normalize_columns(projected.mT @ rotation, torch.finfo(dtype).eps)
-    return u.to(dtype), s.to(dtype), v.to(dtype)
+    return Started(projected @ projected.mT, failed | failed_q, finish)
 
 
 def split_factors(u: Tensor, s: Tensor, v: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
@@ -248,17 +214,13 @@ def principal_factors(
     """
     if components not in ("principal", "minor"):
         raise ValueError(f"components must be 'principal' or 'minor', got {components!r}")
-    if niter is None and components == "principal":
-        u, s, v = gram_principal(matrix, rank)
-    elif niter is None:
+    if components == "minor":
+        if niter is not None:
+            raise ValueError("components='minor' needs the exact SVD (niter=None)")
         u, s, v = exact_svd(matrix)
         u, s, v = u[..., -rank:], s[..., -rank:], v[..., -rank:]
     else:
-        if components == "minor":
-            raise ValueError("components='minor' needs the exact SVD (niter=None)")
-        if omega is None:
-            raise ValueError("randomized decomposition needs a sketch `omega`")
-        u, s, v = randomized_svd(matrix, rank, niter, omega)
+        u, s, v = top_triplets(matrix, rank, niter=niter, omega=omega)
     a, b = split_factors(u, s, v, scaling)
     return a, b, s
 

@@ -19,7 +19,7 @@ from models import MLP
 from torch import nn
 
 import minipissa
-from minipissa import batching, decompose
+from minipissa import batching, decompose, linalg
 from minipissa.adapter_fn import adapted_linear
 from minipissa.layer import residual_weight
 
@@ -95,7 +95,7 @@ def test_orthonormalize_spans_the_columns_even_when_rank_deficient(m, k, rank, s
     k = min(k, m)
     g = torch.Generator().manual_seed(seed)
     y = torch.randn(m, min(rank, k), generator=g) @ torch.randn(min(rank, k), k, generator=g)  # rank <= rank
-    q = decompose.orthonormalize(y)
+    q = linalg.orthonormalize(y)
     assert torch.allclose(q.T @ q, torch.eye(k), atol=1e-5)
     assert torch.allclose(q @ (q.T @ y), y, atol=1e-4 * max(1.0, y.abs().max().item()))
 
@@ -281,7 +281,8 @@ def test_fingerprint_samples_stay_in_bounds_for_large_weights():
     assert fingerprint(big)["sample_sha256"] != fingerprint(torch.zeros_like(big))["sample_sha256"]  # last sampled
 
 
-def test_pipelined_chunks_recover_from_a_failed_cholesky_qr(monkeypatch):
+@pytest.mark.parametrize("niter", [None, 2])
+def test_pipelined_chunks_recover_from_a_failed_cholesky_qr(monkeypatch, niter):
     """Exactly low-rank weights make the sketch products rank-deficient, so Cholesky-QR breaks down;
     the pipelined (GPU) path must notice it after the fact and redo that chunk with Householder QR."""
 
@@ -292,20 +293,20 @@ def test_pipelined_chunks_recover_from_a_failed_cholesky_qr(monkeypatch):
             model[1].weight.copy_(torch.outer(torch.randn(24), torch.randn(24)))  # rank 1 < sketch width
         return model
 
-    reference = minipissa.apply(build(), 4, "all-linear", niter=2)  # per module, synchronous
+    reference = minipissa.apply(build(), 4, "all-linear", niter=niter)  # per module, synchronous
     monkeypatch.setattr(batching, "batches_help", lambda device: True)
     calls: list[bool] = []
-    original_begin = decompose.randomized_begin
+    original_start = decompose.start
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("householder", False))
-        return original_begin(*args, **kwargs)
+        return original_start(*args, **kwargs)
 
-    monkeypatch.setattr(decompose, "randomized_begin", spy)
+    monkeypatch.setattr(decompose, "start", spy)
     base = build()
     x = torch.randn(5, 24)
     expected = base(x)
-    model = minipissa.apply(base, 4, "all-linear", niter=2)
+    model = minipissa.apply(base, 4, "all-linear", niter=niter)
     assert True in calls, "the rank-1 weight did not take the Householder path"
     assert torch.allclose(model(x), expected, atol=1e-5)  # the init is still exact
     ref_layers = dict(minipissa.pissa_layers(reference))

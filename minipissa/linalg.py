@@ -1,0 +1,86 @@
+"""Numerical building blocks of the decompositions: orthonormal bases, small eigenproblems, TF32.
+
+Each accepts a single matrix (..., m, k) or a batch and runs without a host sync unless it says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+
+def small_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenpairs of small symmetric matrices (..., k, k), eigenvalues descending.
+
+    On a GPU this runs on the host: cuSOLVER solves one small matrix per launch (about 1 ms for
+    k = 80 on an H100), LAPACK does the same in a fraction of that.
+    """
+    values, vectors = torch.linalg.eigh(gram.cpu())
+    return values.flip(-1).to(gram.device), vectors.flip(-1).to(gram.device)
+
+
+def cholqr(y: Tensor, passes: int = 2) -> tuple[Tensor, Tensor]:
+    """Cholesky-QR in float64: (Q (..., m, k), failed (...) bool), without a host sync.
+
+    k x k Grams, Cholesky factors and GEMMs instead of a Householder QR, 5x faster for tall
+    batches on a GPU. One pass leaves an orthogonality error ~ eps * cond(y)^2, enough to steer a
+    power iteration; the second restores full orthogonality. ``failed`` marks items whose Gram was
+    not numerically positive definite (rank-deficient y): their Q is garbage.
+    """
+    q = y.to(torch.float64)
+    failed = torch.zeros((), dtype=torch.bool, device=y.device)
+    eye = _eye(y.shape[-1], y.device)
+    for _ in range(passes):
+        chol, info = torch.linalg.cholesky_ex(q.mT @ q)
+        failed = failed | (info != 0)
+        q = q @ torch.linalg.solve_triangular(chol, eye, upper=False).mT
+    return q.to(y.dtype), failed
+
+
+@functools.lru_cache(maxsize=16)
+def _eye(k: int, device: torch.device) -> Tensor:
+    return torch.eye(k, dtype=torch.float64, device=device)
+
+
+def orthonormalize(y: Tensor) -> Tensor:
+    """An orthonormal basis (..., m, k) of the columns of ``y`` (..., m, k), k <= m, in y's dtype.
+
+    Cholesky-QR twice; items where it fails (rank-deficient y) fall back to Householder QR.
+    """
+    q, failed = cholqr(y)
+    if bool(failed.any()):  # one sync per call; rare: exactly low-rank weights
+        q = torch.where(failed[..., None, None], torch.linalg.qr(y.to(torch.float64)).Q.to(y.dtype), q)
+    return q
+
+
+def householder(y: Tensor, passes: int = 1) -> tuple[Tensor, Tensor]:
+    """Householder QR, the fallback for rank-deficient sketches: (Q, failed = False)."""
+    return torch.linalg.qr(y.to(torch.float64)).Q.to(y.dtype), torch.zeros((), dtype=torch.bool, device=y.device)
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """TF32 tensor-core products for float32 CUDA matmuls inside the block (restored after)."""
+    previous = torch.get_float32_matmul_precision()
+    if enabled:
+        torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def normalize_columns(wv: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """U, S from W V (..., m, r) for orthonormal V: S_i = ||W v_i||, U = W V / S.
+
+    Components with S <= eps * m * max(S) (rank-deficient W) get S = 0 and U = 0, so their
+    factors are zero, as with an SVD.
+    """
+    s = torch.linalg.vector_norm(wv, dim=-2)
+    alive = s > eps * wv.shape[-2] * s.amax(dim=-1, keepdim=True)
+    u = torch.where(alive.unsqueeze(-2), wv / torch.where(alive, s, 1.0).unsqueeze(-2), 0.0)
+    return u, torch.where(alive, s, 0.0)
