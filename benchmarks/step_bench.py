@@ -93,7 +93,8 @@ def main() -> None:
     parser = common.arguments(__doc__)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile(minipissa model)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(frozen / minipissa model)")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. reduce-overhead")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--only", default="", help="comma-separated label fragments: run just those contenders")
@@ -114,8 +115,11 @@ def main() -> None:
     contenders.append(("minipissa (fp32 masters)", lambda m: minipissa.apply(m, r, targets, niter=2)))
     if args.compile:
         contenders += [  # compiled against compiled: the frozen base gains from the compiler too
-            ("frozen base + torch.compile", lambda m: torch.compile(m)),
-            ("minipissa + torch.compile", lambda m: torch.compile(minipissa.apply(m, r, targets, niter=2))),
+            ("frozen base + torch.compile", lambda m: torch.compile(m, mode=args.compile_mode)),
+            (
+                "minipissa + torch.compile",
+                lambda m: torch.compile(minipissa.apply(m, r, targets, niter=2), mode=args.compile_mode),
+            ),
         ]
     if args.only:
         contenders = [(label, make) for label, make in contenders if any(k in label for k in args.only.split(","))]
