@@ -42,20 +42,35 @@ def loss_fn(model: nn.Module, ids: torch.Tensor, causal: bool) -> torch.Tensor:
 
 
 def step_time(
-    model: nn.Module, ids: torch.Tensor, causal: bool, device: str, warmup: int, steps: int
+    model: nn.Module, ids: torch.Tensor, causal: bool, device: str, warmup: int, steps: int, graph: bool = False
 ) -> dict[str, Any]:
-    """Median ms per step and peak memory (GiB) above the level before the first step."""
+    """Median ms per step and peak memory (GiB) above the level before the first step.
+
+    ``graph``: capture the whole step (forward, backward, AdamW) in one CUDA graph and time its
+    replays, which takes the host (Python, kernel launches) out of the step."""
     model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
     params = [p for p in model.parameters() if p.requires_grad]
     cuda = device.startswith("cuda")
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=cuda) if params else None
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=cuda, capturable=graph) if params else None
 
-    def step() -> None:
+    def eager_step() -> None:
         loss_fn(model, ids, causal).backward()
         if opt is not None:
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=not graph)  # a graph keeps its gradient buffers
 
+    step = eager_step
+    if graph:  # warm up on a side stream, then capture (torch.cuda.graphs' whole-network recipe)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                eager_step()
+        torch.cuda.current_stream().wait_stream(side)
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            eager_step()
+        step = captured.replay
     for _ in range(warmup):
         step()
     common.sync(device)
@@ -95,6 +110,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(frozen / minipissa model)")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. reduce-overhead")
+    parser.add_argument("--graph", action="store_true", help="also time whole-step CUDA graphs (frozen, minipissa)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--only", default="", help="comma-separated label fragments: run just those contenders")
@@ -121,6 +137,12 @@ def main() -> None:
                 lambda m: torch.compile(minipissa.apply(m, r, targets, niter=2), mode=args.compile_mode),
             ),
         ]
+    graphed = {"frozen base, CUDA graph", "minipissa, CUDA graph"}
+    if args.graph:
+        contenders += [
+            ("frozen base, CUDA graph", lambda m: m),
+            ("minipissa, CUDA graph", lambda m: minipissa.apply(m, r, targets, niter=2)),
+        ]
     if args.only:
         contenders = [(label, make) for label, make in contenders if any(k in label for k in args.only.split(","))]
     rows, errs = [], {}
@@ -130,7 +152,8 @@ def main() -> None:
             before = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else None
             model = make(common.fresh(base)).train()
             row: dict[str, Any] = {"contender": label}
-            row.update(step_time(model, ids, args.setting != "minilm", device, args.warmup, args.steps))
+            graph = label in graphed
+            row.update(step_time(model, ids, args.setting != "minilm", device, args.warmup, args.steps, graph))
             if before is not None:
                 row["peak_gib"] -= before
             print(f"[{label}] {row}", flush=True)
@@ -142,15 +165,23 @@ def main() -> None:
         row = common.guarded(label, run, errs)
         if row is not None:
             rows.append(row)
-    frozen = next((row for row in rows if row["contender"] == "frozen base"), None)
+    by_label = {row["contender"]: row for row in rows}
+    frozen = by_label.get("frozen base")
+    peers = {
+        "minipissa, CUDA graph": "frozen base, CUDA graph",
+        "minipissa + torch.compile": "frozen base + torch.compile",
+    }
     for row in rows:
         if frozen is not None:
             row["x_frozen"] = row["ms"] / frozen["ms"]
             if row.get("peak_gib") is not None:
                 row["extra_gib_vs_frozen"] = row["peak_gib"] - frozen["peak_gib"]
+        peer = by_label.get(peers.get(row["contender"], ""))
+        if peer is not None:  # against the frozen base run the same way (graphed / compiled)
+            row["x_frozen_same_way"] = row["ms"] / peer["ms"]
     env = common.environment()
     print(f"\nstep, {args.setting}: batch {batch} x {seq}, r = {r}, AdamW, {env['device']}, torch {env['torch']}")
-    columns = ["contender", "ms", "ms_min", "x_frozen", "kernel_ms", "kernels", "peak_gib", "extra_gib_vs_frozen"]
+    columns = ["contender", "ms", "ms_min", "x_frozen", "x_frozen_same_way", "kernel_ms", "kernels", "peak_gib"]
     print(common.table(rows, columns))
     for label, message in errs.items():
         print(f"FAILED {label}: {message}")

@@ -41,8 +41,11 @@ class AdaptedLinear(torch.autograd.Function):
     torch.compile cannot trace a function given the same tensor twice); weight (out, in) (any view);
     bias (out,) or None; a (r, in); b (out, r). A and B may be float32 masters for bf16 activations.
 
-    Kernels per call with s = 1 (the default alpha = r): forward 5 (cast A, cast B, h = xa A^T,
-    the base GEMM, y += h B^T in place); backward 5 (dh = g B, dx = g W, dx += dh A in place,
+    ``a_cast``, ``b_cast``: A and B already in x's dtype (the model's pre-hook casts all adapters
+    in one launch, casts.py), or None to cast here.
+
+    Kernels per call with s = 1 (the default alpha = r): forward 3 (h = xa A^T, the base GEMM,
+    y += h B^T in place; 2 more if A and B are cast here); backward 5 (dh = g B, dx = g W, dx += dh A in place,
     dA = dh^T xa and dB = g^T h, in float32 straight out of the GEMM on CUDA). On a GPU each launch
     costs the host more than the kernel costs the GPU at these skinny shapes, so the count matters.
     """
@@ -57,10 +60,13 @@ class AdaptedLinear(torch.autograd.Function):
         a: Tensor,
         b: Tensor,
         scaling: float,
+        a_cast: Tensor | None,
+        b_cast: Tensor | None,
     ) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         xa2 = x2 if xa is None else xa.reshape(-1, xa.shape[-1])
-        a_c, b_c = a.to(x.dtype), b.to(x.dtype)
+        a_c = a.to(x.dtype) if a_cast is None else a_cast
+        b_c = b.to(x.dtype) if b_cast is None else b_cast
         h = torch.mm(xa2, a_c.mT)  # (N, r): the only adapter activation kept
         y = F.linear(x2, weight, bias)
         y.addmm_(h, b_c.mT, alpha=scaling)
@@ -75,7 +81,7 @@ class AdaptedLinear(torch.autograd.Function):
         s = ctx.scaling
         g = grad.reshape(-1, grad.shape[-1])
         dx = dxa = da = db = None
-        need_x, need_xa, _, _, need_a, need_b, _ = ctx.needs_input_grad
+        need_x, need_xa, _, _, need_a, need_b = ctx.needs_input_grad[:6]
         dh = torch.mm(g, b_c)  # (N, r)
         if s != 1.0:
             dh.mul_(s)  # s once, on the small tensor: dx, dxa and dA below then carry it
@@ -92,14 +98,23 @@ class AdaptedLinear(torch.autograd.Function):
             db = _mm_as(g.mT, h, ctx.b_dtype)
             if s != 1.0:
                 db.mul_(s)
-        return dx, dxa, None, None, da, db, None
+        return dx, dxa, None, None, da, db, None, None, None
 
 
 def adapted_linear(
-    x: Tensor, xa: Tensor | None, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float
+    x: Tensor,
+    xa: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    a: Tensor,
+    b: Tensor,
+    scaling: float,
+    a_cast: Tensor | None = None,
+    b_cast: Tensor | None = None,
 ) -> Tensor:
     """``x W^T + bias + s (xa A^T) B^T`` (see :class:`AdaptedLinear`); x (..., in) -> (..., out).
 
-    ``xa``: the adapter's input if it differs from x (dropout), else None."""
-    out: Tensor = AdaptedLinear.apply(x, xa, weight, bias, a, b, scaling)
+    ``xa``: the adapter's input if it differs from x (dropout), else None. ``a_cast``, ``b_cast``:
+    A and B already in x's dtype (values, not differentiated: gradients go to ``a`` and ``b``)."""
+    out: Tensor = AdaptedLinear.apply(x, xa, weight, bias, a, b, scaling, a_cast, b_cast)
     return out

@@ -164,7 +164,10 @@ class PiSSALinear(nn.Module):
         if self.mode == "adapter" and not self.merged and frozen and not torch.is_autocast_enabled(x.device.type):
             # The fast path: one autograd node, in-place adds, minimal saved tensors (adapter_fn.py).
             xa = None if isinstance(self.dropout, nn.Identity) or not self.training else self.dropout(x)
-            return adapted_linear(x, xa, weight, self.bias, self.A, self.B, self.scaling)
+            # A and B cast by the model's pre-hook for this forward, all in one launch (casts.py).
+            cast = self.__dict__.get("_cast")
+            a_c, b_c = cast if cast is not None and cast[0].dtype == x.dtype else (None, None)
+            return adapted_linear(x, xa, weight, self.bias, self.A, self.B, self.scaling, a_c, b_c)
         # The reference formula: other modes, autocast (which picks dtypes per op), and a user who
         # unfroze the residual or the bias (the fused function gives them no gradient).
         y = F.linear(x, weight, self.bias)

@@ -12,7 +12,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from . import batching, decompose, distributed
+from . import batching, casts, decompose, distributed
 from .fingerprint import describe, fingerprint_later, read_all
 from .layer import PiSSALinear, is_conv1d, lora_scaling, weight_matrix
 from .targets import Targets, find_targets, value_for
@@ -232,6 +232,7 @@ def apply(
     for _, layer in pissa_layers(model):
         layer.A.requires_grad_(True)
         layer.B.requires_grad_(True)
+    casts.install(model)
     model.__dict__["_minipissa_seconds"] = time.perf_counter() - start
     return model
 
@@ -260,6 +261,7 @@ def unload(model: nn.Module) -> nn.Module:
     for name, layer in list(pissa_layers(model)):
         _replace(model, name, layer.unload())
     model.__dict__.pop("_minipissa_seconds", None)
+    casts.remove(model)
     return model
 
 

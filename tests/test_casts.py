@@ -1,0 +1,96 @@
+"""The one-launch cast of every adapter's float32 masters per model forward (minipissa/casts.py).
+
+The cast copies must be exactly what each layer would cast for itself (so outputs and gradients are
+bit-identical with and without the hook), exist only during a forward, and never go stale."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import MLP
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import minipissa
+from minipissa import casts
+from minipissa.layer import PiSSALinear
+
+
+def bf16_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = MLP((32, 48, 40, 24)).to(torch.bfloat16)
+    return minipissa.apply(model, 4, "all-linear", niter=2)
+
+
+def outputs_and_grads(model: nn.Module, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    loss = sum(model(x).float().square().mean() for x in xs)
+    assert isinstance(loss, torch.Tensor)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    return [loss.detach(), *grads]
+
+
+def test_hook_casts_are_bit_identical_to_per_layer_casts_forward_and_backward():
+    x = torch.randn(6, 32, dtype=torch.bfloat16)
+    hooked, plain = bf16_model(), bf16_model()
+    casts.remove(plain)
+    seen = []
+    hooked.layers[1].register_forward_pre_hook(lambda m, a: seen.append("_cast" in m.__dict__))
+    got, want = outputs_and_grads(hooked, [x]), outputs_and_grads(plain, [x])
+    assert seen == [True], "the layer did not receive the model's casts"
+    assert len(got) == len(want) == 7  # the loss, then dA and dB of 3 layers
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+def test_two_forwards_before_one_backward_and_steps_in_between():
+    """Each forward gets a fresh buffer: the first forward's saved casts survive the second; after
+    an optimizer step the next forward sees the new masters."""
+    hooked, plain = bf16_model(), bf16_model()
+    casts.remove(plain)
+    xs = [torch.randn(5, 32, dtype=torch.bfloat16) for _ in range(2)]
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (hooked, plain)]
+    for _ in range(3):
+        got, want = outputs_and_grads(hooked, xs), outputs_and_grads(plain, xs)
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        for model, opt in zip((hooked, plain), opts, strict=True):
+            for p in model.parameters():  # the gradients were cleared by outputs_and_grads: take new ones
+                if p.requires_grad:
+                    p.grad = torch.full_like(p, 0.01)
+            opt.step()
+    assert not torch.equal(hooked.layers[0].A, hooked.layers[0].A0)  # the masters did move
+
+
+def test_casts_live_only_during_a_forward_even_when_it_fails():
+    model = bf16_model()
+    layers = [m for m in model.modules() if isinstance(m, PiSSALinear)]
+    model(torch.randn(2, 32, dtype=torch.bfloat16))
+    assert not any("_cast" in layer.__dict__ for layer in layers)
+    with pytest.raises(RuntimeError):
+        model(torch.randn(2, 31, dtype=torch.bfloat16))  # wrong width: the first layer fails
+    assert not any("_cast" in layer.__dict__ for layer in layers)
+
+
+def test_layers_outside_the_model_forward_cast_for_themselves():
+    """A checkpointed block recomputes in backward, after the hook has taken the casts back, and a
+    layer can be called alone: both must still compute with the current masters."""
+    model, plain = bf16_model(), bf16_model()
+    casts.remove(plain)
+    x = torch.randn(4, 32, dtype=torch.bfloat16, requires_grad=True)
+    for m in (model, plain):
+        y = checkpoint(m.layers[0], x, use_reentrant=False)
+        y.float().sum().backward()
+    assert torch.equal(model.layers[0].A.grad, plain.layers[0].A.grad)
+    alone = model.layers[2](torch.randn(3, 40, dtype=torch.bfloat16))
+    assert alone.dtype == torch.bfloat16
+
+
+def test_unload_removes_the_hooks_and_apply_again_refreshes_them():
+    model = bf16_model()
+    hooks = model.__dict__[casts._HOOKS]
+    minipissa.unload(model)
+    assert casts._HOOKS not in model.__dict__
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    minipissa.apply(model, 2, "all-linear")
+    assert model.__dict__[casts._HOOKS] is not hooks
+    assert len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 1
