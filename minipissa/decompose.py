@@ -122,7 +122,7 @@ def _start_gram(matrix: Tensor, rank: int, orthonormal: Any) -> Started:
     gram = w.mT @ w
     k = min(gram.shape[-1], rank + REFINE_EXTRA)
     basis = torch.linalg.eigh(gram.to(matrix.dtype)).eigenvectors[..., -k:].to(torch.float64)
-    basis, failed = orthonormal(gram @ basis, passes=2)
+    basis, infos = orthonormal(gram @ basis, passes=2)
     w_basis = w @ basis  # (M, k): all that finish() needs of W, so W and G can go now
     dtype, eps = matrix.dtype, torch.finfo(matrix.dtype).eps
 
@@ -134,7 +134,7 @@ def _start_gram(matrix: Tensor, rank: int, orthonormal: Any) -> Started:
             u, v = v, u
         return u.to(dtype), s.to(dtype), v.to(dtype)
 
-    return Started(basis.mT @ gram @ basis, failed, finish)
+    return Started(basis.mT @ gram @ basis, linalg.failures(infos, matrix.shape[:-2], matrix.device), finish)
 
 
 def randomized_svd(matrix: Tensor, rank: int, niter: int, omega: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -155,17 +155,19 @@ def randomized_svd(matrix: Tensor, rank: int, niter: int, omega: Tensor) -> tupl
 
 
 def _start_randomized(matrix: Tensor, rank: int, niter: int, omega: Tensor, orthonormal: Any) -> Started:
-    failed = torch.zeros((), dtype=torch.bool, device=matrix.device)
+    infos: list[Tensor] = []
     with linalg.tf32(matrix.is_cuda):
         y = matrix @ omega
         for _ in range(niter):
             # Re-orthonormalise after every product: without it the columns collapse onto the
-            # top singular vector and the small-sigma directions are lost to rounding.
-            q, failed_q = orthonormal(y, passes=1)
-            z, failed_z = orthonormal(matrix.mT @ q, passes=1)
+            # top singular vector and the small-sigma directions are lost to rounding. These
+            # steps only steer the subspace: one Cholesky-QR pass in the working dtype will do.
+            q, infos_q = orthonormal(y, passes=1, wide=False)
+            z, infos_z = orthonormal(matrix.mT @ q, passes=1, wide=False)
             y = matrix @ z
-            failed = failed | failed_q | failed_z
-    q, failed_q = orthonormal(y, passes=2)
+            infos += infos_q + infos_z
+    q, infos_q = orthonormal(y, passes=2)
+    failed = linalg.failures(infos + infos_q, matrix.shape[:-2], matrix.device)
     projected = (q.mT @ matrix).to(torch.float64)  # (..., k, n)
     dtype, eps = matrix.dtype, torch.finfo(matrix.dtype).eps
 
@@ -177,7 +179,7 @@ def _start_randomized(matrix: Tensor, rank: int, niter: int, omega: Tensor, orth
         v, s = linalg.normalize_columns(projected.mT @ rotation, eps)
         return u.to(dtype), s.to(dtype), v.to(dtype)
 
-    return Started(projected @ projected.mT, failed | failed_q, finish)
+    return Started(projected @ projected.mT, failed, finish)
 
 
 def split_factors(u: Tensor, s: Tensor, v: Tensor, scaling: float) -> tuple[Tensor, Tensor]:

@@ -32,7 +32,8 @@ class Pending:
 
     shape: list[int]
     dtype: str
-    moments: Tensor  # (2,) float64: sum, ||w||
+    total: Tensor  # () float64
+    norm: Tensor  # () float64, ||w||_F
     sample: Tensor  # the sampled elements' raw bytes, uint8
 
 
@@ -59,8 +60,8 @@ def fingerprint_later(weight: Tensor) -> Pending:
     if not rows.is_floating_point():  # integer tensors (quantized storage): reductions need floats
         rows = rows.to(torch.float64)
     total = rows.sum(dim=1, dtype=torch.float32).sum(dtype=torch.float64)
-    moments = torch.stack([total, torch.linalg.vector_norm(rows, dtype=torch.float64)])
-    return Pending(list(weight.shape), str(weight.dtype).removeprefix("torch."), moments, sample)
+    norm = torch.linalg.vector_norm(rows, dtype=torch.float64)
+    return Pending(list(weight.shape), str(weight.dtype).removeprefix("torch."), total, norm, sample)
 
 
 def read_all(pending: list[Pending]) -> list[dict[str, Any]]:
@@ -69,9 +70,9 @@ def read_all(pending: list[Pending]) -> list[dict[str, Any]]:
     samples: list[bytes] = [b"" for _ in pending]
     by_device: dict[torch.device, list[int]] = {}
     for i, p in enumerate(pending):
-        by_device.setdefault(p.moments.device, []).append(i)
+        by_device.setdefault(p.total.device, []).append(i)
     for items in by_device.values():
-        values = torch.stack([pending[i].moments for i in items]).cpu().tolist()
+        values = torch.stack([t for i in items for t in (pending[i].total, pending[i].norm)]).cpu().view(-1, 2).tolist()
         raw = torch.cat([pending[i].sample for i in items]).cpu()
         everything = ctypes.string_at(raw.data_ptr(), raw.numel()) if raw.numel() else b""
         offset = 0

@@ -23,27 +23,36 @@ def small_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
     return values.flip(-1).to(gram.device), vectors.flip(-1).to(gram.device)
 
 
-def cholqr(y: Tensor, passes: int = 2) -> tuple[Tensor, Tensor]:
-    """Cholesky-QR in float64: (Q (..., m, k), failed (...) bool), without a host sync.
+def cholqr(y: Tensor, passes: int = 2, wide: bool = True) -> tuple[Tensor, list[Tensor]]:
+    """Cholesky-QR: (Q (..., m, k) in y's dtype, the Cholesky ``info`` tensors), without a host sync.
 
     k x k Grams, Cholesky factors and GEMMs instead of a Householder QR, 5x faster for tall
     batches on a GPU. One pass leaves an orthogonality error ~ eps * cond(y)^2, enough to steer a
-    power iteration; the second restores full orthogonality. ``failed`` marks items whose Gram was
-    not numerically positive definite (rank-deficient y): their Q is garbage.
+    power iteration; the second restores full orthogonality. ``wide``: compute in float64 (else in
+    y's dtype: fewer kernels, for steering steps). A nonzero info (see :func:`failures`) marks an
+    item whose Gram was not numerically positive definite (rank-deficient y): its Q is garbage.
     """
-    q = y.to(torch.float64)
-    failed = torch.zeros((), dtype=torch.bool, device=y.device)
-    eye = _eye(y.shape[-1], y.device)
+    dtype = torch.float64 if wide else y.dtype
+    q = y.to(dtype)
+    eye = _eye(y.shape[-1], y.device, dtype)
+    infos = []
     for _ in range(passes):
         chol, info = torch.linalg.cholesky_ex(q.mT @ q)
-        failed = failed | (info != 0)
+        infos.append(info)
         q = q @ torch.linalg.solve_triangular(chol, eye, upper=False).mT
-    return q.to(y.dtype), failed
+    return q.to(y.dtype), infos
 
 
 @functools.lru_cache(maxsize=16)
-def _eye(k: int, device: torch.device) -> Tensor:
-    return torch.eye(k, dtype=torch.float64, device=device)
+def _eye(k: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.eye(k, dtype=dtype, device=device)
+
+
+def failures(infos: list[Tensor], batch: torch.Size, device: torch.device) -> Tensor:
+    """(batch) bool: the items for which any of these Cholesky ``info`` tensors is nonzero."""
+    if not infos:
+        return torch.zeros(batch, dtype=torch.bool, device=device)
+    return torch.stack(infos).ne(0).any(dim=0)
 
 
 def orthonormalize(y: Tensor) -> Tensor:
@@ -51,15 +60,16 @@ def orthonormalize(y: Tensor) -> Tensor:
 
     Cholesky-QR twice; items where it fails (rank-deficient y) fall back to Householder QR.
     """
-    q, failed = cholqr(y)
+    q, infos = cholqr(y)
+    failed = failures(infos, y.shape[:-2], y.device)
     if bool(failed.any()):  # one sync per call; rare: exactly low-rank weights
         q = torch.where(failed[..., None, None], torch.linalg.qr(y.to(torch.float64)).Q.to(y.dtype), q)
     return q
 
 
-def householder(y: Tensor, passes: int = 1) -> tuple[Tensor, Tensor]:
-    """Householder QR, the fallback for rank-deficient sketches: (Q, failed = False)."""
-    return torch.linalg.qr(y.to(torch.float64)).Q.to(y.dtype), torch.zeros((), dtype=torch.bool, device=y.device)
+def householder(y: Tensor, passes: int = 1, wide: bool = True) -> tuple[Tensor, list[Tensor]]:
+    """Householder QR, the fallback for rank-deficient sketches: (Q, no failures)."""
+    return torch.linalg.qr(y.to(torch.float64)).Q.to(y.dtype), []
 
 
 @contextlib.contextmanager
