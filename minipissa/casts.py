@@ -6,8 +6,10 @@ launch costs the host more than these small casts cost the device. Instead, a fo
 the model casts every master into one fresh buffer with a single ``torch._foreach_copy_`` and hands
 each layer its views for this forward only (a forward hook takes them back, also on error). A layer
 called outside that window (gradient-checkpoint recomputation, a submodule called alone, a dtype
-other than its weight's) casts for itself, so no layer ever reads a stale copy. The buffer is new
-each forward, never written in place, so two forwards before one backward stay valid.
+other than its weight's) casts for itself, and each copy carries the storage and version of the
+masters it was made from, checked at use (wrappers such as FSDP swap storages in their own hooks;
+sharded DTensor masters are left to the layers): no layer ever reads a stale copy. The buffer is
+new each forward, never written in place, so two forwards before one backward stay valid.
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ def _cast_all(layers: list[PiSSALinear]) -> None:
     groups: dict[tuple[torch.device, torch.dtype], list[PiSSALinear]] = {}
     for layer in layers:
         dtype = layer.weight.dtype
-        if layer.mode == "adapter" and layer.A.dtype != dtype and layer.B.dtype == layer.A.dtype:
+        plain = type(layer.A.data) is torch.Tensor and type(layer.B.data) is torch.Tensor  # not DTensor shards
+        same = layer.A.dtype == layer.B.dtype != dtype
+        if plain and same and layer.mode == "adapter" and not layer.merged:
             groups.setdefault((layer.A.device, dtype), []).append(layer)
     for (device, dtype), members in groups.items():
         masters: list[Tensor] = [t for layer in members for t in (layer.A, layer.B)]
@@ -51,7 +55,7 @@ def _cast_all(layers: list[PiSSALinear]) -> None:
         views = [piece.view(t.shape) for piece, t in zip(flat.split(sizes), masters, strict=True)]
         torch._foreach_copy_(views, masters)
         for i, layer in enumerate(members):
-            layer.__dict__["_cast"] = (views[2 * i], views[2 * i + 1])
+            layer.__dict__["_cast"] = (views[2 * i], views[2 * i + 1], layer.masters_key())
 
 
 def _release_all(layers: list[PiSSALinear]) -> None:

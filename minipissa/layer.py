@@ -164,10 +164,13 @@ class PiSSALinear(nn.Module):
         if self.mode == "adapter" and not self.merged and frozen and not torch.is_autocast_enabled(x.device.type):
             # The fast path: one autograd node, in-place adds, minimal saved tensors (adapter_fn.py).
             xa = None if isinstance(self.dropout, nn.Identity) or not self.training else self.dropout(x)
-            # A and B cast by the model's pre-hook for this forward, all in one launch (casts.py).
+            # A and B cast by the model's pre-hook for this forward, all in one launch (casts.py),
+            # if they are casts of the very tensors A and B hold now (a wrapper such as FSDP may
+            # have swapped their storage since).
             cast = self.__dict__.get("_cast")
-            a_c, b_c = cast if cast is not None and cast[0].dtype == x.dtype else (None, None)
-            return adapted_linear(x, xa, weight, self.bias, self.A, self.B, self.scaling, a_c, b_c)
+            if cast is not None and cast[0].dtype == x.dtype and cast[2] == self.masters_key():
+                return adapted_linear(x, xa, weight, self.bias, self.A, self.B, self.scaling, cast[0], cast[1])
+            return adapted_linear(x, xa, weight, self.bias, self.A, self.B, self.scaling)
         # The reference formula: other modes, autocast (which picks dtypes per op), and a user who
         # unfroze the residual or the bias (the fused function gives them no gradient).
         y = F.linear(x, weight, self.bias)
@@ -186,6 +189,10 @@ class PiSSALinear(nn.Module):
         # Scale the rank-r intermediate, not the (..., out) output: r/out of the multiplications.
         h = F.linear(x, a.to(x.dtype)) * self.scaling
         return y + F.linear(h, b.to(x.dtype))
+
+    def masters_key(self) -> tuple[int, int, int, int]:
+        """Storage and version of A and B: any in-place update or swap of either changes it."""
+        return self.A.data_ptr(), self.A._version, self.B.data_ptr(), self.B._version
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -94,3 +94,28 @@ def test_unload_removes_the_hooks_and_apply_again_refreshes_them():
     minipissa.apply(model, 2, "all-linear")
     assert model.__dict__[casts._HOOKS] is not hooks
     assert len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 1
+
+
+def test_a_copy_made_before_its_master_changed_is_not_used():
+    """Between the model's pre-hook and the layer, a wrapper may swap a master's storage (FSDP does,
+    in its own hooks) or update it in place: the layer must then cast the current master itself."""
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    for change in ("swap", "in-place"):
+        model = bf16_model()
+        first = model.layers[0]
+
+        def meddle(module: nn.Module, args: object, change: str = change) -> None:
+            with torch.no_grad():
+                if change == "swap":
+                    module.A.data = module.A.data.clone() * 2
+                else:
+                    module.A.mul_(2)
+
+        handle = first.register_forward_pre_hook(meddle)
+        got = model(x)
+        handle.remove()
+        plain = bf16_model()
+        casts.remove(plain)
+        with torch.no_grad():
+            plain.layers[0].A.mul_(2)
+        assert torch.equal(got, plain(x)), change
