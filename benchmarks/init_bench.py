@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     parser.add_argument("--cprofile", action="store_true", help="host profile of one more randomized apply")
+    parser.add_argument("--only", default="", help="comma-separated label fragments: run just those contenders")
     args = parser.parse_args()
     if args.threads:  # on a shared machine, 1 thread avoids OpenMP threads spinning for a busy core
         torch.set_num_threads(args.threads)
@@ -157,6 +158,8 @@ def main() -> None:
         contenders.insert(2, (f"PEFT {peft16}", lambda m: common.peft_lora(m, peft_targets, r, peft16), pp))
     if small:
         contenders.append(("PEFT pissa (exact)", lambda m: common.peft_lora(m, peft_targets, r, "pissa"), pp))
+    if args.only:
+        contenders = [c for c in contenders if any(k in c[0] for k in args.only.split(","))]
     for _ in range(args.repeat):  # rounds interleave the contenders; each keeps its fastest time
         for label, make, products in contenders:
             rows.append(contend(label, base, make, device, refs, products, errs))

@@ -204,7 +204,7 @@ def _decompose(plan: _Plan, weight: Tensor, rslora: bool, options: dict[str, Any
     )
     residual = residual_weight(weight, a0, b0, scaling, plan.fan_in_fan_out)
     info = {key: options.get(key) for key in INFO_OPTIONS}
-    info.update(describe(sigma, fingerprint(weight), fingerprint(residual)))
+    info.update(describe(sigma, fingerprint(weight)))  # the residual's: at save, as after apply()
     return a0.contiguous(), b0.contiguous(), sigma.contiguous(), residual, info
 
 
@@ -212,7 +212,7 @@ def _ordered_info(received: dict[str, Any], sigma: Tensor) -> dict[str, Any]:
     """The layer's info with the keys in single-process apply's order (JSON metadata keeps the order)."""
     info = {key: received[key] for key in INFO_OPTIONS}
     info["singular_values"] = sigma.tolist()
-    for key in ("weight_norm", "base_fingerprint", "residual_fingerprint"):
+    for key in ("weight_norm", "base_fingerprint"):
         info[key] = received[key]
     return info
 
@@ -231,10 +231,8 @@ def _install(
 ) -> None:
     base = plan.module
     weight, bias = cast(nn.Parameter, base.weight), cast(nn.Parameter | None, base.bias)
-    residual_fp = info.pop("residual_fingerprint")
     layer = plan.layer(a0, b0, info, rslora=rslora, dropout=dropout, adapter_dtype=adapter_dtype, base_is_residual=True)
     # Keep the very Parameter objects (now holding the residual): FSDP2 all-gathers those.
     layer.weight, layer.bias = weight, bias
-    layer.info["residual_fingerprint"] = residual_fp
     replace(model, plan.name, layer)
     fsdp.adopt(base, layer)

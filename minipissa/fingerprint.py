@@ -104,11 +104,10 @@ def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     )
 
 
-def describe(sigma: Tensor, base: dict[str, Any], residual: dict[str, Any]) -> dict[str, Any]:
-    """A layer's info entries about its weight: kept singular values, ||W||_F and both fingerprints."""
-    return {
-        "singular_values": sigma.tolist(),
-        "weight_norm": math.sqrt(base["sumsq"]),
-        "base_fingerprint": base,
-        "residual_fingerprint": residual,
-    }
+def describe(sigma: Tensor, base: dict[str, Any], residual: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A layer's info entries about its weight: kept singular values, ||W||_F and the fingerprints
+    (the residual's may come later: :func:`minipissa.save` adds it if missing)."""
+    info = {"singular_values": sigma.tolist(), "weight_norm": math.sqrt(base["sumsq"]), "base_fingerprint": base}
+    if residual is not None:
+        info["residual_fingerprint"] = residual
+    return info

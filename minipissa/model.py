@@ -217,15 +217,15 @@ def apply(
     for done, (job, a0, b0, sigma) in enumerate(factors, 1):
         plan, weight = plan_of[job.name], job.weight
         options = {"init": init, "niter": niter, "oversample": oversample, "seed": seed, "components": components}
-        base_print = fingerprint_later(weight)
+        base_print = fingerprint_later(weight)  # the residual's is taken when saving (state.records)
         layer = plan.layer(a0, b0, options, rslora=rslora, dropout=dropout, adapter_dtype=adapter_dtype)
-        pending.append((layer, sigma, base_print, fingerprint_later(layer.weight)))
+        pending.append((layer, sigma, base_print))
         _replace(model, plan.name, layer)
         del job, weight, a0, b0  # let the replaced weight go before the next chunk is stacked
         report(done)
-    prints = read_all([p for _, _, base, residual in pending for p in (base, residual)])
-    for i, (layer, sigma, _, _) in enumerate(pending):
-        layer.info.update(describe(sigma, prints[2 * i], prints[2 * i + 1]))
+    prints = read_all([base for _, _, base in pending])
+    for (layer, sigma, _), base in zip(pending, prints, strict=True):
+        layer.info.update(describe(sigma, base))
 
     for param in model.parameters():
         param.requires_grad_(False)

@@ -64,10 +64,14 @@ def records(model: nn.Module) -> list[ModuleRecord]:
     for name, layer in pissa_layers(model):
         dropout = layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0
         tensors = [full_tensor(t).cpu() for t in (layer.A, layer.B, layer.A0, layer.B0)]
+        info = dict(layer.info)
+        if "residual_fingerprint" not in info:  # apply() leaves it to here: one pass less per module at init
+            residual = layer.residual_while_merged if layer.merged else layer.weight
+            info["residual_fingerprint"] = fingerprint(full_tensor(cast(Tensor, residual)))
         found.append(
             ModuleRecord(
                 name, layer.rank, layer.alpha, layer.rslora, layer.fan_in_fan_out, layer.in_features,
-                layer.out_features, dropout, _base_dtype(layer), dict(layer.info),
+                layer.out_features, dropout, _base_dtype(layer), info,
                 *tensors,
             )
         )  # fmt: skip

@@ -403,3 +403,19 @@ print("ok")
 
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_saved_file_fingerprints_the_residual_also_when_merged(tmp_path: Path) -> None:
+    """apply() fingerprints the base weight; save() adds the residual's (W_res, even while merged),
+    which load(base="residual") checks a residual model against."""
+    from minipissa.fingerprint import fingerprint
+
+    model = adapted()
+    expected = {name: fingerprint(layer.weight) for name, layer in minipissa.pissa_layers(model)}
+    assert all("residual_fingerprint" not in layer.info for _, layer in minipissa.pissa_layers(model))
+    minipissa.merge(model)
+    minipissa.save(model, tmp_path / "a.safetensors")
+    _, records, _ = minipissa.state.read(tmp_path / "a.safetensors")
+    assert {r.name: r.info["residual_fingerprint"] for r in records} == expected
+    minipissa.unmerge(model)
+    assert all("residual_fingerprint" not in layer.info for _, layer in minipissa.pissa_layers(model))
