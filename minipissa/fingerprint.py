@@ -48,8 +48,8 @@ def _sample_index(numel: int, device: torch.device) -> Tensor:
 def fingerprint_later(weight: Tensor) -> Pending:
     """Queue a fingerprint's device work, to be read back later by :func:`read_all`.
 
-    apply() fingerprints every weight twice: reading each result back at once would stop the host
-    until the GPU is idle, 448 times for a 7B model; read together after the loop, it is one copy.
+    apply() fingerprints every base weight: reading each result back at once would stop the host
+    until the GPU is idle, 224 times for a 7B model; read together after the loop, it is one copy.
     """
     flat = weight.detach().reshape(-1)
     sample = flat[_sample_index(flat.numel(), flat.device)].view(torch.uint8)
