@@ -86,7 +86,8 @@ def factors(
 
     Yields in group order, not job order; A0/B0 are in the decomposition dtype on the weight's device.
     On a GPU the chunks are pipelined: a chunk's small eigenproblem is solved on the host (in a
-    worker thread) while the GPU works on the next chunk, and nothing in the loop waits for the GPU.
+    worker thread) while the GPU works on the next chunk: the host waits for a chunk only once the
+    next one is queued.
     """
     groups: dict[tuple, list[Job]] = {}
     for job in jobs:
