@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import distributed, state
+from . import distributed, linalg, state
 from .safefile import PathLike, StateError, atomic_write, write_safetensors
 
 PEFT_PREFIX = "base_model.model."
@@ -51,6 +51,7 @@ def lora_factors(rec: state.ModuleRecord) -> tuple[Tensor, Tensor, float]:
     return a, b, alpha
 
 
+@linalg.on_one_thread  # QR and SVD: the same result whatever the thread count
 def compress(a: Tensor, b: Tensor, k: int) -> tuple[Tensor, Tensor, float, float]:
     """Best rank-k factors of b @ a (out, in) without forming it: A_k (k', in), B_k (out, k'), tail and
     total squared Frobenius norm of b @ a. k' = min(k, rank of the factors' span). Runs in float64."""

@@ -47,6 +47,7 @@ def sketch(n: int, columns: int, seed: int, dtype: torch.dtype, device: torch.de
     return torch.randn(n, columns, generator=generator, dtype=dtype, device=device)
 
 
+@linalg.on_one_thread
 def exact_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD: (..., m, n) -> U (..., m, k), S (..., k) descending, V (..., n, k); k = min(m, n)."""
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
@@ -73,6 +74,7 @@ class Started:
     finish: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
+@linalg.on_one_thread
 def start(
     matrix: Tensor, rank: int, *, niter: int | None = None, omega: Tensor | None = None, householder: bool = False
 ) -> Started:
@@ -88,6 +90,7 @@ def start(
     return _start_randomized(matrix, rank, niter, omega, orthonormal)
 
 
+@linalg.on_one_thread
 def top_triplets(
     matrix: Tensor, rank: int, *, niter: int | None = None, omega: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -134,7 +137,8 @@ def _start_gram(matrix: Tensor, rank: int, orthonormal: Any) -> Started:
             u, v = v, u
         return u.to(dtype), s.to(dtype), v.to(dtype)
 
-    return Started(basis.mT @ gram @ basis, linalg.failures(infos, matrix.shape[:-2], matrix.device), finish)
+    failed = linalg.failures(infos, matrix.shape[:-2], matrix.device)
+    return Started(basis.mT @ gram @ basis, failed, linalg.on_one_thread(finish))
 
 
 def randomized_svd(matrix: Tensor, rank: int, niter: int, omega: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -179,7 +183,7 @@ def _start_randomized(matrix: Tensor, rank: int, niter: int, omega: Tensor, orth
         v, s = linalg.normalize_columns(projected.mT @ rotation, eps)
         return u.to(dtype), s.to(dtype), v.to(dtype)
 
-    return Started(projected @ projected.mT, failed, finish)
+    return Started(projected @ projected.mT, failed, linalg.on_one_thread(finish))
 
 
 def split_factors(u: Tensor, s: Tensor, v: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
@@ -193,12 +197,19 @@ def split_factors(u: Tensor, s: Tensor, v: Tensor, scaling: float) -> tuple[Tens
     Returns:
         A (..., r, n) and B (..., m, r).
     """
+    # The sign of each singular pair is arbitrary (u, v and -u, -v are both right); fix it from the data,
+    # so that every path (exact, randomized, batched, another device) gives the same factors: the entry
+    # of largest magnitude of each column of U is positive (the first such entry on ties).
+    sign = torch.gather(u, -2, u.abs().argmax(dim=-2, keepdim=True)).sign()
+    sign = torch.where(sign == 0, 1.0, sign).to(u.dtype)
+    u, v = u * sign, v * sign
     root = (s / scaling).sqrt()
     a = root.unsqueeze(-1) * v.mT
     b = u * root.unsqueeze(-2)
     return a.contiguous(), b.contiguous()
 
 
+@linalg.on_one_thread
 def principal_factors(
     matrix: Tensor,
     rank: int,

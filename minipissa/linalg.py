@@ -7,10 +7,46 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@contextlib.contextmanager
+def one_thread(device: torch.device) -> Iterator[None]:
+    """CPU work inside the block on one thread (the calling thread's setting; restored after).
+
+    MKL splits eigensolvers, SVDs and skinny matrix products by the thread count, and the split changes
+    the rounding: between 1 and 2 threads an fp32 256x256 Gram's eigenvectors differ by ~1e-4 (rows of A0
+    flip sign, nearby singular vectors mix), a 1024x80 sketch product by ~1e-6. On one thread a
+    decomposition is a function of the matrix alone (on one CPU kind and torch build), whatever
+    ``torch.get_num_threads()`` the user runs with; :mod:`minipissa.init` runs several matrices at once
+    instead, one per thread.
+    """
+    previous = torch.get_num_threads()
+    if device.type != "cpu" or previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def on_one_thread(fn: F) -> F:
+    """``fn(matrix, ...)`` run under :func:`one_thread` for ``matrix``'s device."""
+
+    @functools.wraps(fn)
+    def wrapper(matrix: Tensor, *args: Any, **kwargs: Any) -> Any:
+        with one_thread(matrix.device):
+            return fn(matrix, *args, **kwargs)
+
+    return cast(F, wrapper)
 
 
 def small_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
@@ -19,7 +55,8 @@ def small_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
     On a GPU this runs on the host: cuSOLVER solves one small matrix per launch (about 1 ms for
     k = 80 on an H100), LAPACK does the same in a fraction of that.
     """
-    values, vectors = torch.linalg.eigh(gram.cpu())
+    with one_thread(torch.device("cpu")):
+        values, vectors = torch.linalg.eigh(gram.cpu())
     return values.flip(-1).to(gram.device), vectors.flip(-1).to(gram.device)
 
 
