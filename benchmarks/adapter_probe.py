@@ -27,39 +27,6 @@ def plain(x: Tensor, w: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return F.linear(x, w) + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
 
 
-class SharedH(torch.autograd.Function):
-    """Candidate: the rank-r intermediates of all projections sharing x in one GEMM, (N, k r)."""
-
-    @staticmethod
-    def forward(ctx, x, *As):  # type: ignore[no-untyped-def]
-        a_c = torch.cat(As).to(x.dtype)
-        ctx.save_for_backward(x, a_c)
-        return x @ a_c.mT
-
-    @staticmethod
-    def backward(ctx, dh):  # type: ignore[no-untyped-def]
-        x, a_c = ctx.saved_tensors
-        da = torch.mm(dh.mT, x, out_dtype=torch.float32)
-        return dh @ a_c, *da.split(R)
-
-
-class WithH(torch.autograd.Function):
-    """Candidate: one projection given its precomputed h: x W^T + h B^T."""
-
-    @staticmethod
-    def forward(ctx, x, h, w, b):  # type: ignore[no-untyped-def]
-        b_c = b.to(x.dtype)
-        y = F.linear(x, w)
-        y.addmm_(h, b_c.mT)
-        ctx.save_for_backward(h, w, b_c)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[no-untyped-def]
-        h, w, b_c = ctx.saved_tensors
-        return g @ w, g @ b_c, None, torch.mm(g.mT, h, out_dtype=torch.float32)
-
-
 def timed(fn: Callable[[], object], reps: int = 30) -> tuple[float, float]:
     """(eager ms, graph-replay ms), medians."""
     for _ in range(3):
@@ -115,19 +82,10 @@ def group(shapes: list[tuple[int, int]]) -> None:
         ys = [adapted_linear(x, None, w, None, a, b, 1.0) for w, a, b in zip(ws, As, Bs, strict=True)]
         return torch.autograd.grad(ys, trainable, gys)
 
-    def grouped() -> object:
-        h = SharedH.apply(x, *As)
-        ys = [WithH.apply(x, h[:, k * R : (k + 1) * R], w, b) for k, (w, b) in enumerate(zip(ws, Bs, strict=True))]
-        return torch.autograd.grad(ys, trainable, gys)
-
-    reference = [t.double() for t in fused()]
-    for name, fn in [("grouped", grouped)]:
-        errors = [((t.double() - r).norm() / r.norm()).item() for t, r in zip(fn(), reference, strict=True)]
-        print(f"  {name} vs fused: max rel diff of grads {max(errors):.2e}")
     base_eager, base_graph = timed(frozen)
     label = "+".join(f"{o}x{i}" for o, i in shapes)
     print(f"{label}: frozen eager {base_eager:.3f} ms, graph {base_graph:.3f} ms")
-    for name, fn in [("module", module), ("fused", fused), ("grouped", grouped)]:
+    for name, fn in [("module", module), ("fused", fused)]:
         eager, graph = timed(fn)
         print(
             f"  {name:8s} eager {eager:.3f} ms (+{eager - base_eager:.3f}, x{eager / base_eager:.2f}), "

@@ -38,7 +38,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import minipissa
-from minipissa.shards import chunk_sizes
+from minipissa.sharded.dtensor import is_dtensor
+from minipissa.sharded.shards import chunk_sizes
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -82,7 +83,7 @@ def build(args: argparse.Namespace, device: torch.device, mesh: Any | None) -> n
     with torch.no_grad():
         for name, param in model.named_parameters():
             full = full_weight(name, param.shape, device).to(param.dtype)
-            if minipissa.distributed.is_dtensor(param):  # Shard(0): take this rank's rows
+            if is_dtensor(param):  # Shard(0): take this rank's rows
                 sizes = chunk_sizes(param.shape[0], dist.get_world_size())
                 start = sum(sizes[: dist.get_rank()])
                 param.to_local().copy_(full[start : start + sizes[dist.get_rank()]])

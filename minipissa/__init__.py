@@ -8,13 +8,13 @@ minipissa.convert_to_lora("adapter.safetensors", "lora_dir")  # PEFT LoRA for th
 """
 
 from .convert import ConversionReport, convert_to_lora
-from .decompose import principal_factors
 from .layer import PiSSALinear
-from .model import apply, disabled, merge, original, pissa_layers, unload, unmerge
+from .model import apply, disabled, merge, original, unload, unmerge
 from .report import Summary, summary
 from .residual import load_residual, save_residual
 from .safefile import StateError
 from .state import load, save
+from .tree import pissa_layers
 
 __version__ = "0.1.0"
 
@@ -30,7 +30,6 @@ __all__ = [
     "Summary",
     "pissa_layers",
     "PiSSALinear",
-    "principal_factors",
     # files
     "save",
     "load",

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from .convert import PEFT_PREFIX, SERVING_RANK_LIMIT, convert_to_lora
+from .report import explained_energy
 from .safefile import StateError, read
 
 
@@ -47,7 +48,8 @@ def _inspect(args: argparse.Namespace) -> int:
     for name, m in info["modules"].items():
         sigma = m["info"].get("singular_values") or []
         norm = m["info"].get("weight_norm") or 0.0
-        energy = f"{sum(s * s for s in sigma) / norm**2:.3f}" if sigma and norm > 0 else "-"
+        share = explained_energy(sigma, norm)
+        energy = "-" if share is None else f"{share:.3f}"
         top = ", ".join(f"{s:.4g}" for s in sigma[:4]) + (", ..." if len(sigma) > 4 else "")
         flag = " (fan_in_fan_out)" if m["fan_in_fan_out"] else ""
         shape = f"{m['out_features']} x {m['in_features']}"

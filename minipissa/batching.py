@@ -1,56 +1,33 @@
-"""Initial factors for many weights at once: grouped by shape, chunked to a memory budget; progress.
+"""The stream's batched road: same-shape weights stacked and decomposed together, a chunk at a time.
 
-:func:`minipissa.apply` hands every target weight here. Weights of one (shape, dtype, device, rank,
-scaling) are stacked and decomposed together, a chunk at a time, so that a GPU runs one batched
-kernel instead of hundreds of small ones while peak memory stays near ``memory_budget`` whatever
-the model's size. Each module's randomized sketch still comes from its own generator seeded by
-(seed, module name), so grouping, chunking and order change the factors by floating-point rounding
-of a batched product at most, and each residual is computed later, per layer, from the factors.
+On a GPU, weights of one (shape, dtype, device, rank, scaling) are stacked and decomposed together, so
+that it runs one batched kernel instead of hundreds of small ones, in chunks of at most the config's
+``memory_budget`` bytes of workspace whatever the model's size. The chunks are pipelined: the host
+solves a chunk's small eigenproblem (in a worker thread) while the GPU works on the next one, and
+waits for a chunk only once the next is queued. Each module's randomized sketch still comes from its
+own generator seeded by (seed, module name), so grouping, chunking and order change the factors by
+floating-point rounding of a batched product at most; each residual is computed later, per layer.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import cast
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import decompose, linalg
+from .config import InitConfig
 from .layer import weight_matrix
+from .tree import Plan
 
-#: Default bound (bytes) on the extra memory a chunk of stacked weights and its workspace may take.
-MEMORY_BUDGET = 1 << 30
-
-
-@dataclass
-class Job:
-    """One weight to factor: its module (W is read when needed, so that a replaced module's weight
-    is freed at once), module name (seeds the sketch), rank and scaling."""
-
-    name: str
-    module: nn.Module
-    rank: int
-    scaling: float
-    fan_in_fan_out: bool
-
-    @property
-    def weight(self) -> Tensor:
-        """The stored weight, (out, in) or (in, out) when ``fan_in_fan_out``."""
-        return cast(Tensor, self.module.weight)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(out, in) of the weight matrix."""
-        out_features, in_features = weight_matrix(self.weight, self.fan_in_fan_out).shape
-        return out_features, in_features
+Item = tuple[Plan, Tensor, Tensor, Tensor]  # plan, A0 (r, in), B0 (out, r), kept singular values (r,)
 
 
-def workspace_bytes(m: int, n: int, rank: int, columns: int | None, dtype: torch.dtype) -> int:
-    """Bytes one (m, n) item of a chunk needs: its stacked copy plus the decomposition's workspace.
+def workspace_bytes(m: int, n: int, columns: int | None, dtype: torch.dtype) -> int:
+    """Bytes one (m, n) weight needs while it is decomposed: its converted copy plus the workspace.
 
     ``columns`` is the sketch width (randomized) or None (exact: a float64 copy of W and a few
     float64 Gram-sized buffers).
@@ -64,89 +41,51 @@ def workspace_bytes(m: int, n: int, rank: int, columns: int | None, dtype: torch
     return m * n * size + 8 * (m + n) * columns * 8
 
 
-def batches_help(device: torch.device) -> bool:
-    """Whether stacking weights pays on ``device``: on a GPU, yes (one kernel per chunk, not per weight).
-
-    On the CPU a batch buys nothing (LAPACK and BLAS loop over it), and single matrices keep the
-    factors bit-identical to a per-module decomposition (as sharded init computes them).
-    """
-    return device.type != "cpu"
-
-
-def factors(
-    jobs: list[Job],
-    *,
-    niter: int | None,
-    oversample: int | None,
-    seed: int,
-    components: str,
-    memory_budget: int = MEMORY_BUDGET,
-) -> Iterator[tuple[Job, Tensor, Tensor, Tensor]]:
-    """(job, A0 (r, in), B0 (out, r), kept singular values (r,)) for every job, one chunk at a time.
-
-    Yields in group order, not job order; A0/B0 are in the decomposition dtype on the weight's device.
-    On a GPU the chunks are pipelined: a chunk's small eigenproblem is solved on the host (in a
-    worker thread) while the GPU works on the next chunk: the host waits for a chunk only once the
-    next one is queued.
-    """
-    groups: dict[tuple, list[Job]] = {}
-    for job in jobs:
-        key = (job.shape, job.weight.dtype, job.weight.device, job.rank, job.scaling)
-        groups.setdefault(key, []).append(job)
+def chunks(plans: Sequence[Plan], cfg: InitConfig) -> Iterator[Item]:
+    """The factors of every plan (top-r, exact or randomized; ``cfg.init == "pissa"``), in group order."""
+    groups: dict[tuple, list[Plan]] = {}
+    for p in plans:
+        groups.setdefault((p.shape, p.weight.dtype, p.weight.device, p.rank, p.scaling), []).append(p)
     with ThreadPoolExecutor(max_workers=1) as host:
-        pending: Callable[[], Iterator] | None = None
-        for ((m, n), weight_dtype, device, rank, scaling), members in groups.items():
+        pending: Callable[[], Iterator[Item]] | None = None
+        for ((m, n), weight_dtype, _, rank, scaling), members in groups.items():
             dtype = decompose.compute_dtype(weight_dtype)
-            columns = None if niter is None else decompose.sketch_columns(rank, oversample, m, n)
-            batched = batches_help(device)
-            size = max(1, memory_budget // workspace_bytes(m, n, rank, columns, dtype)) if batched else 1
+            columns = None if cfg.niter is None else decompose.sketch_columns(rank, cfg.oversample, m, n)
+            size = max(1, cfg.memory_budget // workspace_bytes(m, n, columns, dtype))
             for start in range(0, len(members), size):
                 chunk = members[start : start + size]
-                matrix = _stack(chunk, dtype, batched)
-                omega = None if columns is None else _sketches(chunk, columns, seed, dtype, batched)
-                if not batched or components == "minor":
-                    a, b, sigma = decompose.principal_factors(
-                        matrix, rank, scaling, niter=niter, omega=omega, components=components
-                    )
-                    del matrix, omega  # free the chunk before the caller builds layers from it
-                    if not batched:
-                        a, b, sigma = a[None], b[None], sigma[None]
-                    yield from _items(chunk, a, b, sigma)
+                if cfg.components == "minor":  # a full SVD per chunk: nothing to pipeline
+                    a, b, sigma = decompose.principal_factors(_stack(chunk, dtype), rank, scaling, minor=True)
+                    yield from zip(chunk, a, b, sigma, strict=True)
                     continue
-                started = decompose.start(matrix, rank, niter=niter, omega=omega)
-                del matrix, omega
+                started = _start(chunk, cfg, dtype, columns, rank)
                 vectors = host.submit(_host_eigh, *_to_host(started.gram))
                 if pending is not None:
                     yield from pending()
-                pending = functools.partial(
-                    _finish, chunk, started, vectors, rank, scaling, niter, seed, columns, dtype
-                )
+                pending = functools.partial(_finish, chunk, started, vectors, cfg, dtype, columns, rank, scaling)
         if pending is not None:
             yield from pending()
 
 
-def _stack(chunk: list[Job], dtype: torch.dtype, batched: bool) -> Tensor:
-    """The chunk's weights as (out, in) matrices in ``dtype``: stacked (c, m, n), or the one (m, n)."""
-    if not batched:
-        return weight_matrix(chunk[0].weight.detach(), chunk[0].fan_in_fan_out).to(dtype)
-    first = chunk[0].weight
+def _start(
+    chunk: list[Plan], cfg: InitConfig, dtype: torch.dtype, columns: int | None, rank: int, householder: bool = False
+) -> decompose.Started:
+    """The chunk's device work, queued; its stacked weights and sketches are freed when this returns."""
+    omega = None
+    if columns is not None:  # each module's own sketch, from its seed
+        n, device = chunk[0].shape[1], chunk[0].weight.device
+        seeds = [decompose.module_seed(cfg.seed, p.name) for p in chunk]
+        omega = torch.stack([decompose.sketch(n, columns, seed, dtype, device) for seed in seeds])
+    return decompose.start(_stack(chunk, dtype), rank, niter=cfg.niter, omega=omega, householder=householder)
+
+
+def _stack(chunk: list[Plan], dtype: torch.dtype) -> Tensor:
+    """The chunk's weights as (out, in) matrices in ``dtype``, stacked (c, m, n)."""
     m, n = chunk[0].shape
-    matrix = torch.empty((len(chunk), m, n), dtype=dtype, device=first.device)
-    for i, job in enumerate(chunk):  # converted straight into the stack: no second copy
-        matrix[i].copy_(weight_matrix(job.weight.detach(), job.fan_in_fan_out))
+    matrix = torch.empty((len(chunk), m, n), dtype=dtype, device=chunk[0].weight.device)
+    for i, p in enumerate(chunk):  # converted straight into the stack: no second copy
+        matrix[i].copy_(weight_matrix(p.weight.detach(), p.fan_in_fan_out))
     return matrix
-
-
-def _sketches(chunk: list[Job], columns: int, seed: int, dtype: torch.dtype, batched: bool) -> Tensor:
-    """Each module's own sketch (n, columns), from its seed: stacked, or the one."""
-    n, device = chunk[0].shape[1], chunk[0].weight.device
-    sketches = [decompose.sketch(n, columns, decompose.module_seed(seed, j.name), dtype, device) for j in chunk]
-    return torch.stack(sketches) if batched else sketches[0]
-
-
-def _items(chunk: list[Job], a: Tensor, b: Tensor, sigma: Tensor) -> Iterator[tuple[Job, Tensor, Tensor, Tensor]]:
-    for i, job in enumerate(chunk):
-        yield job, a[i], b[i], sigma[i]
 
 
 def _to_host(gram: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
@@ -168,42 +107,22 @@ def _host_eigh(gram: Tensor, ready: torch.cuda.Event | None) -> Tensor:
 
 
 def _finish(
-    chunk: list[Job],
+    chunk: list[Plan],
     started: decompose.Started,
     vectors: Future,
+    cfg: InitConfig,
+    dtype: torch.dtype,
+    columns: int | None,
     rank: int,
     scaling: float,
-    niter: int | None,
-    seed: int,
-    columns: int | None,
-    dtype: torch.dtype,
-) -> Iterator[tuple[Job, Tensor, Tensor, Tensor]]:
-    """The factors of a pipelined chunk, once its eigenvectors are back from the host."""
-    if bool(started.failed.any()):  # rare (rank-deficient products): redo the chunk, Householder QR
+) -> Iterator[Item]:
+    """The factors of a pipelined chunk, once its eigenvectors are back from the host. A chunk whose
+    Cholesky-QR broke down is started again from its weights (still in their modules) with Householder QR."""
+
+    def again() -> decompose.Started:
         vectors.cancel()  # its input was garbage; its result (or error) is not wanted
-        omega = None if columns is None else _sketches(chunk, columns, seed, dtype, True)
-        u, s, v = decompose.top_triplets(_stack(chunk, dtype, True), rank, niter=niter, omega=omega)
-    else:
-        u, s, v = started.finish(vectors.result().to(started.gram.device))
+        return _start(chunk, cfg, dtype, columns, rank, householder=True)
+
+    u, s, v = decompose.triplets(started, lambda: vectors.result().to(started.gram.device), again)
     a, b = decompose.split_factors(u, s, v, scaling)
-    yield from _items(chunk, a, b, s)
-
-
-def progress_reporter(progress: bool | Callable[[int, int], None], total: int) -> Callable[[int], None]:
-    """A ``report(done)`` for apply's loop: the user's callback, a tqdm bar, or nothing."""
-    if callable(progress):
-        return lambda done: progress(done, total)
-    if not progress:
-        return lambda done: None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional
-        return lambda done: None
-    bar = tqdm(total=total, desc="minipissa init", unit="module")
-
-    def report(done: int) -> None:
-        bar.update(done - bar.n)
-        if done == total:
-            bar.close()
-
-    return report
+    yield from zip(chunk, a, b, s, strict=True)

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import distributed, linalg, state
+from . import linalg, state
 from .safefile import PathLike, StateError, atomic_write, write_safetensors
+from .sharded.dtensor import write_once
 
 PEFT_PREFIX = "base_model.model."
 #: vLLM's default ``max_lora_rank``: adapters of higher rank need server flags or ``rank=``.
@@ -149,7 +150,7 @@ def convert_to_lora(
         atomic_write(out / "adapter_model.safetensors", lambda t: write_safetensors(plain, t, {"format": "pt"}))
         atomic_write(out / "adapter_config.json", lambda t: _write_text(t, text))
 
-    distributed.write_once(src if isinstance(src, nn.Module) else None, write)  # rank 0 if sharded
+    write_once(src if isinstance(src, nn.Module) else None, write)  # rank 0 if sharded
     overall = math.sqrt(tail_total[0] / tail_total[1]) if tail_total[1] > 0 else 0.0
     return ConversionReport(out, r, lora_alpha, max(ranks.values()), len(recs), overall, errors)
 

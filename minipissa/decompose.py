@@ -65,8 +65,8 @@ class Started:
     What is left is a small symmetric eigenproblem, ``gram`` (..., k, k) in float64, for the host
     (:func:`linalg.small_eigh`); ``finish(vectors)`` turns its eigenvectors (..., k, k), eigenvalues
     descending, into U (..., m, r), S (..., r), V (..., n, r). ``failed`` (...) marks items whose
-    Cholesky-QR broke down (rank-deficient products): start those again with ``householder=True``.
-    Split this way, a GPU can run the next matrices while the host solves this one's eigenproblem.
+    Cholesky-QR broke down (rank-deficient products): see :func:`triplets`. Split this way, a GPU can
+    run the next matrices while the host solves this one's eigenproblem.
     """
 
     gram: Tensor
@@ -78,45 +78,55 @@ class Started:
 def start(
     matrix: Tensor, rank: int, *, niter: int | None = None, omega: Tensor | None = None, householder: bool = False
 ) -> Started:
-    """Queue the top-``rank`` decomposition of ``matrix`` (..., m, n): exact (``niter=None``,
-    see :func:`gram_principal`) or randomized (see :func:`randomized_svd`)."""
+    """Queue the top-``rank`` decomposition of ``matrix`` (..., m, n).
+
+    ``niter=None``, exact: the Gram G (N x N, N = min(m, n)) is formed in float64; its eigendecomposition
+    runs in ``matrix``'s dtype (fp32's eigensolver is the fast one on both CPU and GPU); the top
+    ``rank + REFINE_EXTRA`` eigenvectors are then refined in float64 by one subspace-iteration step and a
+    Rayleigh-Ritz projection, which removes the fp32 mixing between nearby eigenvectors (the only large
+    error: it scales like eps / (sigma_r^2 - sigma_{r+1}^2)). The triplets come from W itself
+    (S_i = ||W v_i||), so s * B A is W's projection onto V.
+
+    An int ``niter``, randomized: a range finder (Halko et al. 2011, Alg. 4.4 + 5.1) with that many power
+    iterations (two passes over ``matrix`` each) on the Gaussian sketch ``omega`` (..., n, columns),
+    columns >= rank (see :func:`sketch`). On CUDA the power iteration runs on TF32 tensor cores: its
+    products only steer the subspace (each is re-orthonormalised, and one step's rounding is damped by the
+    next), while Q^T W, which the factors come from, stays in full float32.
+
+    ``householder``: orthonormalise with Householder QR instead of Cholesky-QR (never fails; slower).
+    """
     orthonormal = linalg.householder if householder else linalg.cholqr
     if niter is None:
         return _start_gram(matrix, rank, orthonormal)
-    if omega is None:
-        raise ValueError("randomized decomposition needs a sketch `omega`")
-    if omega.shape[-1] < rank:
-        raise ValueError(f"sketch has {omega.shape[-1]} columns, fewer than rank {rank}")
+    if omega is None or omega.shape[-1] < rank:
+        raise ValueError(f"a randomized decomposition needs a sketch of >= rank = {rank} columns")
     return _start_randomized(matrix, rank, niter, omega, orthonormal)
+
+
+def triplets(
+    started: Started, vectors: Callable[[], Tensor], again: Callable[[], Started]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """U, S, V of a started decomposition from its host eigenvectors (``vectors()``); if any item's
+    Cholesky-QR broke down (exactly low-rank weights; rare), the whole start is redone by ``again()``, a
+    :func:`start` with ``householder=True``. One host sync."""
+    if bool(started.failed.any()):
+        started = again()
+        return started.finish(linalg.small_eigh(started.gram)[1])
+    return started.finish(vectors())
 
 
 @linalg.on_one_thread
 def top_triplets(
     matrix: Tensor, rank: int, *, niter: int | None = None, omega: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`start`, then at once the host eigenproblem and :meth:`Started.finish` (one sync)."""
+    """Top-``rank`` singular triplets of ``matrix`` (..., m, n), exact or randomized (see :func:`start`):
+    U (..., m, rank), S (..., rank) descending, V (..., n, rank), in ``matrix``'s dtype."""
     started = start(matrix, rank, niter=niter, omega=omega)
-    if bool(started.failed.any()):  # rare: exactly low-rank weights
-        started = start(matrix, rank, niter=niter, omega=omega, householder=True)
-    return started.finish(linalg.small_eigh(started.gram)[1])
-
-
-def gram_principal(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact top-``rank`` singular triplets from the eigendecomposition of the smaller Gram matrix.
-
-    The Gram G (N x N, N = min(m, n)) is formed in float64. Its eigendecomposition runs in
-    ``matrix``'s dtype (fp32's eigensolver is the fast one on both CPU and GPU); the top
-    ``rank + REFINE_EXTRA`` eigenvectors are then refined in float64 by one subspace-iteration
-    step and a Rayleigh-Ritz projection, which removes the fp32 mixing between nearby
-    eigenvectors (the only large error: it scales like eps / (sigma_r^2 - sigma_{r+1}^2)).
-    The triplets come from W itself (S_i = ||W v_i||), so s * B A is W's projection onto V.
-
-    Args:
-        matrix: (..., m, n) float32 or float64.
-    Returns:
-        U (..., m, rank), S (..., rank) descending, V (..., n, rank), in ``matrix``'s dtype.
-    """
-    return top_triplets(matrix, rank)
+    return triplets(
+        started,
+        lambda: linalg.small_eigh(started.gram)[1],
+        lambda: start(matrix, rank, niter=niter, omega=omega, householder=True),
+    )
 
 
 def _start_gram(matrix: Tensor, rank: int, orthonormal: Any) -> Started:
@@ -139,23 +149,6 @@ def _start_gram(matrix: Tensor, rank: int, orthonormal: Any) -> Started:
 
     failed = linalg.failures(infos, matrix.shape[:-2], matrix.device)
     return Started(basis.mT @ gram @ basis, failed, linalg.on_one_thread(finish))
-
-
-def randomized_svd(matrix: Tensor, rank: int, niter: int, omega: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-``rank`` triplets by a randomized range finder (Halko et al. 2011, Alg. 4.4 + 5.1).
-
-    On CUDA the power iteration runs on TF32 tensor cores: its products only steer the subspace
-    (each is re-orthonormalised, and one step's rounding is damped by the next), while Q^T W, which
-    the factors come from, stays in full float32.
-
-    Args:
-        matrix: (..., m, n).
-        omega: Gaussian test matrix (..., n, rank + oversample), see :func:`sketch`.
-        niter: power iterations; each costs two passes over ``matrix``.
-    Returns:
-        U (..., m, rank), S (..., rank), V (..., n, rank).
-    """
-    return top_triplets(matrix, rank, niter=niter, omega=omega)
 
 
 def _start_randomized(matrix: Tensor, rank: int, niter: int, omega: Tensor, orthonormal: Any) -> Started:
@@ -190,7 +183,7 @@ def split_factors(u: Tensor, s: Tensor, v: Tensor, scaling: float) -> tuple[Tens
     """PiSSA factors from r singular triplets so that ``scaling * B @ A == U diag(S) V^T``.
 
     S is divided by the scaling *before* the square root (the reference's step 3), so alpha only
-    changes the magnitude of A and B, never the product.
+    changes the magnitude of A and B, never the product. Every path's factors come through here.
 
     Args:
         u: (..., m, r), s: (..., r), v: (..., n, r).
@@ -217,19 +210,14 @@ def principal_factors(
     *,
     niter: int | None = None,
     omega: Tensor | None = None,
-    components: str = "principal",
+    minor: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A (..., r, n), B (..., m, r) and the kept singular values S (..., r) of ``matrix`` (..., m, n).
 
-    ``niter=None`` is exact (:func:`gram_principal`; a full SVD for "minor"); an int runs the
-    randomized range finder with that many power iterations on ``omega`` (required then).
-    ``components="minor"`` keeps the bottom r triplets (MiLoRA), exact mode only. Runs in ``matrix``'s dtype.
+    The top r triplets (see :func:`start` for ``niter`` and ``omega``), or with ``minor`` the bottom r
+    (MiLoRA; exact SVD). Runs in ``matrix``'s dtype.
     """
-    if components not in ("principal", "minor"):
-        raise ValueError(f"components must be 'principal' or 'minor', got {components!r}")
-    if components == "minor":
-        if niter is not None:
-            raise ValueError("components='minor' needs the exact SVD (niter=None)")
+    if minor:
         u, s, v = exact_svd(matrix)
         u, s, v = u[..., -rank:], s[..., -rank:], v[..., -rank:]
     else:
@@ -239,8 +227,7 @@ def principal_factors(
 
 
 def sketch_columns(rank: int, oversample: int | None, m: int, n: int) -> int:
-    """Width of the randomized sketch, capped at min(m, n) where the range is exhausted."""
+    """Width of the randomized sketch (``oversample`` >= 0 extra columns, default ``OVERSAMPLE_PER_RANK``
+    per rank), capped at min(m, n) where the range is exhausted."""
     extra = OVERSAMPLE_PER_RANK * rank if oversample is None else oversample
-    if extra < 0:
-        raise ValueError(f"oversample must be >= 0, got {oversample}")
     return min(rank + extra, m, n)

@@ -10,6 +10,7 @@ import ctypes
 import functools
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,8 +65,14 @@ def fingerprint_later(weight: Tensor) -> Pending:
     return Pending(list(weight.shape), str(weight.dtype).removeprefix("torch."), total, norm, sample)
 
 
-def read_all(pending: list[Pending]) -> list[dict[str, Any]]:
-    """The fingerprints of ``pending``, with one device-to-host copy per device."""
+def read_all(queued: Sequence[Pending | dict[str, Any]]) -> list[dict[str, Any]]:
+    """The fingerprints of ``queued`` (those read already pass through), with one device-to-host copy per device."""
+    pending = [p for p in queued if isinstance(p, Pending)]
+    done = iter(_read(pending))
+    return [next(done) if isinstance(p, Pending) else p for p in queued]
+
+
+def _read(pending: list[Pending]) -> list[dict[str, Any]]:
     moments: list[list[float]] = [[] for _ in pending]
     samples: list[bytes] = [b"" for _ in pending]
     by_device: dict[torch.device, list[int]] = {}

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapter_fn import adapted_linear
+from .casts import SharedCasts
 from .decompose import compute_dtype
 
 MODES = ("adapter", "original", "disabled")
@@ -80,6 +81,8 @@ class PiSSALinear(nn.Module):
         A0, B0: frozen copies of the initial factors, kept in the decomposition dtype through
             ``.to()`` so that :meth:`original` and conversion stay exact after ``model.half()``.
         info: metadata of the initialisation (init method, singular values, ...), JSON-able.
+        mode: "adapter" (the default), "original" (W_res + s B0 A0) or "disabled" (W_res alone).
+        shared_casts: the model's :class:`SharedCasts`, asked for A and B in the activations' dtype.
     """
 
     weight: nn.Parameter
@@ -89,6 +92,7 @@ class PiSSALinear(nn.Module):
     A0: Tensor
     B0: Tensor
     residual_while_merged: Tensor | None
+    shared_casts: SharedCasts | None
 
     def __init__(
         self,
@@ -120,22 +124,28 @@ class PiSSALinear(nn.Module):
         self.scaling = lora_scaling(self.alpha, rank, rslora)
         self.info: dict[str, Any] = dict(info or {})
         self.mode = "adapter"
+        self.shared_casts = None
         # Kept off the module tree (its tensors are dropped below, so no memory, no state-dict
         # keys): unload() puts the merged weight back into it, so Linear, Conv1D and their
         # subclasses come back as the same class with the same attributes.
-        self.__dict__["_base_shell"] = base
+        self.base_shell = (base,)  # a tuple: not registered as a submodule
 
         a0 = a0.detach().to(compute_dtype(base_weight.dtype))
         b0 = b0.detach().to(a0.dtype)
         dtype = adapter_dtype or a0.dtype
-        if base_is_residual:  # e.g. a model saved with save_residual(): take the weight as it is
-            residual = base_weight.detach()
+        if base_is_residual:  # a residual file, or sharded init: keep the very Parameter (FSDP2 may hold it)
+            self.weight = base_weight if isinstance(base_weight, nn.Parameter) else nn.Parameter(base_weight)
+            self.weight.requires_grad_(False)
         else:
             with torch.no_grad():
                 residual = residual_weight(base_weight.detach(), a0, b0, self.scaling, self.fan_in_fan_out)
-        self.weight = nn.Parameter(residual, requires_grad=False)
+            self.weight = nn.Parameter(residual, requires_grad=False)
         bias = cast(Tensor | None, base.bias)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        if isinstance(bias, nn.Parameter):  # the same Parameter: FSDP2 may hold it
+            self.bias = bias
+            bias.requires_grad_(False)
+        else:
+            self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.A = nn.Parameter(a0.clone().to(dtype))
         self.B = nn.Parameter(b0.clone().to(dtype))
         self.register_buffer("A0", a0.clone())
@@ -159,36 +169,34 @@ class PiSSALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in) -> (..., out), computed in x's dtype."""
-        weight = weight_matrix(self.weight, self.fan_in_fan_out)
-        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
-        if self.mode == "adapter" and not self.merged and frozen and not torch.is_autocast_enabled(x.device.type):
-            # The fast path: one autograd node, in-place adds, minimal saved tensors (adapter_fn.py).
-            xa = None if isinstance(self.dropout, nn.Identity) or not self.training else self.dropout(x)
-            # A and B cast by the model's pre-hook for this forward, all in one launch (casts.py),
-            # if they are casts of the very tensors A and B hold now (a wrapper such as FSDP may
-            # have swapped their storage since).
-            cast = self.__dict__.get("_cast")
-            if cast is not None and cast[0].dtype == x.dtype and cast[2] == self.masters_key():
-                return adapted_linear(x, xa, weight, self.bias, self.A, self.B, self.scaling, cast[0], cast[1])
-            return adapted_linear(x, xa, weight, self.bias, self.A, self.B, self.scaling)
-        # The reference formula: other modes, autocast (which picks dtypes per op), and a user who
-        # unfroze the residual or the bias (the fused function gives them no gradient).
-        y = F.linear(x, weight, self.bias)
-        if self.mode == "disabled":
-            if self.merged:
-                raise RuntimeError("minipissa.disabled(): the layer is merged; unmerge it first")
+        return self._fused(x) if self._can_fuse(x) else self._reference(x)
+
+    def _reference(self, x: Tensor) -> Tensor:
+        """The formula itself: y = W_res x + bias + s * B (A dropout(x)); A0, B0 in mode "original"."""
+        y = F.linear(x, weight_matrix(self.weight, self.fan_in_fan_out), self.bias)
+        if self.mode != "adapter" and self.merged:
+            raise RuntimeError(f"minipissa.{self.mode}(): the layer is merged; unmerge it first")
+        if self.mode == "disabled" or self.merged:
             return y
-        if self.mode == "original":
-            if self.merged:
-                raise RuntimeError("minipissa.original(): the layer is merged; unmerge it first")
-            a, b = self.A0, self.B0
-        elif self.merged:
-            return y
-        else:
-            a, b, x = self.A, self.B, self.dropout(x)
+        a, b = (self.A0, self.B0) if self.mode == "original" else (self.A, self.B)
+        x = x if self.mode == "original" else self.dropout(x)
         # Scale the rank-r intermediate, not the (..., out) output: r/out of the multiplications.
-        h = F.linear(x, a.to(x.dtype)) * self.scaling
-        return y + F.linear(h, b.to(x.dtype))
+        return y + F.linear(F.linear(x, a.to(x.dtype)) * self.scaling, b.to(x.dtype))
+
+    def _can_fuse(self, x: Tensor) -> bool:
+        """The fused function (adapter_fn.py) gives the frozen residual and bias no gradient and picks one
+        dtype for every product: so not for an unfrozen residual or bias, nor under autocast."""
+        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
+        return self.mode == "adapter" and not self.merged and frozen and not torch.is_autocast_enabled(x.device.type)
+
+    def _fused(self, x: Tensor) -> Tensor:
+        """The reference formula as one autograd node (adapter_fn.py), with A and B cast by the model's
+        :class:`SharedCasts` in one launch for all layers where it has them."""
+        xa = None if isinstance(self.dropout, nn.Identity) or not self.training else self.dropout(x)
+        casts = None if self.shared_casts is None else self.shared_casts.casts_for(self, x.dtype)
+        a_cast, b_cast = casts if casts is not None else (None, None)
+        weight = weight_matrix(self.weight, self.fan_in_fan_out)
+        return adapted_linear(x, xa, weight, self.bias, self.A, self.B, self.scaling, a_cast, b_cast)
 
     def masters_key(self) -> tuple[int, int, int, int]:
         """Storage and version of A and B: any in-place update or swap of either changes it."""
@@ -215,9 +223,9 @@ class PiSSALinear(nn.Module):
     def unload(self) -> nn.Module:
         """The base layer holding the merged weight W_res + s·B·A (frozen), without minipissa."""
         self.merge()
-        base = self.__dict__["_base_shell"]
+        (base,) = self.base_shell
         base.weight = nn.Parameter(self.weight.data, requires_grad=False)
-        base.bias = self.bias
+        base.bias = cast(Any, self.bias)
         self.unmerge()
         return base
 

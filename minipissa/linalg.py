@@ -92,18 +92,6 @@ def failures(infos: list[Tensor], batch: torch.Size, device: torch.device) -> Te
     return torch.stack(infos).ne(0).any(dim=0)
 
 
-def orthonormalize(y: Tensor) -> Tensor:
-    """An orthonormal basis (..., m, k) of the columns of ``y`` (..., m, k), k <= m, in y's dtype.
-
-    Cholesky-QR twice; items where it fails (rank-deficient y) fall back to Householder QR.
-    """
-    q, infos = cholqr(y)
-    failed = failures(infos, y.shape[:-2], y.device)
-    if bool(failed.any()):  # one sync per call; rare: exactly low-rank weights
-        q = torch.where(failed[..., None, None], torch.linalg.qr(y.to(torch.float64)).Q.to(y.dtype), q)
-    return q
-
-
 def householder(y: Tensor, passes: int = 1, wide: bool = True) -> tuple[Tensor, list[Tensor]]:
     """Householder QR, the fallback for rank-deficient sketches: (Q, no failures)."""
     return torch.linalg.qr(y.to(torch.float64)).Q.to(y.dtype), []

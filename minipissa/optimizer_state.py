@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .safefile import StateError, full_tensor
+from .safefile import StateError
+from .sharded.dtensor import full_tensor
 
 PREFIX = "optimizer:"
 SCALARS = (bool, int, float, str, type(None))

@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .model import pissa_layers
+from .tree import pissa_layers
+
+#: Seconds apply() took, per model (weakly held: the record goes with the model).
+_INIT_SECONDS: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
+
+
+def record_init_time(model: nn.Module, seconds: float | None) -> None:
+    """Remember (or, with None, forget) how long ``model``'s initialisation took, for :func:`summary`."""
+    if seconds is None:
+        _INIT_SECONDS.pop(model, None)
+    else:
+        _INIT_SECONDS[model] = seconds
+
+
+def explained_energy(singular_values: list[float], weight_norm: float) -> float | None:
+    """||S_r||^2 / ||W||_F^2: the share of the weight's energy in the adapter at init (None for LoRA init)."""
+    if not singular_values or not weight_norm > 0:
+        return None
+    return sum(s * s for s in singular_values) / weight_norm**2
 
 
 @dataclass
@@ -43,11 +62,11 @@ class Summary:
 
 def summary(model: nn.Module) -> Summary:
     """Adapted modules, parameter counts, init time and per-module explained energy."""
-    result = Summary(seconds=model.__dict__.get("_minipissa_seconds"))
+    result = Summary(seconds=_INIT_SECONDS.get(model))
     for name, layer in pissa_layers(model):
         sigma = torch.tensor(layer.info.get("singular_values", []), dtype=torch.float64)
         norm = layer.info.get("weight_norm", 0.0)
-        energy = (sigma.square().sum() / norm**2).item() if sigma.numel() and norm > 0 else None
+        energy = explained_energy(sigma.tolist(), norm)
         tiny = torch.finfo(layer.A0.dtype).eps * max(layer.in_features, layer.out_features) * norm
         dead = int((sigma <= tiny).sum()) if sigma.numel() else 0
         result.modules.append(

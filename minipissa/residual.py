@@ -8,21 +8,22 @@ first key and restored tied. Load the adapter on top with ``load(model, adapter,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from . import distributed, safefile
-from .model import pissa_layers
-from .safefile import PathLike, StateError, full_tensor
+from . import safefile
+from .safefile import PathLike, StateError
+from .sharded.dtensor import full_tensor, is_dtensor, write_once
+from .tree import pissa_layers
 
 KIND = "residual"
 
 
 def _identity(t: Tensor) -> tuple[Any, ...]:
     """Two state-dict entries with the same identity are one tied tensor."""
-    local = t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard identifies it
+    local = cast(Any, t).to_local() if is_dtensor(t) else t  # a DTensor's shard identifies it
     return (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape), local.stride(), t.dtype)
 
 
@@ -49,7 +50,7 @@ def save_residual(model: nn.Module, path: PathLike) -> None:
         else:
             tensors[key] = full_tensor(value)
     payload = {"tied": tied, "residual_modules": sorted(layers)}
-    distributed.write_once(model, lambda: safefile.write(path, tensors, KIND, payload))  # rank 0 if sharded
+    write_once(model, lambda: safefile.write(path, tensors, KIND, payload))  # rank 0 if sharded
 
 
 def load_residual(model: nn.Module, path: PathLike) -> nn.Module:

@@ -38,16 +38,6 @@ class StateError(ValueError):
     """
 
 
-def full_tensor(t: Tensor) -> Tensor:
-    """The whole tensor behind ``t`` as a plain detached tensor (gathers a distributed ``DTensor``).
-
-    Every tensor minipissa reads from a live module for saving or converting goes through here.
-    """
-    if type(t).__name__ == "DTensor" and hasattr(t, "full_tensor"):  # no import: torch.distributed is optional
-        t = t.full_tensor()
-    return t.detach()
-
-
 def tensors_digest(tensors: Mapping[str, Tensor]) -> str:
     """sha256 over every tensor's name, dtype, shape and raw bytes, in name order."""
     digest = hashlib.sha256()

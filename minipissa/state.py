@@ -20,17 +20,19 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from . import distributed, optimizer_state, safefile
+from . import casts, optimizer_state, safefile
+from .config import RECORDED
 from .decompose import compute_dtype
 from .fingerprint import fingerprint, same
 from .layer import PiSSALinear, is_conv1d, weight_matrix
-from .model import pissa_layers
-from .safefile import PathLike, StateError, full_tensor
+from .safefile import PathLike, StateError
+from .sharded.dtensor import full_tensor, refuse_sharded, write_once
 from .targets import is_supported
+from .tree import Plan, build_layer, pissa_layers, replace_module, train_adapters_only
 
 KIND = "adapter"
 FACTORS = ("A", "B", "A0", "B0")
-CONFIG_KEYS = ("rank", "alpha", "rslora", "init", "niter", "oversample", "seed", "components")
+CONFIG_KEYS = ("rank", "alpha", "rslora", *RECORDED)
 
 
 @dataclass
@@ -120,7 +122,7 @@ def save(model: nn.Module, path: PathLike, *, optimizer: torch.optim.Optimizer |
         }
         opt_tensors, payload["optimizer"] = optimizer_state.pack(optimizer, params)
         tensors.update(opt_tensors)
-    distributed.write_once(model, lambda: safefile.write(path, tensors, KIND, payload))  # rank 0 if sharded
+    write_once(model, lambda: safefile.write(path, tensors, KIND, payload))  # rank 0 if sharded
 
 
 def _version() -> str:
@@ -161,7 +163,7 @@ def read(path: PathLike) -> tuple[dict[str, Any], list[ModuleRecord], dict[str, 
 
 
 @dataclass
-class _Plan:
+class _Loading:
     record: ModuleRecord
     module: nn.Module
     existing: bool  # already this PiSSALinear: only A and B are set
@@ -182,7 +184,7 @@ def _check_existing(layer: PiSSALinear, rec: ModuleRecord, where: str) -> None:
         raise StateError(f"{where} has adapter dtype {layer.A.dtype}, the file {rec.A.dtype}; they must match")
 
 
-def _plan(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike) -> _Plan:
+def _check(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike) -> _Loading:
     where = f"minipissa: module '{rec.name}'"
     try:
         module = model.get_submodule(rec.name)
@@ -193,7 +195,7 @@ def _plan(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike) -> _Pl
         ) from None
     if isinstance(module, PiSSALinear):
         _check_existing(module, rec, where)
-        return _Plan(rec, module, existing=True)
+        return _Loading(rec, module, existing=True)
     if not is_supported(module):
         raise StateError(f"{where} is a {type(module).__name__}; the file adapts an nn.Linear or Conv1D there")
     weight = full_tensor(cast(Tensor, module.weight))
@@ -213,7 +215,7 @@ def _plan(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike) -> _Pl
     if compute_dtype(weight.dtype) != rec.A0.dtype:
         raise StateError(f"{where}: the file's A0 is {rec.A0.dtype}, expected {compute_dtype(weight.dtype)}")
     _check_fingerprint(weight, rec, base, where)
-    return _Plan(rec, module, existing=False)
+    return _Loading(rec, module, existing=False)
 
 
 def _check_fingerprint(weight: Tensor, rec: ModuleRecord, base: str, where: str) -> None:
@@ -235,11 +237,6 @@ def _check_fingerprint(weight: Tensor, rec: ModuleRecord, base: str, where: str)
         f"{where}: the weight does not match the {base} weight the adapter was saved with (fingerprint differs): "
         "a different base model or checkpoint, or already modified weights. Load onto the exact base model"
     )
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
 
 
 def load(
@@ -264,18 +261,18 @@ def load(
     Raises:
         StateError: with the module name and what to do; the model is then unchanged.
     """
-    distributed.refuse_sharded(model, "load")
+    refuse_sharded(model, "load")
     if base not in ("original", "residual"):
         raise StateError(f"minipissa.load: base must be 'original' or 'residual', got {base!r}")
     info, recs, opt_tensors = read(path)
-    plans = [_plan(model, rec, base, path) for rec in recs]
+    loadings = [_check(model, rec, base, path) for rec in recs]
     in_file = {rec.name for rec in recs}
     stray = [name for name, _ in pissa_layers(model) if name not in in_file]
     if stray:
         raise StateError(f"minipissa: the model has PiSSA layers {stray[:5]} that '{path}' does not have")
     opt_state = None
     if optimizer is not None:
-        if not all(p.existing for p in plans):
+        if not all(loading.existing for loading in loadings):
             raise StateError(
                 "minipissa.load(optimizer=): the optimizer must hold the model's A/B parameters, which exist "
                 "only after loading: call load(model, path) first, then create the optimizer and call "
@@ -283,28 +280,26 @@ def load(
             )
         if not isinstance(info.get("optimizer"), dict):
             raise StateError(f"minipissa: '{path}' has no optimizer state; it was saved without save(..., optimizer=)")
-        params = {f"{p.record.name}.{k}": getattr(p.module, k) for p in plans for k in ("A", "B")}
+        params = {f"{x.record.name}.{k}": getattr(x.module, k) for x in loadings for k in ("A", "B")}
         opt_state = optimizer_state.unpack(optimizer, params, opt_tensors, info["optimizer"], str(path))
 
-    for plan in plans:  # nothing below can fail on validated input
-        rec = plan.record
-        layer = cast(PiSSALinear, plan.module)
-        if not plan.existing:
-            device = cast(Tensor, plan.module.weight).device
-            layer = PiSSALinear(
-                plan.module, rec.A0.to(device), rec.B0.to(device), alpha=rec.alpha, rslora=rec.rslora,
-                dropout=rec.dropout, fan_in_fan_out=rec.fan_in_fan_out, adapter_dtype=rec.A.dtype, info=rec.info,
-                base_is_residual=base == "residual",
-            )  # fmt: skip
-            _replace(model, rec.name, layer)
+    for loading in loadings:  # nothing below can fail on validated input
+        rec = loading.record
+        layer = cast(PiSSALinear, loading.module)
+        if not loading.existing:
+            plan = Plan(
+                rec.name, loading.module, rec.rank, rec.alpha, rec.rslora, rec.fan_in_fan_out, rec.dropout, rec.A.dtype
+            )
+            device = plan.weight.device
+            layer = build_layer(
+                plan, rec.A0.to(device), rec.B0.to(device), rec.info, weight_is_residual=base == "residual"
+            )
+            replace_module(model, rec.name, layer)
         with torch.no_grad():
             layer.A.copy_(rec.A)
             layer.B.copy_(rec.B)
-    for param in model.parameters():  # as apply(): only the adapters train
-        param.requires_grad_(False)
-    for _, layer in pissa_layers(model):
-        layer.A.requires_grad_(True)
-        layer.B.requires_grad_(True)
+    train_adapters_only(model)
+    casts.install(model, [layer for _, layer in pissa_layers(model)])
     if optimizer is not None and opt_state is not None:
         optimizer.load_state_dict(opt_state)
     return model

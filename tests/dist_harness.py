@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 import minipissa
-from minipissa import distributed
+from minipissa.sharded.dtensor import full_tensor
 
 WORLD = 2
 STEPS = 6
@@ -159,8 +159,7 @@ def layers_of(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Every PiSSA layer's tensors, whole (collective for DTensors), and info."""
     out = {}
     for name, layer in minipissa.pissa_layers(model):
-        tensors = {k: distributed.full_tensor(getattr(layer, k)).detach().clone() for k in ("weight", "bias")}
-        tensors |= {k: distributed.full_tensor(getattr(layer, k)).detach().clone() for k in ("A", "B", "A0", "B0")}
+        tensors = {k: full_tensor(getattr(layer, k)).clone() for k in ("weight", "bias", "A", "B", "A0", "B0")}
         out[name] = {"tensors": tensors, "info": layer.info}
     return out
 

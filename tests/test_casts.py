@@ -16,6 +16,16 @@ from minipissa import casts
 from minipissa.layer import PiSSALinear
 
 
+def layers(model: nn.Module) -> list[PiSSALinear]:
+    return [layer for _, layer in minipissa.pissa_layers(model)]
+
+
+def has_casts(layer: PiSSALinear) -> bool:
+    """Whether the model's shared casts hold this layer's A and B for the forward running now."""
+    shared = layer.shared_casts
+    return shared is not None and shared.casts_for(layer, layer.weight.dtype) is not None
+
+
 def bf16_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = MLP((32, 48, 40, 24)).to(torch.bfloat16)
@@ -34,9 +44,9 @@ def outputs_and_grads(model: nn.Module, xs: list[torch.Tensor]) -> list[torch.Te
 def test_hook_casts_are_bit_identical_to_per_layer_casts_forward_and_backward():
     x = torch.randn(6, 32, dtype=torch.bfloat16)
     hooked, plain = bf16_model(), bf16_model()
-    casts.remove(plain)
+    casts.remove(layers(plain))
     seen = []
-    hooked.layers[1].register_forward_pre_hook(lambda m, a: seen.append("_cast" in m.__dict__))
+    hooked.layers[1].register_forward_pre_hook(lambda m, a: seen.append(has_casts(m)))
     got, want = outputs_and_grads(hooked, [x]), outputs_and_grads(plain, [x])
     assert seen == [True], "the layer did not receive the model's casts"
     assert len(got) == len(want) == 7  # the loss, then dA and dB of 3 layers
@@ -47,7 +57,7 @@ def test_two_forwards_before_one_backward_and_steps_in_between():
     """Each forward gets a fresh buffer: the first forward's saved casts survive the second; after
     an optimizer step the next forward sees the new masters."""
     hooked, plain = bf16_model(), bf16_model()
-    casts.remove(plain)
+    casts.remove(layers(plain))
     xs = [torch.randn(5, 32, dtype=torch.bfloat16) for _ in range(2)]
     opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (hooked, plain)]
     for _ in range(3):
@@ -63,19 +73,20 @@ def test_two_forwards_before_one_backward_and_steps_in_between():
 
 def test_casts_live_only_during_a_forward_even_when_it_fails():
     model = bf16_model()
-    layers = [m for m in model.modules() if isinstance(m, PiSSALinear)]
+    seen = []
+    model.layers[0].register_forward_pre_hook(lambda m, a: seen.append(has_casts(m)))
     model(torch.randn(2, 32, dtype=torch.bfloat16))
-    assert not any("_cast" in layer.__dict__ for layer in layers)
+    assert seen == [True] and not any(has_casts(layer) for layer in layers(model))
     with pytest.raises(RuntimeError):
         model(torch.randn(2, 31, dtype=torch.bfloat16))  # wrong width: the first layer fails
-    assert not any("_cast" in layer.__dict__ for layer in layers)
+    assert not any(has_casts(layer) for layer in layers(model))
 
 
 def test_layers_outside_the_model_forward_cast_for_themselves():
     """A checkpointed block recomputes in backward, after the hook has taken the casts back, and a
     layer can be called alone: both must still compute with the current masters."""
     model, plain = bf16_model(), bf16_model()
-    casts.remove(plain)
+    casts.remove(layers(plain))
     x = torch.randn(4, 32, dtype=torch.bfloat16, requires_grad=True)
     for m in (model, plain):
         y = checkpoint(m.layers[0], x, use_reentrant=False)
@@ -87,13 +98,14 @@ def test_layers_outside_the_model_forward_cast_for_themselves():
 
 def test_unload_removes_the_hooks_and_apply_again_refreshes_them():
     model = bf16_model()
-    hooks = model.__dict__[casts._HOOKS]
+    shared = model.layers[0].shared_casts
+    assert shared is not None and all(layer.shared_casts is shared for layer in layers(model))
     minipissa.unload(model)
-    assert casts._HOOKS not in model.__dict__
     assert not model._forward_pre_hooks and not model._forward_hooks
-    minipissa.apply(model, 2, "all-linear")
-    assert model.__dict__[casts._HOOKS] is not hooks
+    minipissa.apply(model, 2, "layers.0")
+    minipissa.apply(model, 2, "layers.1")  # a second apply: one set of hooks for all layers
     assert len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 1
+    assert model.layers[0].shared_casts is model.layers[1].shared_casts is not shared
 
 
 def test_a_copy_made_before_its_master_changed_is_not_used():
@@ -115,7 +127,7 @@ def test_a_copy_made_before_its_master_changed_is_not_used():
         got = model(x)
         handle.remove()
         plain = bf16_model()
-        casts.remove(plain)
+        casts.remove(layers(plain))
         with torch.no_grad():
             plain.layers[0].A.mul_(2)
         assert torch.equal(got, plain(x)), change

@@ -90,7 +90,7 @@ def test_gapped_spectrum_gives_the_principal_part(m, n, data, dtype):
 def test_minor_components_are_the_bottom_triplets():
     sigma = torch.cat([torch.linspace(3.0, 1.0, 17), torch.tensor([0.2, 0.1, 0.05])]).double()
     w = with_spectrum(30, 20, sigma, seed=3)  # full rank: all 20 singular values are nonzero
-    a, b, s = decompose.principal_factors(w, 3, 2.0, components="minor")
+    a, b, s = decompose.principal_factors(w, 3, 2.0, minor=True)
     assert torch.allclose(s, sigma[-3:], atol=1e-12)
     u, sv, vh = torch.linalg.svd(w)
     bottom = (u[:, 17:20] * sv[17:20]) @ vh[17:20]
@@ -136,11 +136,9 @@ def test_module_seed_depends_on_seed_and_name():
 
 def test_randomized_factors_reject_bad_arguments():
     w = torch.randn(10, 8)
-    with pytest.raises(ValueError, match="minor"):
-        decompose.principal_factors(w, 2, 1.0, niter=2, omega=torch.randn(8, 4), components="minor")
     with pytest.raises(ValueError, match="sketch"):
         decompose.principal_factors(w, 2, 1.0, niter=2)
-    with pytest.raises(ValueError, match="fewer than rank"):
-        decompose.randomized_svd(w, 5, 1, torch.randn(8, 4))
+    with pytest.raises(ValueError, match=">= rank = 5 columns"):
+        decompose.top_triplets(w, 5, niter=1, omega=torch.randn(8, 4))
     assert decompose.sketch_columns(4, None, 100, 100) == 4 + 4 * decompose.OVERSAMPLE_PER_RANK
     assert decompose.sketch_columns(4, 3, 6, 100) == 6

@@ -39,9 +39,12 @@ from dist_harness import (
 from torch import Tensor, nn
 
 import minipissa
-from minipissa import distributed
+from minipissa.config import InitConfig
+from minipissa.init import initial_factors
 from minipissa.layer import residual_weight, weight_matrix
-from minipissa.model import initial_factors
+from minipissa.sharded.dtensor import is_dtensor
+from minipissa.sharded.init import assign_owners
+from minipissa.tree import Plan
 
 LORA_APPLY = dict(LAYOUTS_APPLY, init="lora")
 
@@ -65,30 +68,30 @@ def fsdp_worker(rank: int, out: Path) -> None:
     model = minipissa.apply(make_net(), **APPLY)
     shard_blocks(model, cpu_mesh())
     a = model.blocks[0].lin_a.A
-    sharded = distributed.is_dtensor(a) and tuple(a.to_local().shape) == (2, 15)
+    sharded = is_dtensor(a) and tuple(a.to_local().shape) == (2, 15)
     losses = train(model, *my_half(rank), world=WORLD)
     torch.save({"losses": losses, "A_sharded": sharded}, out / f"rank{rank}.pt")
 
 
 def sharded_init_worker(rank: int, out: Path) -> None:
     """fully_shard first, then apply(): each weight decomposed on one rank; then train."""
-    import minipissa.model
+    import minipissa.sharded.init
 
     decomposed = []  # the matrices this rank decomposes
-    original = minipissa.model.initial_factors
+    original = minipissa.sharded.init.initial_factors
 
-    def counted(weight: Tensor, name: str, *args: Any, **kwargs: Any) -> Any:
-        decomposed.append(name)
-        return original(weight, name, *args, **kwargs)
+    def counted(weight: Tensor, plan: Plan, cfg: InitConfig) -> Any:
+        decomposed.append(plan.name)
+        return original(weight, plan, cfg)
 
-    minipissa.model.initial_factors = counted  # type: ignore[assignment]
+    minipissa.sharded.init.initial_factors = counted  # type: ignore[assignment]
     model = make_net()
     shard_blocks(model, cpu_mesh())
-    weights_sharded = distributed.is_dtensor(model.blocks[0].lin_a.weight)
+    weights_sharded = is_dtensor(model.blocks[0].lin_a.weight)
     minipissa.apply(model, **APPLY)
     layers = layers_of(model)
     a = model.blocks[0].lin_a.A
-    sharded = weights_sharded and distributed.is_dtensor(a) and tuple(a.to_local().shape) == (2, 15)
+    sharded = weights_sharded and is_dtensor(a) and tuple(a.to_local().shape) == (2, 15)
     losses = train(model, *my_half(rank), world=WORLD)
     result = {"layers": layers, "losses": losses, "A_sharded": sharded, "decomposed": decomposed}
     torch.save(result, out / f"rank{rank}.pt")
@@ -225,10 +228,9 @@ def assert_same_init(layers: dict[str, dict[str, Any]], fresh: nn.Module, kwargs
     for name, layer in minipissa.pissa_layers(single):
         got, info = layers[name]["tensors"], layers[name]["info"]
         weight = fresh.get_submodule(name).weight.detach()
-        options = {k: kwargs.get(k) for k in ("niter", "oversample")}
-        a0, b0, sigma = initial_factors(
-            weight, name, layer.rank, layer.scaling, fan_in_fan_out=layer.fan_in_fan_out, seed=kwargs["seed"], **options
-        )
+        cfg = InitConfig(**{k: v for k, v in kwargs.items() if k != "targets"})
+        plan = Plan(name, fresh.get_submodule(name), layer.rank, layer.alpha, layer.rslora, layer.fan_in_fan_out)
+        a0, b0, sigma = initial_factors(weight, plan, cfg)
         residual = residual_weight(weight, a0, b0, layer.scaling, layer.fan_in_fan_out)
         for key, expected in dict(A0=a0, B0=b0, A=a0, B=b0, weight=residual).items():
             assert torch.equal(got[key], expected), (name, key)
@@ -260,10 +262,10 @@ def test_sharded_init_equals_single_process(tmp_path: Path) -> None:
 
 
 def test_assign_owners_balances_cost() -> None:
-    owners = distributed.assign_owners([5.0, 1.0, 4.0, 3.0, 3.0], 2)
+    owners = assign_owners([5.0, 1.0, 4.0, 3.0, 3.0], 2)
     loads = [sum(c for c, o in zip([5.0, 1.0, 4.0, 3.0, 3.0], owners, strict=True) if o == r) for r in (0, 1)]
     assert sorted(loads) == [8.0, 8.0]
-    assert distributed.assign_owners([1.0, 1.0, 1.0], 4) == [0, 1, 2]
+    assert assign_owners([1.0, 1.0, 1.0], 4) == [0, 1, 2]
 
 
 def test_sharded_init_layouts_and_errors(tmp_path: Path) -> None:

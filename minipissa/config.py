@@ -1,0 +1,102 @@
+"""InitConfig: every option of an initialisation, validated once, carried whole, and recorded in files."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .targets import value_for
+
+INITS = ("pissa", "lora")
+COMPONENTS = ("principal", "minor")
+#: The options each layer's ``info`` records (and so the adapter file): what made its initial factors.
+RECORDED = ("init", "niter", "oversample", "seed", "components")
+#: Default bound (bytes) on the extra memory a chunk of stacked weights and its workspace may take.
+MEMORY_BUDGET = 1 << 30
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    """How :func:`minipissa.apply` initialises adapters (see its docstring for each option).
+
+    ``rank`` and ``alpha`` may be mappings from target pattern to value (``"*"``: every other module);
+    their per-module values are checked by :meth:`rank_for` / :meth:`alpha_for`. ``stack`` says where
+    same-shape weights are stacked into batched decompositions: None (default) on GPUs only, where one
+    kernel per chunk beats one per weight; True everywhere (e.g. to test that path on the CPU).
+    """
+
+    rank: int | Mapping[str, int]
+    alpha: float | Mapping[str, float] | None = None
+    rslora: bool = False
+    init: str = "pissa"
+    niter: int | None = None
+    oversample: int | None = None
+    seed: int = 0
+    components: str = "principal"
+    dropout: float = 0.0
+    adapter_dtype: torch.dtype | None = None
+    memory_budget: int = MEMORY_BUDGET
+    stack: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "alpha"):  # a private copy: the user's dict may change after apply()
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, dict(value))
+        if self.init not in INITS:
+            raise ValueError(f"minipissa: init must be one of {INITS}, got {self.init!r}")
+        if self.components not in COMPONENTS:
+            raise ValueError(f"minipissa: components must be 'principal' or 'minor', got {self.components!r}")
+        if self.niter is not None and not (_is_int(self.niter) and self.niter >= 0):
+            raise ValueError(f"minipissa: niter must be None (exact SVD) or an int >= 0, got {self.niter!r}")
+        if self.niter is not None and self.components == "minor":
+            raise ValueError(
+                "minipissa: components='minor' needs the exact SVD (niter=None): a randomized range finder "
+                "captures the top of the spectrum, never the bottom"
+            )
+        if self.oversample is not None and not (_is_int(self.oversample) and self.oversample >= 0):
+            raise ValueError(f"minipissa: oversample must be >= 0, got {self.oversample!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"minipissa: seed must be an int, got {self.seed!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"minipissa: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.adapter_dtype is not None and not (
+            isinstance(self.adapter_dtype, torch.dtype) and self.adapter_dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"minipissa: adapter_dtype must be a floating-point torch.dtype, got {self.adapter_dtype!r}"
+            )
+        if not (_is_int(self.memory_budget) and self.memory_budget > 0):
+            raise ValueError(f"minipissa: memory_budget must be a positive int (bytes), got {self.memory_budget!r}")
+        if not isinstance(self.rslora, bool) or self.stack not in (None, True, False):
+            raise ValueError(f"minipissa: rslora and stack must be bools, got {self.rslora!r}, {self.stack!r}")
+
+    def rank_for(self, name: str) -> int:
+        """The rank of module ``name``."""
+        rank = value_for(name, self.rank, "rank")
+        if not _is_int(rank) or rank < 1:
+            raise ValueError(f"minipissa: rank for module '{name}' must be an int >= 1, got {rank!r}")
+        return rank
+
+    def alpha_for(self, name: str, rank: int) -> float:
+        """The alpha of module ``name``; default: its rank (so s = 1)."""
+        alpha = float(rank) if self.alpha is None else value_for(name, self.alpha, "alpha", default=float(rank))
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+            raise ValueError(f"minipissa: alpha for module '{name}' must be > 0 and finite, got {alpha!r}")
+        return float(alpha)
+
+    def stacks(self, device: torch.device) -> bool:
+        """Whether weights on ``device`` are stacked into batched decompositions."""
+        return device.type != "cpu" if self.stack is None else self.stack
+
+    def recorded(self) -> dict[str, Any]:
+        """The options a layer's ``info`` (and so the adapter file) records."""
+        return {key: getattr(self, key) for key in RECORDED}

@@ -1,0 +1,154 @@
+"""The initialisation pipeline's first half: which modules, with which settings (:func:`plan_modules`), and the one
+stream of their initial factors (:func:`factors`).
+
+    apply():  InitConfig -> plan_modules() -> factors() -> tree.build_layer() -> replace -> freeze   (model.py)
+
+The stream covers every kind of init: LoRA's random A0 and zero B0, the exact or randomized top-r (or
+bottom-r) factors of each weight one at a time, and, on GPUs, same-shape weights stacked into batched
+decompositions (batching.py). Sharded weights take the same per-matrix road on an owner rank
+(sharded/init.py calls :func:`initial_factors`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from . import batching, decompose
+from .config import InitConfig
+from .fingerprint import Pending, fingerprint_later
+from .layer import is_conv1d, weight_matrix
+from .targets import Targets, find_targets
+from .tree import Plan
+
+
+def plan_modules(
+    model: nn.Module,
+    cfg: InitConfig,
+    targets: Targets,
+    exclude: Targets | None = None,
+    fan_in_fan_out: bool | None = None,
+) -> list[Plan]:
+    """One :class:`Plan` per matched module, every setting checked before anything is changed."""
+    plans = []
+    for name, module in find_targets(model, targets, exclude):
+        weight = cast(Tensor, module.weight)
+        if weight.is_meta or not weight.is_floating_point():
+            raise TypeError(
+                f"minipissa: module '{name}' has a {'meta' if weight.is_meta else str(weight.dtype)} weight; "
+                "PiSSA needs the real floating-point weight to decompose. Load the weights (and dequantize "
+                "quantized layers) before apply(), or `exclude` this module."
+            )
+        rank = cfg.rank_for(name)
+        flip = is_conv1d(module) if fan_in_fan_out is None else fan_in_fan_out
+        out_features, in_features = weight_matrix(weight, flip).shape
+        if rank > min(out_features, in_features):
+            raise ValueError(
+                f"minipissa: rank {rank} exceeds min(out, in) = {min(out_features, in_features)} of module "
+                f"'{name}' ({out_features}x{in_features}); use a per-module rank, e.g. "
+                f"rank={{'*': {rank}, '{name}': {min(out_features, in_features)}}}, or exclude=['{name}']"
+            )
+        alpha = cfg.alpha_for(name, rank)
+        plans.append(Plan(name, module, rank, alpha, cfg.rslora, flip, float(cfg.dropout), cfg.adapter_dtype))
+    return plans
+
+
+@dataclass
+class Factors:
+    """One item of the stream: a plan's initial factors, in the decomposition dtype on the weight's device."""
+
+    plan: Plan
+    a0: Tensor  # (r, in)
+    b0: Tensor  # (out, r)
+    sigma: Tensor  # (r,) the kept singular values; (0,) for LoRA
+    base_print: Pending | dict[str, Any]  # the fingerprint of W (queued, or read already)
+    weight_is_residual: bool = False  # W_res is already in the module (sharded init wrote it into the shards)
+
+
+def initial_factors(weight: Tensor, plan: Plan, cfg: InitConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """A0 (r, in), B0 (out, r) and the kept singular values (r,) of one whole stored weight.
+
+    Randomness (the sketch, LoRA's A) comes from a generator seeded by (seed, module name) alone.
+    """
+    dtype = decompose.compute_dtype(weight.dtype)
+    matrix = weight_matrix(weight.detach(), plan.fan_in_fan_out).to(dtype)
+    out_features, in_features = matrix.shape
+    if cfg.init == "lora":
+        # Kaiming-uniform with a = sqrt(5), as nn.Linear and LoRA do: bound = 1 / sqrt(in).
+        generator = torch.Generator().manual_seed(decompose.module_seed(cfg.seed, plan.name))
+        a0 = (torch.rand(plan.rank, in_features, generator=generator, dtype=dtype) * 2 - 1) / math.sqrt(in_features)
+        return a0.to(matrix.device), matrix.new_zeros(out_features, plan.rank), matrix.new_zeros(0)
+    omega = None
+    if cfg.niter is not None:
+        columns = decompose.sketch_columns(plan.rank, cfg.oversample, out_features, in_features)
+        omega = decompose.sketch(in_features, columns, decompose.module_seed(cfg.seed, plan.name), dtype, matrix.device)
+    minor = cfg.components == "minor"
+    return decompose.principal_factors(matrix, plan.rank, plan.scaling, niter=cfg.niter, omega=omega, minor=minor)
+
+
+def factors(plans: Sequence[Plan], cfg: InitConfig) -> Iterator[Factors]:
+    """The initial factors of every plan (whose weights are plain tensors), in no promised order."""
+    stacked = [p for p in plans if cfg.init == "pissa" and cfg.stacks(p.weight.device)]
+    single = [p for p in plans if not (cfg.init == "pissa" and cfg.stacks(p.weight.device))]
+    for p, a0, b0, sigma in _one_at_a_time(single, cfg):
+        yield Factors(p, a0, b0, sigma, fingerprint_later(p.weight))
+    for p, a0, b0, sigma in batching.chunks(stacked, cfg):
+        yield Factors(p, a0, b0, sigma, fingerprint_later(p.weight))
+
+
+def _one_at_a_time(plans: Sequence[Plan], cfg: InitConfig) -> Iterator[tuple[Plan, Tensor, Tensor, Tensor]]:
+    """Each weight factored on its own, in plan order. On the CPU, where each decomposition runs on one
+    thread (thread-count independent factors, see linalg.one_thread), as many weights at once as torch
+    has threads and the memory budget allows."""
+    workers = torch.get_num_threads() if any(p.weight.device.type == "cpu" for p in plans) else 1
+    if workers <= 1 or len(plans) <= 1 or cfg.init == "lora":
+        for p in plans:
+            yield (p, *initial_factors(p.weight, p, cfg))
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="minipissa-init") as pool:
+        running: deque[tuple[Plan, int, Future]] = deque()
+        in_flight = 0
+        for p in plans:
+            cost = _workspace(p, cfg)
+            while running and (len(running) >= workers or in_flight + cost > cfg.memory_budget):
+                done, size, future = running.popleft()
+                in_flight -= size
+                yield (done, *future.result())
+            running.append((p, cost, pool.submit(initial_factors, p.weight, p, cfg)))
+            in_flight += cost
+        while running:
+            done, _, future = running.popleft()
+            yield (done, *future.result())
+
+
+def _workspace(p: Plan, cfg: InitConfig) -> int:
+    m, n = p.shape
+    columns = None if cfg.niter is None else decompose.sketch_columns(p.rank, cfg.oversample, m, n)
+    return batching.workspace_bytes(m, n, columns, decompose.compute_dtype(p.weight.dtype))
+
+
+def progress_reporter(progress: bool | Callable[[int, int], None], total: int) -> Callable[[int], None]:
+    """A ``report(done)`` for apply's loop: the user's callback, a tqdm bar, or nothing."""
+    if callable(progress):
+        return lambda done: progress(done, total)
+    if not progress:
+        return lambda done: None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional
+        return lambda done: None
+    bar = tqdm(total=total, desc="minipissa init", unit="module")
+
+    def report(done: int) -> None:
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    return report

@@ -1,0 +1,85 @@
+"""The model tree: one module to adapt (:class:`Plan`), the one builder of its layer, and the tree helpers
+that apply(), load() and sharded init share: list the PiSSA layers, put a layer in place, freeze all but A/B."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from .layer import PiSSALinear, lora_scaling, weight_matrix
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One module to adapt and its resolved settings: from apply()'s options or from a saved file."""
+
+    name: str
+    module: nn.Module
+    rank: int
+    alpha: float
+    rslora: bool
+    fan_in_fan_out: bool
+    dropout: float = 0.0
+    adapter_dtype: torch.dtype | None = None
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.alpha, self.rank, self.rslora)
+
+    @property
+    def weight(self) -> Tensor:
+        """The module's stored weight, (out, in) or (in, out) when ``fan_in_fan_out``; read when needed, so
+        that a replaced module's weight can be freed at once."""
+        return cast(Tensor, self.module.weight)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in) of the weight matrix."""
+        out_features, in_features = weight_matrix(self.weight, self.fan_in_fan_out).shape
+        return out_features, in_features
+
+
+def build_layer(
+    plan: Plan, a0: Tensor, b0: Tensor, info: dict[str, Any], *, weight_is_residual: bool = False
+) -> PiSSALinear:
+    """The PiSSALinear for ``plan`` from its initial factors A0 (r, in), B0 (out, r); it takes the module's
+    tensors over. ``weight_is_residual``: the module's weight already holds W_res (a residual file, or
+    sharded init, which wrote it into the shards): the layer keeps that very Parameter."""
+    base = plan.module
+    weight, bias = base.weight, base.bias
+    layer = PiSSALinear(
+        base, a0, b0, alpha=plan.alpha, rslora=plan.rslora, dropout=plan.dropout, fan_in_fan_out=plan.fan_in_fan_out,
+        adapter_dtype=plan.adapter_dtype, info=info, base_is_residual=weight_is_residual,
+    )  # fmt: skip
+    if weight_is_residual:  # the same Parameter objects: a wrapper (FSDP2) may hold them
+        layer.weight, layer.bias = cast(nn.Parameter, weight), cast(nn.Parameter | None, bias)
+        layer.weight.requires_grad_(False)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(False)
+    return layer
+
+
+def pissa_layers(model: nn.Module) -> Iterator[tuple[str, PiSSALinear]]:
+    """(full name, layer) for every PiSSALinear in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, PiSSALinear):
+            yield name, module
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` is."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+def train_adapters_only(model: nn.Module) -> None:
+    """Only the A and B of every PiSSA layer require gradients."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for _, layer in pissa_layers(model):
+        layer.A.requires_grad_(True)
+        layer.B.requires_grad_(True)
