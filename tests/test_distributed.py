@@ -360,3 +360,18 @@ def test_distributed_check_script_runs_tiny(tmp_path: Path) -> None:
     # The same weights, factors and A/B in one process; fp32, so at most the rounding of differently
     # ordered sums (~sqrt(96) * eps32 per layer, 1e-6) may differ: measured 0.0.
     assert results["checks"]["loaded_logits_rel_diff"] < 1e-5
+
+
+def test_fsdp2_internals_of_each_tested_torch_layout_and_a_named_error_for_others() -> None:
+    """FSDP2 keeps its parameter groups as a list (torch 2.13) or as one optional group (torch 2.11); any other
+    layout is refused with what to do instead, before anything changes."""
+    from types import SimpleNamespace
+
+    from minipissa.sharded.fsdp import _param_groups
+
+    group = object()
+    assert _param_groups(SimpleNamespace(_fsdp_param_groups=[group])) == [group]  # 2.13
+    assert _param_groups(SimpleNamespace(_fsdp_param_group=group)) == [group]  # 2.11
+    assert _param_groups(SimpleNamespace(_fsdp_param_group=None)) == []  # 2.11, a module without parameters
+    with pytest.raises(NotImplementedError, match="apply before fully_shard"):
+        _param_groups(SimpleNamespace(_groups={}))
