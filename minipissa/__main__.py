@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from . import records, residual, state
 from .convert import PEFT_PREFIX, SERVING_RANK_LIMIT, convert_to_lora
 from .report import explained_energy
 from .safefile import StateError, read
@@ -40,20 +41,21 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"{args.file}: minipissa {info['kind']} file, format version {info['format_version']}")
     print(f"{len(tensors)} tensors, {data:,} bytes of tensor data; file {size:,} bytes (+{size - data:,} header)")
     if info["kind"] == "residual":
-        print(f"residual weights of {len(info['residual_modules'])} modules; tied keys: {info['tied'] or 'none'}")
+        tied, modules, _ = residual.read(args.file)
+        print(f"residual weights of {len(modules)} modules; tied keys: {tied or 'none'}")
         return 0
-    print("config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
+    info, recs, _ = state.read(args.file)  # every field checked
+    print("config: " + ", ".join(f"{k}={v}" for k, v in records.config_summary(recs).items()))
     print(f"optimizer state: {'yes, ' + info['optimizer']['class'] if info.get('optimizer') else 'no'}")
     print(f"{'module':<40} {'out x in':>11} {'rank':>4} {'alpha':>6} {'dtype':>8} {'energy':>7}  top singular values")
-    for name, m in info["modules"].items():
-        sigma = m["info"].get("singular_values") or []
-        norm = m["info"].get("weight_norm") or 0.0
-        share = explained_energy(sigma, norm)
+    for rec in recs:
+        sigma = rec.info["singular_values"]
+        share = explained_energy(sigma, rec.info["weight_norm"])
         energy = "-" if share is None else f"{share:.3f}"
         top = ", ".join(f"{s:.4g}" for s in sigma[:4]) + (", ..." if len(sigma) > 4 else "")
-        flag = " (fan_in_fan_out)" if m["fan_in_fan_out"] else ""
-        shape = f"{m['out_features']} x {m['in_features']}"
-        print(f"{name:<40} {shape:>11} {m['rank']:>4} {m['alpha']:>6g} {m['base_dtype']:>8} {energy:>7}  {top}{flag}")
+        flag = " (fan_in_fan_out)" if rec.fan_in_fan_out else ""
+        shape = f"{rec.out_features} x {rec.in_features}"
+        print(f"{rec.name:<40} {shape:>11} {rec.rank:>4} {rec.alpha:>6g} {rec.base_dtype:>8} {energy:>7}  {top}{flag}")
     return 0
 
 
@@ -78,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.run(args))
+    except BrokenPipeError:  # `inspect ... | head`: the reader left; say nothing more (nor at exit)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (StateError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ floating-point rounding of a batched product at most; each residual is computed 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,6 +42,16 @@ def workspace_bytes(m: int, n: int, columns: int | None, dtype: torch.dtype) -> 
     return m * n * size + 8 * (m + n) * columns * 8
 
 
+@contextlib.contextmanager
+def naming(plans: Sequence[Plan]) -> Iterator[None]:
+    """An error inside (a LinAlgError, an out-of-memory) names the modules being decomposed."""
+    try:
+        yield
+    except Exception as e:
+        names = ", ".join(f"'{p.name}'" for p in plans[:5]) + (" ..." if len(plans) > 5 else "")
+        raise RuntimeError(f"minipissa: decomposing module(s) {names} failed: {type(e).__name__}: {e}") from e
+
+
 def chunks(plans: Sequence[Plan], cfg: InitConfig) -> Iterator[Item]:
     """The factors of every plan (top-r, exact or randomized; ``cfg.init == "pissa"``), in group order."""
     groups: dict[tuple, list[Plan]] = {}
@@ -55,10 +66,12 @@ def chunks(plans: Sequence[Plan], cfg: InitConfig) -> Iterator[Item]:
             for start in range(0, len(members), size):
                 chunk = members[start : start + size]
                 if cfg.components == "minor":  # a full SVD per chunk: nothing to pipeline
-                    a, b, sigma = decompose.principal_factors(_stack(chunk, dtype), rank, scaling, minor=True)
+                    with naming(chunk):
+                        a, b, sigma = decompose.principal_factors(_stack(chunk, dtype), rank, scaling, minor=True)
                     yield from zip(chunk, a, b, sigma, strict=True)
                     continue
-                started = _start(chunk, cfg, dtype, columns, rank)
+                with naming(chunk):
+                    started = _start(chunk, cfg, dtype, columns, rank)
                 vectors = host.submit(_host_eigh, *_to_host(started.gram))
                 if pending is not None:
                     yield from pending()
@@ -123,6 +136,7 @@ def _finish(
         vectors.cancel()  # its input was garbage; its result (or error) is not wanted
         return _start(chunk, cfg, dtype, columns, rank, householder=True)
 
-    u, s, v = decompose.triplets(started, lambda: vectors.result().to(started.gram.device), again)
-    a, b = decompose.split_factors(u, s, v, scaling)
+    with naming(chunk):
+        u, s, v = decompose.triplets(started, lambda: vectors.result().to(started.gram.device), again)
+        a, b = decompose.split_factors(u, s, v, scaling)
     yield from zip(chunk, a, b, s, strict=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .layer import lora_scaling
 from .targets import value_for
 
 INITS = ("pissa", "lora")
@@ -17,6 +18,18 @@ COMPONENTS = ("principal", "minor")
 RECORDED = ("init", "niter", "oversample", "seed", "components")
 #: Default bound (bytes) on the extra memory a chunk of stacked weights and its workspace may take.
 MEMORY_BUDGET = 1 << 30
+#: The scalings s = alpha / r (or alpha / sqrt(r)) accepted: A and B hold sqrt(S / s), which leaves the float
+#: range (or the output turns to inf * 0 = NaN) only far outside it; real runs use s from 1e-3 to a few hundred.
+SCALING_RANGE = (1e-6, 1e6)
+
+
+def scaling_error(alpha: float, rank: int, rslora: bool) -> str | None:
+    """Why (alpha, rank, rslora) gives an unusable scaling, or None."""
+    s = lora_scaling(alpha, rank, rslora)
+    low, high = SCALING_RANGE
+    if not low <= s <= high:
+        return f"such that s = alpha / {'sqrt(r)' if rslora else 'r'} = {s:.3g} lies in [{low:g}, {high:g}]"
+    return None
 
 
 def _is_int(value: object) -> bool:
@@ -91,6 +104,9 @@ class InitConfig:
         alpha = float(rank) if self.alpha is None else value_for(name, self.alpha, "alpha", default=float(rank))
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
             raise ValueError(f"minipissa: alpha for module '{name}' must be > 0 and finite, got {alpha!r}")
+        error = scaling_error(alpha, rank, self.rslora)
+        if error:
+            raise ValueError(f"minipissa: alpha for module '{name}' must be {error}, got alpha = {alpha!r}")
         return float(alpha)
 
     def stacks(self, device: torch.device) -> bool:

@@ -18,8 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from . import linalg, state
+from .records import ModuleRecord
 from .safefile import PathLike, StateError, atomic_write, write_safetensors
 from .sharded.dtensor import write_once
+from .tree import adapted_layers
 
 PEFT_PREFIX = "base_model.model."
 #: vLLM's default ``max_lora_rank``: adapters of higher rank need server flags or ``rank=``.
@@ -43,7 +45,7 @@ class ConversionReport:
     module_errors: dict[str, float] = field(default_factory=dict)
 
 
-def lora_factors(rec: state.ModuleRecord) -> tuple[Tensor, Tensor, float]:
+def lora_factors(rec: ModuleRecord) -> tuple[Tensor, Tensor, float]:
     """A' (2r, in), B' (out, 2r) and alpha' of one module, in the decomposition dtype."""
     dtype = rec.A0.dtype
     a = torch.cat([rec.A.to(dtype), rec.A0], dim=0)
@@ -96,7 +98,9 @@ def convert_to_lora(
     """
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise StateError(f"minipissa.convert_to_lora: rank must be an int >= 1, got {rank!r}")
-    recs = state.records(src) if isinstance(src, nn.Module) else state.read(src)[1]
+    recs = (
+        state.records_of(adapted_layers(src, "convert_to_lora")) if isinstance(src, nn.Module) else state.read(src)[1]
+    )
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise StateError(f"minipissa.convert_to_lora: '{out}' exists and is not a directory; give a directory")

@@ -1,7 +1,15 @@
-"""Cheap fingerprints of weight tensors, to tell the right base model from a wrong one.
+"""Fingerprints of weight tensors, to tell the right base model from a wrong one, exactly.
 
-A fingerprint is a few float64 moments (robust to the summation order of another device) plus a
-hash of evenly spaced elements' raw bytes (exact: one changed bit in the sample changes it).
+A fingerprint is an exact 64-bit hash of every element's bit pattern *and position*, plus two float64
+moments (the sum and the sum of squares: ‖W‖_F for the summary). Seen as a matrix (rows, last dim), the
+hash is ``sum_ij bits_ij * r_i * c_j`` with pseudo-random odd 64-bit keys r (per row) and c (per column),
+in int64 arithmetic, which wraps around. Any change of one element changes it (an odd key times a nonzero
+change is nonzero modulo 2^64); a swap or a permutation of elements changes it unless 64-bit products
+collide (a chance of about 2^-31). Addition modulo 2^64 does not depend on the order of the sum, so the
+CPU and any GPU give the same hash for the same tensor, computed where the tensor lives, in three passes.
+
+Version-1 files hold an older fingerprint (moments and a hash of 4,096 sampled elements); they are
+compared in their own terms (:func:`same`).
 """
 
 from __future__ import annotations
@@ -17,14 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-SAMPLES = 4096
-MOMENT_RTOL = 1e-6
-
-
-@torch.no_grad()
-def fingerprint(weight: Tensor) -> dict[str, Any]:
-    """{"shape", "dtype", "sum", "sumsq", "sample_sha256"} of a tensor, JSON-able."""
-    return read_all([fingerprint_later(weight)])[0]
+#: Elements hashed per step: bounds the int64 temporaries to 64 MiB, whatever the weight's size.
+CHUNK = 1 << 23
+_K = 0x9E3779B97F4A7C15 - (1 << 64)  # odd 64-bit constants as signed int64 (splitmix64's)
+_M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_M2 = 0x94D049BB133111EB - (1 << 64)
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+LEGACY_SAMPLES, LEGACY_RTOL = 4096, 1e-6
 
 
 @dataclass
@@ -33,88 +40,106 @@ class Pending:
 
     shape: list[int]
     dtype: str
-    total: Tensor  # () float64
-    norm: Tensor  # () float64, ||w||_F
-    sample: Tensor  # the sampled elements' raw bytes, uint8
+    values: Tensor  # (3,) int64: the hash, and the bits of the float64 sum and sum of squares
 
 
 @functools.lru_cache(maxsize=64)
-def _sample_index(numel: int, device: torch.device) -> Tensor:
-    # Integer arithmetic: a float32 linspace rounds n - 1 up past the end for n > 2^24 elements.
-    count = min(SAMPLES, numel)
-    return torch.arange(count, device=device) * max(numel - 1, 0) // max(count - 1, 1)
+def _keys(n: int, salt: int, device: torch.device) -> Tensor:
+    """n pseudo-random odd int64 keys, a function of (n, salt) alone (splitmix64's mixer, arithmetic shifts)."""
+    offset = (salt * _K) % (1 << 64)
+    z = torch.arange(n, dtype=torch.int64, device=device) + (offset - (1 << 64) if offset >> 63 else offset)
+    z ^= z >> 30
+    z *= _M1
+    z ^= z >> 27
+    z *= _M2
+    z ^= z >> 31
+    return z | 1
 
 
 @torch.no_grad()
 def fingerprint_later(weight: Tensor) -> Pending:
-    """Queue a fingerprint's device work, to be read back later by :func:`read_all`.
-
-    apply() fingerprints every base weight: reading each result back at once would stop the host
-    until the GPU is idle, 224 times for a 7B model; read together after the loop, it is one copy.
-    """
+    """Queue a fingerprint's device work (no host sync), to be read back later by :func:`read_all`."""
     flat = weight.detach().reshape(-1)
-    sample = flat[_sample_index(flat.numel(), flat.device)].view(torch.uint8)
-    # Each reduction reads the weight once, with no float64 copy of it (4x the weight's bytes).
-    # Row sums in float32 (rows of <= ~10^4 elements: rounding ~1e-7 of the row's magnitude, far
-    # inside MOMENT_RTOL); the norm accumulates in float64 (float32 norms of bf16 drift by ~1e-6).
-    rows = flat.reshape(-1, weight.shape[-1]) if weight.ndim else flat.reshape(1, 1)
-    if not rows.is_floating_point():  # integer tensors (quantized storage): reductions need floats
-        rows = rows.to(torch.float64)
-    total = rows.sum(dim=1, dtype=torch.float32).sum(dtype=torch.float64)
-    norm = torch.linalg.vector_norm(rows, dtype=torch.float64)
-    return Pending(list(weight.shape), str(weight.dtype).removeprefix("torch."), total, norm, sample)
+    width = weight.shape[-1] if weight.ndim and flat.numel() else max(flat.numel(), 1)
+    matrix = flat.reshape(-1, width)
+    bits = matrix.view(_INT_VIEW[matrix.element_size()]) if matrix.is_floating_point() else matrix
+    columns, rows = _keys(width, 1, flat.device), _keys(matrix.shape[0], 2, flat.device)
+    digest = torch.zeros((), dtype=torch.int64, device=flat.device)
+    step = max(1, CHUNK // width)
+    for start in range(0, matrix.shape[0], step):
+        block = bits[start : start + step].to(torch.int64) * columns  # out of place: .to() may not copy
+        digest += (block.sum(dim=1) * rows[start : start + step]).sum()
+    # Moments: row sums in float32 (rows of <= ~10^4 elements), accumulated in float64; no float64 copy of W.
+    floats = matrix if matrix.is_floating_point() else matrix.to(torch.float64)
+    total = floats.sum(dim=1, dtype=torch.float32).sum(dtype=torch.float64)
+    sumsq = torch.linalg.vector_norm(floats, dtype=torch.float64).square()
+    values = torch.stack([digest, total.view(torch.int64), sumsq.view(torch.int64)])
+    return Pending(list(weight.shape), str(weight.dtype).removeprefix("torch."), values)
 
 
 def read_all(queued: Sequence[Pending | dict[str, Any]]) -> list[dict[str, Any]]:
     """The fingerprints of ``queued`` (those read already pass through), with one device-to-host copy per device."""
     pending = [p for p in queued if isinstance(p, Pending)]
-    done = iter(_read(pending))
-    return [next(done) if isinstance(p, Pending) else p for p in queued]
-
-
-def _read(pending: list[Pending]) -> list[dict[str, Any]]:
-    moments: list[list[float]] = [[] for _ in pending]
-    samples: list[bytes] = [b"" for _ in pending]
     by_device: dict[torch.device, list[int]] = {}
     for i, p in enumerate(pending):
-        by_device.setdefault(p.total.device, []).append(i)
+        by_device.setdefault(p.values.device, []).append(i)
+    values: list[list[int]] = [[] for _ in pending]
     for items in by_device.values():
-        values = torch.stack([t for i in items for t in (pending[i].total, pending[i].norm)]).cpu().view(-1, 2).tolist()
-        raw = torch.cat([pending[i].sample for i in items]).cpu()
-        everything = ctypes.string_at(raw.data_ptr(), raw.numel()) if raw.numel() else b""
-        offset = 0
-        for i, value in zip(items, values, strict=True):
-            size = pending[i].sample.numel()
-            moments[i], samples[i] = value, everything[offset : offset + size]
-            offset += size
-    return [
+        rows = torch.stack([pending[i].values for i in items]).cpu()
+        for i, row in zip(items, rows, strict=True):
+            values[i] = row.tolist()
+    read = iter(
         {
             "shape": p.shape,
             "dtype": p.dtype,
-            "sum": total,
-            "sumsq": norm * norm,
-            "sample_sha256": hashlib.sha256(sample).hexdigest(),
+            "sum": torch.tensor(total).view(torch.float64).item(),
+            "sumsq": torch.tensor(sumsq).view(torch.float64).item(),
+            "hash": f"{digest & (2**64 - 1):016x}",
         }
-        for p, (total, norm), sample in zip(pending, moments, samples, strict=True)
-    ]
+        for p, (digest, total, sumsq) in zip(pending, values, strict=True)
+    )
+    return [next(read) if isinstance(p, Pending) else p for p in queued]
 
 
-def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two fingerprints describe the same tensor (moments to MOMENT_RTOL, hash exactly)."""
-    scale = math.sqrt(max(a["sumsq"], b["sumsq"], 1e-300) * max(math.prod(a["shape"]), 1))
+def fingerprint(weight: Tensor) -> dict[str, Any]:
+    """{"shape", "dtype", "sum", "sumsq", "hash"} of a tensor, JSON-able."""
+    return read_all([fingerprint_later(weight)])[0]
+
+
+def is_finite(print_: dict[str, Any]) -> bool:
+    """Whether the fingerprinted tensor holds no NaN or infinity (its moments are then finite)."""
+    return math.isfinite(print_["sum"]) and math.isfinite(print_["sumsq"])
+
+
+def same(saved: dict[str, Any], weight: Tensor) -> bool:
+    """Whether ``weight`` is the tensor a saved fingerprint describes (exactly; a version-1 fingerprint:
+    moments to LEGACY_RTOL and its sampled elements exactly)."""
+    if saved.get("shape") != list(weight.shape) or saved.get("dtype") != str(weight.dtype).removeprefix("torch."):
+        return False
+    if "hash" in saved:
+        return bool(saved["hash"] == fingerprint(weight)["hash"])
+    now = fingerprint(weight)
+    scale = math.sqrt(max(saved["sumsq"], now["sumsq"], 1e-300) * max(weight.numel(), 1))
     return (
-        a["shape"] == b["shape"]
-        and a["dtype"] == b["dtype"]
-        and a["sample_sha256"] == b["sample_sha256"]
-        and abs(a["sum"] - b["sum"]) <= MOMENT_RTOL * scale
-        and math.isclose(a["sumsq"], b["sumsq"], rel_tol=MOMENT_RTOL)
+        saved["sample_sha256"] == _legacy_sample_sha256(weight)
+        and abs(saved["sum"] - now["sum"]) <= LEGACY_RTOL * scale
+        and math.isclose(saved["sumsq"], now["sumsq"], rel_tol=LEGACY_RTOL)
     )
 
 
-def describe(sigma: Tensor, base: dict[str, Any], residual: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A layer's info entries about its weight: kept singular values, ||W||_F and the fingerprints
-    (the residual's may come later: :func:`minipissa.save` adds it if missing)."""
-    info = {"singular_values": sigma.tolist(), "weight_norm": math.sqrt(base["sumsq"]), "base_fingerprint": base}
-    if residual is not None:
-        info["residual_fingerprint"] = residual
-    return info
+@functools.lru_cache(maxsize=64)
+def _legacy_index(numel: int, device: torch.device) -> Tensor:
+    count = min(LEGACY_SAMPLES, numel)
+    return torch.arange(count, device=device) * max(numel - 1, 0) // max(count - 1, 1)
+
+
+def _legacy_sample_sha256(weight: Tensor) -> str:
+    """Version 1's hash: sha256 of the raw bytes of 4,096 evenly spaced elements."""
+    flat = weight.detach().reshape(-1)
+    raw = flat[_legacy_index(flat.numel(), flat.device)].view(torch.uint8).cpu()
+    return hashlib.sha256(ctypes.string_at(raw.data_ptr(), raw.numel()) if raw.numel() else b"").hexdigest()
+
+
+def describe(sigma: Tensor, base: dict[str, Any]) -> dict[str, Any]:
+    """A layer's info entries about its weight: kept singular values, ||W||_F and W's fingerprint."""
+    return {"singular_values": sigma.tolist(), "weight_norm": math.sqrt(base["sumsq"]), "base_fingerprint": base}

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from . import batching, decompose
 from .config import InitConfig
-from .fingerprint import Pending, fingerprint_later
 from .layer import is_conv1d, weight_matrix
 from .targets import Targets, find_targets
 from .tree import Plan
@@ -68,8 +67,10 @@ class Factors:
     a0: Tensor  # (r, in)
     b0: Tensor  # (out, r)
     sigma: Tensor  # (r,) the kept singular values; (0,) for LoRA
-    base_print: Pending | dict[str, Any]  # the fingerprint of W (queued, or read already)
-    weight_is_residual: bool = False  # W_res is already in the module (sharded init wrote it into the shards)
+    # Sharded init writes W_res into the shards as it goes, and fingerprints W and W_res on the owner rank.
+    base_print: dict[str, Any] | None = None
+    residual_print: dict[str, Any] | None = None
+    weight_is_residual: bool = False
 
 
 def initial_factors(weight: Tensor, plan: Plan, cfg: InitConfig) -> tuple[Tensor, Tensor, Tensor]:
@@ -98,9 +99,33 @@ def factors(plans: Sequence[Plan], cfg: InitConfig) -> Iterator[Factors]:
     stacked = [p for p in plans if cfg.init == "pissa" and cfg.stacks(p.weight.device)]
     single = [p for p in plans if not (cfg.init == "pissa" and cfg.stacks(p.weight.device))]
     for p, a0, b0, sigma in _one_at_a_time(single, cfg):
-        yield Factors(p, a0, b0, sigma, fingerprint_later(p.weight))
+        yield Factors(p, a0, b0, sigma)
     for p, a0, b0, sigma in batching.chunks(stacked, cfg):
-        yield Factors(p, a0, b0, sigma, fingerprint_later(p.weight))
+        yield Factors(p, a0, b0, sigma)
+
+
+def nonfinite_factors(items: Sequence[Factors]) -> list[str]:
+    """The modules whose A0, B0 or singular values hold NaN or inf (one read-back per device)."""
+    by_device: dict[torch.device, list[Factors]] = {}
+    for item in items:
+        by_device.setdefault(item.a0.device, []).append(item)
+    bad = []
+    for members in by_device.values():
+        finite = torch.stack(
+            [torch.isfinite(torch.cat([i.a0.flatten(), i.b0.flatten(), i.sigma])).all() for i in members]
+        )
+        bad += [i.plan.name for i, ok in zip(members, finite.tolist(), strict=True) if not ok]
+    return bad
+
+
+def refuse_nonfinite(names: Sequence[str], what: str) -> None:
+    """A named error for the modules whose ``what`` are not finite; nothing has been changed yet."""
+    if names:
+        shown = ", ".join(f"'{n}'" for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise ValueError(
+            f"minipissa: module(s) {shown} have NaN or infinite {what}; nothing was changed. Check the "
+            "checkpoint (or exclude these modules)"
+        )
 
 
 def _one_at_a_time(plans: Sequence[Plan], cfg: InitConfig) -> Iterator[tuple[Plan, Tensor, Tensor, Tensor]]:
@@ -110,7 +135,7 @@ def _one_at_a_time(plans: Sequence[Plan], cfg: InitConfig) -> Iterator[tuple[Pla
     workers = torch.get_num_threads() if any(p.weight.device.type == "cpu" for p in plans) else 1
     if workers <= 1 or len(plans) <= 1 or cfg.init == "lora":
         for p in plans:
-            yield (p, *initial_factors(p.weight, p, cfg))
+            yield (p, *_factored(p, cfg))
         return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="minipissa-init") as pool:
         running: deque[tuple[Plan, int, Future]] = deque()
@@ -121,11 +146,17 @@ def _one_at_a_time(plans: Sequence[Plan], cfg: InitConfig) -> Iterator[tuple[Pla
                 done, size, future = running.popleft()
                 in_flight -= size
                 yield (done, *future.result())
-            running.append((p, cost, pool.submit(initial_factors, p.weight, p, cfg)))
+            running.append((p, cost, pool.submit(_factored, p, cfg)))
             in_flight += cost
         while running:
             done, _, future = running.popleft()
             yield (done, *future.result())
+
+
+def _factored(p: Plan, cfg: InitConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`initial_factors` of one plan; an error names the module."""
+    with batching.naming([p]):
+        return initial_factors(p.weight, p, cfg)
 
 
 def _workspace(p: Plan, cfg: InitConfig) -> int:

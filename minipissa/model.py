@@ -12,11 +12,12 @@ from torch import nn
 
 from . import casts, report
 from .config import MEMORY_BUDGET, InitConfig
-from .fingerprint import describe, read_all
-from .init import factors, plan_modules, progress_reporter
+from .fingerprint import describe, fingerprint_later, is_finite, read_all
+from .init import Factors, factors, nonfinite_factors, plan_modules, progress_reporter, refuse_nonfinite
+from .layer import PiSSALinear
 from .sharded.dtensor import is_dtensor, refuse_sharded
 from .sharded.fsdp import FsdpAdoption
-from .sharded.init import check_layouts, sharded_factors
+from .sharded.init import check_finite_shards, check_layouts, sharded_factors
 from .targets import Targets
 from .tree import Plan, build_layer, pissa_layers, replace_module, train_adapters_only
 
@@ -77,28 +78,53 @@ def apply(
 def adapt(
     model: nn.Module, plans: Sequence[Plan], cfg: InitConfig, progress: bool | Callable[[int, int], None] = False
 ) -> None:
-    """apply() after planning: the factor stream, each layer built and put in place as its factors come
-    (so that its weight is freed before the next chunk is stacked), then only A and B left trainable."""
+    """apply() after planning, in steps such that an error before the last leaves the model as it was:
+
+    1. every target weight is fingerprinted (one pass, one read-back) and refused if it holds NaN or inf;
+    2. every initial factor is computed (the factor stream) and refused if not finite;
+    3. each layer is built and put in place, its weight freed as the loop goes; then only A and B train.
+
+    Only an out-of-memory or an interrupt in step 3 stops it midway: the error then names the modules
+    already adapted (each an exact PiSSA layer) and those left as they were. Sharded weights (FSDP2) are
+    checked in steps 1-2 alike, but their residuals are written into the shards as their factors come.
+    """
     sharded = [p for p in plans if is_dtensor(p.weight)]
     plain = [p for p in plans if not is_dtensor(p.weight)]
     fsdp = None
-    if sharded:  # FSDP2 / DTensor weights: each factored on one owner rank; checked before anything changes
+    if sharded:  # FSDP2 / DTensor weights: each factored on one owner rank
         check_layouts(sharded)
         fsdp = FsdpAdoption(model, sharded)
+        check_finite_shards(sharded)
+    prints = read_all([fingerprint_later(p.weight) for p in plain])
+    refuse_nonfinite([p.name for p, fp in zip(plain, prints, strict=True) if not is_finite(fp)], "weights")
     report_progress = progress_reporter(progress, len(plans))
-    built = []
-    stream = itertools.chain(sharded_factors(sharded, cfg), factors(plain, cfg))
-    for done, item in enumerate(stream, 1):
-        layer = build_layer(item.plan, item.a0, item.b0, cfg.recorded(), weight_is_residual=item.weight_is_residual)
-        replace_module(model, item.plan.name, layer)
-        if fsdp is not None:
-            fsdp.adopt(item.plan.module, layer)
-        built.append((layer, item.sigma, item.base_print))
-        del item, layer  # let the replaced weight go before the next chunk is stacked
-        report_progress(done)
-    prints = read_all([base for _, _, base in built])  # one read-back: a read per module would stall a GPU
-    for (layer, sigma, _), base in zip(built, prints, strict=True):
-        layer.info.update(describe(sigma, base))
+    items = []
+    for item in factors(plain, cfg):
+        items.append(item)
+        report_progress(len(items))
+    refuse_nonfinite(nonfinite_factors(items), "initial factors (is alpha so small or large that S / s overflows?)")
+    base_print = {p.name: fp for p, fp in zip(plain, prints, strict=True)}
+    built: list[tuple[PiSSALinear, Factors]] = []
+    try:
+        for item in itertools.chain(sharded_factors(sharded, cfg), items):
+            layer = build_layer(item.plan, item.a0, item.b0, cfg.recorded(), weight_is_residual=item.weight_is_residual)
+            replace_module(model, item.plan.name, layer)
+            if fsdp is not None:
+                fsdp.adopt(item.plan.module, layer)
+            built.append((layer, item))
+            if item.weight_is_residual:
+                report_progress(len(items) + len(built))
+    except BaseException as e:
+        done = {name for name, layer in pissa_layers(model)} & {p.name for p in plans}
+        raise RuntimeError(
+            f"minipissa.apply: stopped while putting the layers in place ({type(e).__name__}: {e}); adapted so far "
+            f"(exact PiSSA layers): {sorted(done)}; left as they were: {sorted({p.name for p in plans} - done)}"
+        ) from e
+    # The residuals' fingerprints (one read-back), so that save() can tell whether one was edited since.
+    residual_prints = read_all([item.residual_print or fingerprint_later(layer.weight) for layer, item in built])
+    for (layer, item), residual_print in zip(built, residual_prints, strict=True):
+        layer.info.update(describe(item.sigma, item.base_print or base_print[item.plan.name]))
+        layer.info["residual_fingerprint"] = residual_print
     train_adapters_only(model)
     casts.install(model, [layer for _, layer in pissa_layers(model)])
 

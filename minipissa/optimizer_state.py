@@ -9,7 +9,8 @@ resumed optimizer may list them in another order.
 from __future__ import annotations
 
 import json
-from typing import Any
+import math
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor
@@ -60,6 +61,52 @@ def pack(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict[
     return tensors, {"class": type(optimizer).__name__, "param_groups": groups, "state": state}
 
 
+def check_meta(meta: dict[str, Any], where: str) -> None:
+    """A StateError unless ``meta`` has the structure :func:`pack` writes (values are checked by :func:`unpack`)."""
+
+    def fail(what: str) -> NoReturn:
+        raise StateError(f"{where}: the optimizer state's {what} is malformed; the file is corrupted or crafted")
+
+    if set(meta) != {"class", "param_groups", "state"} or not isinstance(meta["class"], str):
+        fail("header")
+    groups, state = meta["param_groups"], meta["state"]
+    if not isinstance(groups, list) or not isinstance(state, dict):
+        fail("layout")
+    for group in groups:
+        if not (isinstance(group, dict) and set(group) == {"params", "hyper", "tuples"}):
+            fail("param group")
+        if not (_strings(group["params"]) and _strings(group["tuples"]) and isinstance(group["hyper"], dict)):
+            fail("param group")
+        if not set(group["tuples"]) <= set(group["hyper"]):
+            fail("param group's tuples")
+        for key, value in group["hyper"].items():
+            ok = isinstance(value, SCALARS) or (isinstance(value, list) and all(isinstance(v, SCALARS) for v in value))
+            if not ok or (key in group["tuples"]) != isinstance(value, list):
+                fail(f"hyperparameter '{key}'")
+    for name, entry in state.items():
+        if not (isinstance(entry, dict) and set(entry) == {"scalars", "tensors"} and _strings(entry["tensors"])):
+            fail(f"state of '{name}'")
+        if not (isinstance(entry["scalars"], dict) and all(isinstance(v, SCALARS) for v in entry["scalars"].values())):
+            fail(f"state of '{name}'")
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _same_kind(saved: Any, live: Any) -> bool:
+    """Whether a saved hyperparameter can stand where the optimizer has ``live`` (a number for a number...)."""
+    if isinstance(live, bool) or live is None:  # flags such as foreach, fused: None means "default"
+        return saved is None or isinstance(saved, bool)
+    if isinstance(live, str):
+        return isinstance(saved, str)
+    if isinstance(live, (int, float)):
+        return isinstance(saved, (int, float)) and not isinstance(saved, bool) and math.isfinite(saved)
+    if isinstance(live, (tuple, list)):
+        return isinstance(saved, tuple) and len(saved) == len(live) and all(map(_same_kind, saved, live))
+    return True  # a Tensor lr (capturable optimizers) or anything else: load_state_dict handles it
+
+
 def unpack(
     optimizer: torch.optim.Optimizer,
     params: dict[str, Tensor],
@@ -67,16 +114,15 @@ def unpack(
     meta: dict[str, Any],
     path: str,
 ) -> dict[str, Any]:
-    """A state dict for ``optimizer.load_state_dict`` from the saved state; checks everything first.
+    """A state dict for ``optimizer.load_state_dict`` from the saved state (``meta`` passed :func:`check_meta`);
+    checks everything first: classes, groups, hyperparameter kinds, and each state tensor's shape and dtype.
 
     ``params`` maps each adapter parameter's name to the model's parameter.
     """
     where = f"minipissa.load(optimizer=) from '{path}'"
-    if meta.get("class") != type(optimizer).__name__:
-        raise StateError(
-            f"{where}: the state is for a {meta.get('class')}, the optimizer is a {type(optimizer).__name__}"
-        )
-    saved_groups = meta.get("param_groups", [])
+    if meta["class"] != type(optimizer).__name__:
+        raise StateError(f"{where}: the state is for a {meta['class']}, the optimizer is a {type(optimizer).__name__}")
+    saved_groups = meta["param_groups"]
     if len(saved_groups) != len(optimizer.param_groups):
         raise StateError(
             f"{where}: the file has {len(saved_groups)} param groups, the optimizer {len(optimizer.param_groups)}"
@@ -94,6 +140,9 @@ def unpack(
         if sorted(names) != sorted(saved["params"]):
             raise StateError(f"{where}: param group {i} holds {sorted(names)}, the file {saved['params']}")
         hyper = dict(saved["hyper"]) | {k: tuple(saved["hyper"][k]) for k in saved["tuples"]}
+        wrong = [k for k, v in hyper.items() if k in group and not _same_kind(v, group[k])]
+        if wrong:
+            raise StateError(f"{where}: param group {i}'s {wrong[:3]} do not fit the optimizer's (e.g. a str lr)")
         ids = []
         for name in names:
             entry = meta["state"].get(name)
@@ -101,6 +150,8 @@ def unpack(
                 keys = [f"{PREFIX}{name}:{k}" for k in entry["tensors"]]
                 if any(k not in tensors for k in keys):
                     raise StateError(f"{where}: optimizer tensors of '{name}' are missing; the file is incomplete")
+                for key in keys:
+                    _check_tensor(tensors[key], params[name], f"{where}: '{key}'")
                 used.update(keys)
                 state[index] = entry["scalars"] | {
                     k: tensors[key] for k, key in zip(entry["tensors"], keys, strict=True)
@@ -112,3 +163,14 @@ def unpack(
     if unused:
         raise StateError(f"{where}: the file holds optimizer tensors no parameter accounts for: {unused[:5]}")
     return {"state": state, "param_groups": groups}
+
+
+def _check_tensor(tensor: Tensor, param: Tensor, where: str) -> None:
+    """State is per element of its parameter (exp_avg, momentum_buffer) or one number (step), floating."""
+    if tuple(tensor.shape) not in ((), tuple(param.shape)) or not tensor.is_floating_point():
+        raise StateError(
+            f"{where} is a {tuple(tensor.shape)} {tensor.dtype} tensor; optimizer state of a {tuple(param.shape)} "
+            "parameter is a floating tensor of that shape, or a scalar"
+        )
+    if not bool(torch.isfinite(tensor).all()):
+        raise StateError(f"{where} holds NaN or infinite values; the file is corrupted")

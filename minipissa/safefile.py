@@ -14,8 +14,10 @@ import ctypes
 import hashlib
 import json
 import os
+import re
 import secrets
 import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,9 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-FORMAT_VERSION = 1
+#: Version 2: weights fingerprinted by an exact hash of every element (version 1: sampled elements).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 BLOB_KEY = "minipissa"
 BLOB_SHA_FIELD = "blob_sha256"
 
@@ -59,18 +63,35 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def as_path(path: object, what: str = "path") -> Path:
+    """``path`` (str or os.PathLike of str) as a Path; a named error for anything else (bytes, None, ...)."""
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str) or not os.fspath(path):
+        raise StateError(f"minipissa: the {what} must be a non-empty str or pathlib.Path, got {path!r:.80}")
+    return Path(path)
+
+
+#: Our temporary files: ``.minipissa-<target hash>-<pid>-<random>.tmp``, a fixed length, so that any file name
+#: the file system takes can be saved (a name of 243 characters plus a suffix would pass 255 bytes).
+TEMP = re.compile(r"\.minipissa-[0-9a-f]{8}-(\d+)-[0-9a-f]{16}\.tmp")
+#: A temporary file of ours this old is stale whatever its PID (the PID may belong to another host or be reused).
+STALE_SECONDS = 24 * 3600
+
+
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
     """Run ``write(temp_path)`` on a temporary file next to ``path``, fsync it, then rename it over ``path``.
 
-    If ``write`` fails (or the process dies) the previous file at ``path`` is untouched.
+    If ``write`` fails (or the process dies) the previous file at ``path`` is untouched. Temporary files that
+    killed writers left in that directory are removed first (those whose process is gone, or a day old).
     """
-    target = Path(path)
+    target = as_path(path)
     if target.is_dir():
         raise StateError(f"minipissa: '{target}' is a directory; give a file path, e.g. '{target}/adapter.safetensors'")
     directory = target.parent if str(target.parent) else Path(".")
     if not directory.is_dir():
         raise StateError(f"minipissa: directory '{directory}' does not exist; create it first")
-    temp = str(directory / f".{target.name}.{secrets.token_hex(8)}.tmp")
+    remove_stale_temps(directory)
+    tag = hashlib.sha256(target.name.encode()).hexdigest()[:8]
+    temp = str(directory / f".minipissa-{tag}-{os.getpid()}-{secrets.token_hex(8)}.tmp")
     open(temp, "xb").close()
     mode = os.stat(temp).st_mode  # the umask's usual mode; safetensors (and mkstemp) would leave 0600
     try:
@@ -84,6 +105,28 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
             os.unlink(temp)
         raise
     _fsync_dir(directory)
+
+
+def remove_stale_temps(directory: Path) -> None:
+    """Delete our temporary files in ``directory`` whose writer is dead on this host, or that are a day old."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            match = TEMP.fullmatch(entry.name)
+            if match is None:
+                continue
+            with contextlib.suppress(OSError):
+                if not _alive(int(match.group(1))) or time.time() - entry.stat().st_mtime > STALE_SECONDS:
+                    os.unlink(entry.path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process (or an odd PID): not ours to judge
+    return True
 
 
 SAFETENSORS_DTYPES = {
@@ -144,37 +187,55 @@ def _blob_sha(content: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def read_blob(path: PathLike, kind: str | None = None) -> tuple[dict[str, Any], list[str]]:
-    """The verified JSON blob and the tensor names of a minipissa file, without loading tensor data.
+def read(path: PathLike, kind: str | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The verified JSON blob and all tensors (on the CPU) of a minipissa file, read through one open handle
+    (so that a file renamed over this one meanwhile cannot mix two versions).
 
     Raises:
-        StateError: missing file, not safetensors, not written by minipissa, a different ``kind``,
-            corrupted metadata, or an unknown format version.
+        StateError: missing or unreadable file, not safetensors, not written by minipissa, a different
+            ``kind``, corrupted metadata or tensors, or an unknown format version.
     """
-    where = f"minipissa: '{path}'"
-    if not Path(path).is_file():
+    where = f"minipissa: '{as_path(path)}'"
+    if not as_path(path).is_file():
         raise StateError(f"{where} does not exist or is not a file")
+    try:
+        with open(path, "rb"):  # the OS's reason (permissions...) rather than the parser's guess
+            pass
+    except OSError as e:
+        raise StateError(f"{where} cannot be opened: {e.strerror or e}") from None
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            names = list(f.keys())
+            info = _blob(metadata, where, kind)
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is no mapping
+    except StateError:
+        raise
     except Exception as e:  # the parser's own errors (truncation, bad header, ...) all mean one thing here
         raise StateError(f"{where} is not a readable safetensors file (truncated or corrupted?): {e}") from None
+    if tensors_digest(tensors) != info.get("tensors_sha256"):
+        raise StateError(f"{where}: the tensor checksum does not match: the file is corrupted")
+    return info, tensors
+
+
+def _blob(metadata: dict[str, str], where: str, kind: str | None) -> dict[str, Any]:
     if BLOB_KEY not in metadata:
         raise StateError(
             f"{where} is a safetensors file without minipissa metadata (a PEFT adapter or a plain checkpoint?); "
             "minipissa reads files written by minipissa.save() / save_residual()"
         )
-    try:
+    try:  # nesting thousands deep, or an integer of 100,000 digits: corrupted or crafted, never ours
         info = json.loads(metadata[BLOB_KEY])
-    except json.JSONDecodeError as e:
-        raise StateError(f"{where}: the metadata is not valid JSON ({e}): the file is corrupted") from None
-    if not isinstance(info, dict) or info.get(BLOB_SHA_FIELD) != _blob_sha(info):
-        raise StateError(f"{where}: the metadata checksum does not match: the file is corrupted; save it again")
-    version = info.get("format_version") if isinstance(info, dict) else None
-    if version != FORMAT_VERSION:
+        intact = isinstance(info, dict) and info.get(BLOB_SHA_FIELD) == _blob_sha(info)
+    except (ValueError, RecursionError) as e:
         raise StateError(
-            f"{where} has format version {version!r}; this minipissa reads version {FORMAT_VERSION}. "
+            f"{where}: the metadata cannot be parsed ({type(e).__name__}): the file is corrupted"
+        ) from None
+    if not intact:
+        raise StateError(f"{where}: the metadata checksum does not match: the file is corrupted; save it again")
+    version = info.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise StateError(
+            f"{where} has format version {version!r}; this minipissa reads versions {list(READABLE_VERSIONS)}. "
             "Use the minipissa version that wrote it, or upgrade minipissa."
         )
     if kind is not None and info.get("kind") != kind:
@@ -182,17 +243,4 @@ def read_blob(path: PathLike, kind: str | None = None) -> tuple[dict[str, Any], 
             f"{where} is a minipissa file of kind '{info.get('kind')}', expected kind '{kind}' "
             "(adapters: minipissa.load(); residual weights: minipissa.load_residual())"
         )
-    return info, names
-
-
-def read(path: PathLike, kind: str | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """The verified blob and all tensors (on the CPU) of a minipissa file; see :func:`read_blob`."""
-    info, names = read_blob(path, kind)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {name: f.get_tensor(name) for name in names}
-    except Exception as e:
-        raise StateError(f"minipissa: '{path}': a tensor cannot be read (truncated or corrupted?): {e}") from None
-    if tensors_digest(tensors) != info.get("tensors_sha256"):
-        raise StateError(f"minipissa: '{path}': the tensor checksum does not match: the file is corrupted")
-    return info, tensors
+    return info

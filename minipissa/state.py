@@ -1,15 +1,9 @@
 """save() / load(): one safetensors file per adapter, reloaded with no SVD, bit-exactly.
 
-File layout (format version 1, see :mod:`minipissa.safefile` for the checksummed metadata):
-    ``<module path>.A`` (r, in), ``.B`` (out, r): trained factors, in the adapter dtype;
-    ``<module path>.A0`` (r, in), ``.B0`` (out, r): initial factors, in the decomposition dtype;
-    ``optimizer:<module path>.A:<key>``: optimizer state tensors (optional).
-The JSON blob holds per module rank, alpha, rslora, layout, shapes, base dtype and the init ``info``
-(method, niter, oversample, seed, components, top singular values, ‖W‖_F, and fingerprints of
-the original and the residual weight).
-
-Loading rebuilds W_res = W - s·B0·A0 with the same function as apply() (no SVD), so the loaded
-model's outputs equal the saved model's bit for bit on the same device and dtype.
+The file (see :mod:`minipissa.records` for its records, :mod:`minipissa.safefile` for the checksummed
+container) holds A, B, A0, B0 per module, the settings and init info in JSON, and optionally the optimizer
+state of A and B. Loading rebuilds W_res = W - s·B0·A0 with the same function as apply() (no SVD), so the
+loaded model's outputs equal the saved model's bit for bit on the same device and dtype.
 """
 
 from __future__ import annotations
@@ -20,85 +14,17 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from . import casts, optimizer_state, safefile
-from .config import RECORDED
+from . import casts, optimizer_state, records, safefile
 from .decompose import compute_dtype
-from .fingerprint import fingerprint, same
+from .fingerprint import fingerprint_later, read_all, same
 from .layer import PiSSALinear, is_conv1d, weight_matrix
+from .records import ModuleRecord
 from .safefile import PathLike, StateError
 from .sharded.dtensor import full_tensor, refuse_sharded, write_once
 from .targets import is_supported
-from .tree import Plan, build_layer, pissa_layers, replace_module, train_adapters_only
+from .tree import Plan, adapted_layers, build_layer, pissa_layers, replace_module, train_adapters_only
 
 KIND = "adapter"
-FACTORS = ("A", "B", "A0", "B0")
-CONFIG_KEYS = ("rank", "alpha", "rslora", *RECORDED)
-
-
-@dataclass
-class ModuleRecord:
-    """One adapted module as saved: hyperparameters, init info and the four factors (CPU tensors)."""
-
-    name: str
-    rank: int
-    alpha: float
-    rslora: bool
-    fan_in_fan_out: bool
-    in_features: int
-    out_features: int
-    dropout: float
-    base_dtype: str
-    info: dict[str, Any]
-    A: Tensor  # (r, in)
-    B: Tensor  # (out, r)
-    A0: Tensor  # (r, in)
-    B0: Tensor  # (out, r)
-
-    def meta(self) -> dict[str, Any]:
-        fields = ("rank", "alpha", "rslora", "fan_in_fan_out", "in_features", "out_features", "dropout", "base_dtype")
-        return {k: getattr(self, k) for k in fields} | {"info": self.info}
-
-
-def records(model: nn.Module) -> list[ModuleRecord]:
-    """The adapter of every PiSSALinear in ``model`` (tensors gathered to plain CPU tensors, not copied
-    where they already are plain CPU tensors: treat them as read-only)."""
-    found = []
-    for name, layer in pissa_layers(model):
-        dropout = layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0
-        tensors = [full_tensor(t).cpu() for t in (layer.A, layer.B, layer.A0, layer.B0)]
-        info = dict(layer.info)
-        if "residual_fingerprint" not in info:  # apply() leaves it to here: one pass less per module at init
-            residual = layer.residual_while_merged if layer.merged else layer.weight
-            info["residual_fingerprint"] = fingerprint(full_tensor(cast(Tensor, residual)))
-        found.append(
-            ModuleRecord(
-                name, layer.rank, layer.alpha, layer.rslora, layer.fan_in_fan_out, layer.in_features,
-                layer.out_features, dropout, _base_dtype(layer), info,
-                *tensors,
-            )
-        )  # fmt: skip
-    if not found:
-        raise StateError("minipissa: the model has no PiSSA layers; call minipissa.apply() or minipissa.load() first")
-    return found
-
-
-def _base_dtype(layer: PiSSALinear) -> str:
-    """The dtype of the base weight the adapter was made from (the residual may have been cast since):
-    reloading reproduces the model exactly only on a base of that dtype."""
-    fp = layer.info.get("base_fingerprint")
-    return fp["dtype"] if isinstance(fp, dict) else str(layer.weight.dtype).removeprefix("torch.")
-
-
-def _config(recs: list[ModuleRecord]) -> dict[str, Any]:
-    """The run's settings: the value every module shares, or "per-module"."""
-
-    def value(rec: ModuleRecord, key: str) -> Any:
-        return getattr(rec, key) if hasattr(rec, key) else rec.info.get(key)
-
-    return {
-        key: value(recs[0], key) if len({repr(value(r, key)) for r in recs}) == 1 else "per-module"
-        for key in CONFIG_KEYS
-    }
 
 
 def save(model: nn.Module, path: PathLike, *, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -108,21 +34,32 @@ def save(model: nn.Module, path: PathLike, *, optimizer: torch.optim.Optimizer |
         optimizer: optionally also store its state for the A/B parameters (tensors in the file,
             hyperparameters in the metadata), restored by ``load(..., optimizer=)``.
     """
-    recs = records(model)
-    tensors = {f"{r.name}.{k}": getattr(r, k) for r in recs for k in FACTORS}
+    safefile.as_path(path)
+    layers = adapted_layers(model, "save")
+    residuals = [
+        full_tensor(cast(Tensor, layer.residual_while_merged if layer.merged else layer.weight)) for _, layer in layers
+    ]
+    prints = read_all([fingerprint_later(residual) for residual in residuals])
+    recs = [records.from_layer(name, layer, p) for (name, layer), p in zip(layers, prints, strict=True)]
+    tensors = {f"{r.name}.{k}": getattr(r, k) for r in recs for k in records.FACTORS}
     payload: dict[str, Any] = {
         "minipissa_version": _version(),
-        "config": _config(recs),
+        "config": records.config_summary(recs),
         "modules": {r.name: r.meta() for r in recs},
         "optimizer": None,
     }
     if optimizer is not None:
-        params = {
-            id(p): f"{name}.{k}" for name, layer in pissa_layers(model) for k, p in (("A", layer.A), ("B", layer.B))
-        }
+        params = {id(p): f"{name}.{k}" for name, layer in layers for k, p in (("A", layer.A), ("B", layer.B))}
         opt_tensors, payload["optimizer"] = optimizer_state.pack(optimizer, params)
         tensors.update(opt_tensors)
     write_once(model, lambda: safefile.write(path, tensors, KIND, payload))  # rank 0 if sharded
+
+
+def records_of(layers: list[tuple[str, PiSSALinear]]) -> list[ModuleRecord]:
+    """The records of live layers, each with its residual's fingerprint as it is now (one read-back)."""
+    residuals = [layer.residual_while_merged if layer.merged else layer.weight for _, layer in layers]
+    prints = read_all([fingerprint_later(full_tensor(cast(Tensor, residual))) for residual in residuals])
+    return [records.from_layer(name, layer, p) for (name, layer), p in zip(layers, prints, strict=True)]
 
 
 def _version() -> str:
@@ -132,34 +69,10 @@ def _version() -> str:
 
 
 def read(path: PathLike) -> tuple[dict[str, Any], list[ModuleRecord], dict[str, Tensor]]:
-    """The verified metadata, module records and optimizer tensors of an adapter file."""
+    """The verified metadata, module records (every field checked) and optimizer tensors of an adapter file."""
     info, tensors = safefile.read(path, KIND)
-    modules = info.get("modules")
-    if not isinstance(modules, dict) or not modules:
-        raise StateError(f"minipissa: '{path}' describes no modules")
-    recs = []
-    for name, m in modules.items():
-        missing = [f"{name}.{k}" for k in FACTORS if f"{name}.{k}" not in tensors]
-        if missing:
-            raise StateError(f"minipissa: '{path}': module '{name}' lacks tensors {missing}; the file is incomplete")
-        try:
-            factors: dict[str, Any] = {k: tensors.pop(f"{name}.{k}") for k in FACTORS}
-            rec = ModuleRecord(name=name, **m, **factors)
-        except TypeError as e:
-            raise StateError(f"minipissa: '{path}': module '{name}' has malformed metadata ({e})") from None
-        r, n_in, n_out = rec.rank, rec.in_features, rec.out_features
-        shapes = [tuple(rec.A.shape), tuple(rec.B.shape), tuple(rec.A0.shape), tuple(rec.B0.shape)]
-        if shapes != [(r, n_in), (n_out, r)] * 2 or rec.A.dtype != rec.B.dtype or rec.A0.dtype != rec.B0.dtype:
-            raise StateError(
-                f"minipissa: '{path}': module '{name}' has factors A, B, A0, B0 of shapes {shapes} "
-                f"(dtypes {rec.A.dtype}, {rec.B.dtype}, {rec.A0.dtype}, {rec.B0.dtype}); expected "
-                f"({r}, {n_in}) and ({n_out}, {r}), each pair in one dtype"
-            )
-        recs.append(rec)
-    extra = [k for k in tensors if not k.startswith(optimizer_state.PREFIX)]
-    if extra:
-        raise StateError(f"minipissa: '{path}' holds tensors no module accounts for: {extra[:5]}")
-    return info, recs, tensors
+    recs, opt_tensors = records.parse(info, tensors, f"minipissa: '{path}'")
+    return info, recs, opt_tensors
 
 
 @dataclass
@@ -202,7 +115,7 @@ def _check(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike) -> _L
     if weight.is_meta:
         raise StateError(f"{where} has a meta weight; load the base model's weights before minipissa.load()")
     shape = tuple(weight_matrix(weight, rec.fan_in_fan_out).shape)
-    if shape != (rec.out_features, rec.in_features) or (is_conv1d(module) and not rec.fan_in_fan_out):
+    if shape != (rec.out_features, rec.in_features) or is_conv1d(module) != rec.fan_in_fan_out:
         raise StateError(
             f"{where} has a {type(module).__name__} weight of shape {tuple(weight.shape)}; the adapter was saved "
             f"for (out, in) = ({rec.out_features}, {rec.in_features}) with fan_in_fan_out={rec.fan_in_fan_out}"
@@ -214,6 +127,12 @@ def _check(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike) -> _L
         )
     if compute_dtype(weight.dtype) != rec.A0.dtype:
         raise StateError(f"{where}: the file's A0 is {rec.A0.dtype}, expected {compute_dtype(weight.dtype)}")
+    if base == "original" and rec.info.get("residual_edited"):
+        raise StateError(
+            f"{where}: its residual was edited after apply() (quantized, say) before it was saved, so rebuilding "
+            "it from the original weight would not give the trained model. Load with base='residual' onto the "
+            "residual weights saved by minipissa.save_residual()"
+        )
     _check_fingerprint(weight, rec, base, where)
     return _Loading(rec, module, existing=False)
 
@@ -222,12 +141,9 @@ def _check_fingerprint(weight: Tensor, rec: ModuleRecord, base: str, where: str)
     wanted, other = ("base_fingerprint", "residual_fingerprint")
     if base == "residual":
         wanted, other = other, wanted
-    if wanted not in rec.info:
-        raise StateError(f"{where}: the file has no {wanted}; cannot check the base weights")
-    actual = fingerprint(weight)
-    if same(actual, rec.info[wanted]):
+    if same(rec.info[wanted], weight):
         return
-    if other in rec.info and same(actual, rec.info[other]):
+    if same(rec.info[other], weight):
         hint = "base='residual'" if base == "original" else "base='original'"
         raise StateError(
             f"{where}: the weight is the {'residual' if base == 'original' else 'original'} weight, not the "
@@ -255,8 +171,8 @@ def load(
             are the model's A/B, so the model must already have the adapter: ``load(model, path)``,
             create the optimizer, then ``load(model, path, optimizer=opt)``.
 
-    Modules already adapted with the same initial factors only get A and B set. Everything (file,
-    modules, shapes, dtypes, fingerprints, optimizer) is checked before the model is changed.
+    Modules already adapted with the same initial factors only get A and B set. Everything (every field
+    of the file, modules, shapes, dtypes, fingerprints, optimizer) is checked before the model is changed.
 
     Raises:
         StateError: with the module name and what to do; the model is then unchanged.
@@ -278,26 +194,32 @@ def load(
                 "only after loading: call load(model, path) first, then create the optimizer and call "
                 "load(model, path, optimizer=opt)"
             )
-        if not isinstance(info.get("optimizer"), dict):
+        if info.get("optimizer") is None:
             raise StateError(f"minipissa: '{path}' has no optimizer state; it was saved without save(..., optimizer=)")
         params = {f"{x.record.name}.{k}": getattr(x.module, k) for x in loadings for k in ("A", "B")}
         opt_state = optimizer_state.unpack(optimizer, params, opt_tensors, info["optimizer"], str(path))
 
-    for loading in loadings:  # nothing below can fail on validated input
+    built = []
+    for loading in loadings:  # validated: only an out-of-memory or an interrupt can stop this
         rec = loading.record
         layer = cast(PiSSALinear, loading.module)
         if not loading.existing:
             plan = Plan(
                 rec.name, loading.module, rec.rank, rec.alpha, rec.rslora, rec.fan_in_fan_out, rec.dropout, rec.A.dtype
             )
-            device = plan.weight.device
-            layer = build_layer(
-                plan, rec.A0.to(device), rec.B0.to(device), rec.info, weight_is_residual=base == "residual"
-            )
+            a0, b0 = rec.A0.to(plan.weight.device), rec.B0.to(plan.weight.device)
+            layer = build_layer(plan, a0, b0, dict(rec.info), weight_is_residual=base == "residual")
             replace_module(model, rec.name, layer)
+            built.append(layer)
         with torch.no_grad():
             layer.A.copy_(rec.A)
             layer.B.copy_(rec.B)
+    # The residuals as rebuilt here (another device may round them differently from the saving one): what a
+    # later save() compares against to tell an edited residual.
+    for layer, residual_print in zip(
+        built, read_all([fingerprint_later(layer.weight) for layer in built]), strict=True
+    ):
+        layer.info["residual_fingerprint"] = residual_print
     train_adapters_only(model)
     casts.install(model, [layer for _, layer in pissa_layers(model)])
     if optimizer is not None and opt_state is not None:

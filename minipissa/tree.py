@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .layer import PiSSALinear, lora_scaling, weight_matrix
+from .safefile import StateError
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,24 @@ def pissa_layers(model: nn.Module) -> Iterator[tuple[str, PiSSALinear]]:
             yield name, module
 
 
+def adapted_layers(model: nn.Module, what: str) -> list[tuple[str, PiSSALinear]]:
+    """The model's PiSSA layers, for the operation ``what``; a StateError if it has none."""
+    layers = list(pissa_layers(model))
+    if not layers:
+        raise StateError(
+            f"minipissa.{what}: the model has no PiSSA layers; call minipissa.apply() or minipissa.load() first"
+        )
+    return layers
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where the submodule ``name`` is."""
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
+    """Put ``new`` where the submodule ``name`` is, and wherever else that same module is registered (a module
+    shared under two names stays shared)."""
+    old = model.get_submodule(name)
+    aliases = [alias for alias, module in model.named_modules(remove_duplicate=False) if module is old and alias]
+    for alias in aliases:
+        parent, _, child = alias.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
 
 
 def train_adapters_only(model: nn.Module) -> None:

@@ -40,7 +40,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_inspect(files: Path) -> None:
     done = run("inspect", files / "adapter.safetensors")
     assert done.returncode == 0, done.stderr
-    assert "format version 1" in done.stdout and "niter=2" in done.stdout
+    assert "format version 2" in done.stdout and "niter=2" in done.stdout
     assert "layers.0" in done.stdout and "48 x 32" in done.stdout and "layers.1" in done.stdout
     size = (files / "adapter.safetensors").stat().st_size
     assert f"file {size:,} bytes" in done.stdout

@@ -282,24 +282,32 @@ def test_torch_compile_traces_the_fused_layer(dtype):
         assert torch.allclose(u.float(), v.float(), rtol=tol, atol=tol * v.abs().max().item())
 
 
-def test_apply_frees_each_original_weight_as_it_goes():
-    # Peak memory must not grow with the model: a replaced weight is released before the next chunk.
+def test_apply_frees_each_original_weight_as_it_goes(monkeypatch):
+    # Peak memory must not grow with the model: a replaced weight is released before the next residual is made.
+    import minipissa.model
+
     model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
     refs = [weakref.ref(layer.weight) for layer in model]
     dead: list[int] = []
-    minipissa.apply(model, 2, "all-linear", progress=lambda done, total: dead.append(sum(r() is None for r in refs)))
-    assert dead == [1, 2, 3, 4]
+    build = minipissa.model.build_layer
+
+    def counting(*args, **kwargs):
+        dead.append(sum(r() is None for r in refs))
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(minipissa.model, "build_layer", counting)
+    minipissa.apply(model, 2, "all-linear")
+    assert dead == [0, 1, 2, 3] and all(r() is None for r in refs)
 
 
-def test_fingerprint_samples_stay_in_bounds_for_large_weights():
+def test_legacy_fingerprint_samples_stay_in_bounds_for_large_weights():
     # float32 linspace rounded n - 1 = 2^24 + 3 up to n: an out-of-bounds index (a device-side
-    # assert on CUDA for every weight of a 7B model), hence integer sample indices.
-    from minipissa.fingerprint import fingerprint
+    # assert on CUDA for every weight of a 7B model), hence integer sample indices (version-1 files).
+    from minipissa.fingerprint import _legacy_sample_sha256
 
     big = torch.zeros(2**24 + 4, dtype=torch.uint8)
     big[-1] = 7
-    assert fingerprint(big)["shape"] == [2**24 + 4]
-    assert fingerprint(big)["sample_sha256"] != fingerprint(torch.zeros_like(big))["sample_sha256"]  # last sampled
+    assert _legacy_sample_sha256(big) != _legacy_sample_sha256(torch.zeros_like(big))  # the last is sampled
 
 
 @pytest.mark.parametrize("niter", [None, 2])

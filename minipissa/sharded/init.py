@@ -19,7 +19,7 @@ instead), merge/unmerge/unload, and ``load`` onto a sharded model (load, then sh
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,7 @@ from torch import Tensor
 from ..config import InitConfig
 from ..decompose import compute_dtype
 from ..fingerprint import fingerprint
-from ..init import Factors, initial_factors
+from ..init import Factors, initial_factors, refuse_nonfinite
 from ..layer import residual_weight
 from ..tree import Plan
 from .shards import broadcast, gather_to, layout, scatter_into
@@ -59,6 +59,18 @@ def check_layouts(plans: Sequence[Plan]) -> None:
 
 
 @torch.no_grad()
+def check_finite_shards(plans: Sequence[Plan]) -> None:
+    """A named error, on every rank, if any of ``plans``' sharded weights holds NaN or inf (one all-reduce)."""
+    if not plans:
+        return
+    local = [cast(Any, p.weight).to_local() for p in plans]
+    bad = torch.stack([~torch.isfinite(t).all() if t.numel() else t.new_zeros((), dtype=torch.bool) for t in local])
+    bad = bad.to(device=local[0].device, dtype=torch.int32)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=layout(plans[0].name, plans[0].weight)[0].get_group())
+    refuse_nonfinite([p.name for p, flag in zip(plans, bad.tolist(), strict=True) if flag], "weights")
+
+
+@torch.no_grad()
 def sharded_factors(plans: Sequence[Plan], cfg: InitConfig) -> Iterator[Factors]:
     """The factors of every plan (DTensor weights on one 1-D mesh, see :func:`check`), each with its residual
     already written into the weight's shards. Every rank of the mesh iterates this with the same plans, in
@@ -76,25 +88,46 @@ def sharded_factors(plans: Sequence[Plan], cfg: InitConfig) -> Iterator[Factors]
         mine = {i: _factor(plans[i], w, cfg) for i, w in whole.items() if w is not None}
         del whole
         for i in batch:
-            plan = plans[i]
-            a0, b0, sigma, residual, base_print = mine.pop(i, None) or _receiving(plan, cfg)
+            plan, owned = plans[i], mine.pop(i, None)
+            # The fingerprints, or the owner's error, first: every rank raises it instead of waiting forever.
+            box: list[Any] = [owned if isinstance(owned, str) else owned and owned.prints]
+            dist.broadcast_object_list(box, group=mesh.get_group(), group_src=owners[i])
+            if isinstance(box[0], str):
+                raise RuntimeError(box[0])
+            a0, b0, sigma, residual = owned[:4] if isinstance(owned, _Owned) else _receiving(plan, cfg)
             for t in (a0, b0, sigma):
                 broadcast(t, mesh, owners[i])
-            box = [base_print]
-            dist.broadcast_object_list(box, group=mesh.get_group(), group_src=owners[i])
             scatter_into(plan.weight, residual, *layouts[i], owners[i])
-            del residual
-            yield Factors(plan, a0, b0, sigma, cast(dict[str, Any], box[0]), weight_is_residual=True)
+            del residual, owned
+            base_print, residual_print = box[0]
+            yield Factors(plan, a0, b0, sigma, base_print, residual_print, weight_is_residual=True)
 
 
-def _factor(plan: Plan, weight: Tensor, cfg: InitConfig) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Any]]:
-    """Factors, residual and fingerprint of one whole weight, exactly as a single-process apply computes them."""
-    a0, b0, sigma = initial_factors(weight, plan, cfg)
-    residual = residual_weight(weight, a0, b0, plan.scaling, plan.fan_in_fan_out)
-    return a0.contiguous(), b0.contiguous(), sigma.contiguous(), residual, fingerprint(weight)
+class _Owned(NamedTuple):
+    """What the owner rank computes of one whole weight."""
+
+    a0: Tensor
+    b0: Tensor
+    sigma: Tensor
+    residual: Tensor
+    prints: tuple[dict[str, Any], dict[str, Any]]  # of W and of the residual
 
 
-def _receiving(plan: Plan, cfg: InitConfig) -> tuple[Tensor, Tensor, Tensor, None, None]:
+def _factor(plan: Plan, weight: Tensor, cfg: InitConfig) -> _Owned | str:
+    """Factors, residual and fingerprints of one whole weight, exactly as a single-process apply computes them;
+    or the error, named, for every rank to raise."""
+    try:
+        a0, b0, sigma = initial_factors(weight, plan, cfg)
+        if not all(bool(torch.isfinite(t).all()) for t in (a0, b0, sigma)):
+            raise ValueError("the initial factors are not finite (is alpha so small or large that S / s overflows?)")
+        residual = residual_weight(weight, a0, b0, plan.scaling, plan.fan_in_fan_out)
+    except Exception as e:  # noqa: BLE001 - every rank raises it (see sharded_factors)
+        return f"minipissa: decomposing module '{plan.name}' failed on its owner rank: {type(e).__name__}: {e}"
+    prints = (fingerprint(weight), fingerprint(residual))
+    return _Owned(a0.contiguous(), b0.contiguous(), sigma.contiguous(), residual, prints)
+
+
+def _receiving(plan: Plan, cfg: InitConfig) -> tuple[Tensor, Tensor, Tensor, None]:
     """Buffers for the factors another rank computes and broadcasts."""
     out_features, in_features = plan.shape
     dtype, device = compute_dtype(plan.weight.dtype), cast(Any, plan.weight).to_local().device
@@ -103,6 +136,5 @@ def _receiving(plan: Plan, cfg: InitConfig) -> tuple[Tensor, Tensor, Tensor, Non
         torch.empty(plan.rank, in_features, dtype=dtype, device=device),
         torch.empty(out_features, plan.rank, dtype=dtype, device=device),
         torch.empty(sigma_len, dtype=dtype, device=device),
-        None,
         None,
     )

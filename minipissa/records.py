@@ -1,0 +1,241 @@
+"""The adapter file's records: one :class:`ModuleRecord` per adapted module, made from a live layer when
+saving, or parsed from a file when loading, where every field is checked (type, range, shape, dtype) before
+anything uses it. Whatever the metadata holds, parsing returns records or raises :class:`StateError`.
+
+Per module, the file holds ``<module path>.A`` (r, in) and ``.B`` (out, r) in the adapter dtype,
+``.A0``/``.B0`` in the decomposition dtype, and in the JSON blob the fields of :class:`ModuleRecord` with the
+init ``info`` (:data:`INFO`). Format version 2 fingerprints weights with an exact full hash; version 1's
+sampled fingerprints are still read.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import torch
+from torch import Tensor
+
+from . import optimizer_state
+from .config import COMPONENTS, INITS, RECORDED, scaling_error
+from .decompose import compute_dtype
+from .layer import PiSSALinear
+from .safefile import StateError
+from .sharded.dtensor import full_tensor
+
+FACTORS = ("A", "B", "A0", "B0")
+FIELDS = ("rank", "alpha", "rslora", "fan_in_fan_out", "in_features", "out_features", "dropout", "base_dtype")
+#: The init info each module records: the options that made its factors, and what was measured of W.
+INFO = (*RECORDED, "singular_values", "weight_norm", "base_fingerprint", "residual_fingerprint")
+FLOAT_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+CONFIG_KEYS = ("rank", "alpha", "rslora", *RECORDED)
+
+
+@dataclass
+class ModuleRecord:
+    """One adapted module as saved: hyperparameters, init info and the four factors (CPU tensors)."""
+
+    name: str
+    rank: int
+    alpha: float
+    rslora: bool
+    fan_in_fan_out: bool
+    in_features: int
+    out_features: int
+    dropout: float
+    base_dtype: str
+    info: dict[str, Any]
+    A: Tensor  # (r, in)
+    B: Tensor  # (out, r)
+    A0: Tensor  # (r, in)
+    B0: Tensor  # (out, r)
+
+    def meta(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in FIELDS} | {"info": self.info}
+
+
+def from_layer(name: str, layer: PiSSALinear, residual_print: dict[str, Any]) -> ModuleRecord:
+    """The record of a live layer (tensors gathered to plain CPU tensors, not copied where they already are:
+    treat them as read-only). ``residual_print``: the residual's fingerprint now; if it is not the one taken
+    when the layer was made, the residual was edited since and the record says so (``residual_edited``)."""
+    info = dict(layer.info)
+    made = info.get("residual_fingerprint")
+    # Edited in place (a cast to another dtype is not an edit: load, then cast, reproduces it); load(base=
+    # "original") would rebuild the unedited residual, so it refuses such a record.
+    if made is not None and made["dtype"] == residual_print["dtype"] and made.get("hash") != residual_print["hash"]:
+        info["residual_edited"] = True
+    info["residual_fingerprint"] = residual_print
+    dropout = layer.dropout.p if isinstance(layer.dropout, torch.nn.Dropout) else 0.0
+    base = info.get("base_fingerprint")
+    base_dtype = base["dtype"] if isinstance(base, dict) else str(layer.weight.dtype).removeprefix("torch.")
+    tensors = [full_tensor(t).cpu() for t in (layer.A, layer.B, layer.A0, layer.B0)]
+    return ModuleRecord(
+        name, layer.rank, layer.alpha, layer.rslora, layer.fan_in_fan_out, layer.in_features, layer.out_features,
+        float(dropout), base_dtype, info, *tensors,
+    )  # fmt: skip
+
+
+def config_summary(recs: list[ModuleRecord]) -> dict[str, Any]:
+    """The run's settings: the value every module shares, or "per-module"."""
+
+    def value(rec: ModuleRecord, key: str) -> Any:
+        return getattr(rec, key) if hasattr(rec, key) else rec.info.get(key)
+
+    return {
+        key: value(recs[0], key) if len({repr(value(r, key)) for r in recs}) == 1 else "per-module"
+        for key in CONFIG_KEYS
+    }
+
+
+def parse(info: dict[str, Any], tensors: dict[str, Tensor], where: str) -> tuple[list[ModuleRecord], dict[str, Tensor]]:
+    """The module records of an adapter file's verified blob and tensors, and its optimizer tensors."""
+    check = _Check(where)
+    check.text(info.get("minipissa_version"), "minipissa_version")
+    modules = check.mapping(info.get("modules"), "modules")
+    if not modules:
+        check.fail("modules", "a non-empty object", modules)
+    check.mapping(info.get("config"), "config")
+    if info.get("optimizer") is not None:
+        optimizer_state.check_meta(check.mapping(info["optimizer"], "optimizer"), where)
+    tensors = dict(tensors)
+    recs = [_record(check, name, meta, tensors) for name, meta in modules.items()]
+    extra = [k for k in tensors if not k.startswith(optimizer_state.PREFIX)]
+    if extra:
+        raise StateError(f"{where} holds tensors no module accounts for: {extra[:5]}")
+    return recs, tensors
+
+
+_NAME = re.compile(r"[^.\s]+(\.[^.\s]+)*")
+
+
+def _record(check: _Check, name: str, meta: Any, tensors: dict[str, Tensor]) -> ModuleRecord:
+    if not _NAME.fullmatch(name):
+        check.fail("a module name", "a dotted module path", name)
+    field = f"module '{name}'"
+    meta = check.mapping(meta, field, keys=(*FIELDS, "info"))
+    rank = check.integer(meta["rank"], f"{field} rank", low=1)
+    alpha = check.number(meta["alpha"], f"{field} alpha", low=0.0, low_open=True)
+    rslora = check.boolean(meta["rslora"], f"{field} rslora")
+    error = scaling_error(alpha, rank, rslora)
+    if error:
+        check.fail(f"{field} alpha", error, alpha)
+    in_f = check.integer(meta["in_features"], f"{field} in_features", low=1)
+    out_f = check.integer(meta["out_features"], f"{field} out_features", low=1)
+    dropout = check.number(meta["dropout"], f"{field} dropout", low=0.0, high=1.0, high_open=True)
+    base_dtype = check.text(meta["base_dtype"], f"{field} base_dtype", choices=tuple(FLOAT_DTYPES))
+    flip = check.boolean(meta["fan_in_fan_out"], f"{field} fan_in_fan_out")
+    info = _info(check, field, meta["info"], rank, (in_f, out_f) if flip else (out_f, in_f), base_dtype)
+    missing = [f"{name}.{k}" for k in FACTORS if f"{name}.{k}" not in tensors]
+    if missing:
+        raise StateError(f"{check.where}: {field} lacks tensors {missing}; the file is incomplete")
+    a, b, a0, b0 = (tensors.pop(f"{name}.{k}") for k in FACTORS)
+    shapes = [tuple(t.shape) for t in (a, b, a0, b0)]
+    if shapes != [(rank, in_f), (out_f, rank)] * 2:
+        check.fail(f"{field} A, B, A0, B0", f"of shapes ({rank}, {in_f}), ({out_f}, {rank}) twice", shapes)
+    if not (a.dtype == b.dtype and a.is_floating_point()) or not a0.dtype == b0.dtype == compute_dtype(
+        FLOAT_DTYPES[base_dtype]
+    ):
+        check.fail(f"{field} dtypes of A, B, A0, B0", "one float dtype for A and B; A0, B0 in the decomposition dtype",
+                   [str(t.dtype) for t in (a, b, a0, b0)])  # fmt: skip
+    if not all(bool(torch.isfinite(t).all()) for t in (a, b, a0, b0)):
+        check.fail(f"{field} A, B, A0, B0", "finite", "NaN or infinite values")
+    return ModuleRecord(name, rank, alpha, rslora, flip, in_f, out_f, dropout, base_dtype, info, a, b, a0, b0)
+
+
+def _info(check: _Check, field: str, value: Any, rank: int, shape: tuple[int, int], dtype: str) -> dict[str, Any]:
+    info = check.mapping(value, f"{field} info", keys=INFO, optional=("residual_edited",))
+    check.text(info["init"], f"{field} init", choices=INITS)
+    check.text(info["components"], f"{field} components", choices=COMPONENTS)
+    for key in ("niter", "oversample"):
+        if info[key] is not None:
+            check.integer(info[key], f"{field} {key}", low=0)
+    check.integer(info["seed"], f"{field} seed", low=-(2**63))
+    sigma = check.array(info["singular_values"], f"{field} singular_values")
+    if len(sigma) not in (0, rank):
+        check.fail(f"{field} singular_values", f"{rank} values (or none, for init='lora')", sigma)
+    for s in sigma:
+        check.number(s, f"{field} singular_values", low=0.0)
+    check.number(info["weight_norm"], f"{field} weight_norm", low=0.0)
+    base = _fingerprint(check, info["base_fingerprint"], f"{field} base_fingerprint")
+    residual = _fingerprint(check, info["residual_fingerprint"], f"{field} residual_fingerprint")
+    if tuple(base["shape"]) != shape or base["dtype"] != dtype:
+        check.fail(f"{field} base_fingerprint", f"of a {dtype} weight of shape {list(shape)}", base)
+    if tuple(residual["shape"]) != shape:
+        check.fail(f"{field} residual_fingerprint", f"of a weight of shape {list(shape)}", residual)
+    if "residual_edited" in info:
+        check.boolean(info["residual_edited"], f"{field} residual_edited")
+    return info
+
+
+def _fingerprint(check: _Check, value: Any, field: str) -> dict[str, Any]:
+    exact = isinstance(value, dict) and "hash" in value
+    print_ = check.mapping(value, field, keys=("shape", "dtype", "sum", "sumsq", "hash" if exact else "sample_sha256"))
+    for size in check.array(print_["shape"], f"{field} shape"):
+        check.integer(size, f"{field} shape", low=0)
+    check.text(print_["dtype"], f"{field} dtype", choices=tuple(FLOAT_DTYPES))
+    check.number(print_["sum"], f"{field} sum")
+    check.number(print_["sumsq"], f"{field} sumsq", low=0.0)
+    digest, length = ("hash", 16) if exact else ("sample_sha256", 64)
+    if not (isinstance(print_[digest], str) and re.fullmatch(f"[0-9a-f]{{{length}}}", print_[digest])):
+        check.fail(f"{field} {digest}", f"{length} hex digits", print_[digest])
+    return print_
+
+
+class _Check:
+    """Field checks of one file's metadata; each failure is a StateError naming the file, field and value."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, field: str, expected: str, value: Any) -> NoReturn:
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise StateError(f"{self.where}: {field} must be {expected}, got {shown}; the file is corrupted or crafted")
+
+    def integer(self, value: Any, field: str, low: int = 0) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value < 2**63:
+            self.fail(field, f"an integer >= {low}", value)
+        return value
+
+    def number(
+        self, value: Any, field: str, low: float = -math.inf, high: float = math.inf, *,
+        low_open: bool = False, high_open: bool = False,
+    ) -> float:  # fmt: skip
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+        if not ok:
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            self.fail(field, f"a finite number in {interval}", value)
+        return float(value)
+
+    def boolean(self, value: Any, field: str) -> bool:
+        if not isinstance(value, bool):
+            self.fail(field, "true or false", value)
+        return value
+
+    def text(self, value: Any, field: str, choices: tuple[str, ...] | None = None) -> str:
+        if not isinstance(value, str) or (choices is not None and value not in choices):
+            self.fail(field, f"one of {list(choices)}" if choices else "a string", value)
+        return value
+
+    def array(self, value: Any, field: str) -> list[Any]:
+        if not isinstance(value, list):
+            self.fail(field, "a list", value)
+        return value
+
+    def mapping(
+        self, value: Any, field: str, keys: tuple[str, ...] | None = None, optional: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            self.fail(field, "an object", value)
+        if keys is not None and not set(keys) <= set(value) <= set(keys) | set(optional):
+            self.fail(field, f"an object with the keys {list(keys)}", sorted(value))
+        return dict(value)
