@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 #: torch.mm(..., out_dtype=float32) for bf16/fp16 operands (CUDA, torch >= 2.8): the adapters' float32
@@ -68,12 +67,19 @@ class AdaptedLinear(torch.autograd.Function):
         a_c = a.to(x.dtype) if a_cast is None else a_cast
         b_c = b.to(x.dtype) if b_cast is None else b_cast
         h = torch.mm(xa2, a_c.mT)  # (N, r): the only adapter activation kept
-        y = F.linear(x2, weight, bias)
-        y.addmm_(h, b_c.mT, alpha=scaling)
+        # The output is allocated in its final shape and filled through a 2-D view, so that what is returned is
+        # no view: callers may modify it in place (ReLU(inplace=True), y += 1), and FSDP2 may hook it.
+        y = x.new_empty(*x.shape[:-1], weight.shape[0])
+        y2 = y.view(-1, weight.shape[0])
+        if bias is None:
+            torch.mm(x2, weight.mT, out=y2)
+        else:
+            torch.addmm(bias, x2, weight.mT, out=y2)
+        y2.addmm_(h, b_c.mT, alpha=scaling)
         ctx.scaling, ctx.shared = scaling, xa is None
         ctx.a_dtype, ctx.b_dtype = a.dtype, b.dtype
         ctx.save_for_backward(xa2 if ctx.needs_input_grad[4] else None, h, weight, a_c, b_c)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:

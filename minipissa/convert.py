@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import linalg, state
 from .records import ModuleRecord
-from .safefile import PathLike, StateError, atomic_write, write_safetensors
+from .safefile import PathLike, StateError, as_path, atomic_write_dir, write_safetensors
 from .sharded.dtensor import write_once
 from .tree import adapted_layers
 
@@ -101,7 +101,7 @@ def convert_to_lora(
     recs = (
         state.records_of(adapted_layers(src, "convert_to_lora")) if isinstance(src, nn.Module) else state.read(src)[1]
     )
-    out = Path(out_dir)
+    out = as_path(out_dir, "output directory")
     if out.exists() and not out.is_dir():
         raise StateError(f"minipissa.convert_to_lora: '{out}' exists and is not a directory; give a directory")
     if {r.rslora for r in recs} == {True, False}:
@@ -149,12 +149,11 @@ def convert_to_lora(
     plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     text = json.dumps(config, indent=2) + "\n"
 
-    def write() -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "adapter_model.safetensors", lambda t: write_safetensors(plain, t, {"format": "pt"}))
-        atomic_write(out / "adapter_config.json", lambda t: _write_text(t, text))
-
-    write_once(src if isinstance(src, nn.Module) else None, write)  # rank 0 if sharded
+    files = {
+        "adapter_model.safetensors": lambda temp: write_safetensors(plain, temp, {"format": "pt"}),
+        "adapter_config.json": lambda temp: _write_text(temp, text),
+    }  # written together: a reader never sees new tensors beside an old config
+    write_once(src if isinstance(src, nn.Module) else None, lambda: atomic_write_dir(out, files))  # rank 0 if sharded
     overall = math.sqrt(tail_total[0] / tail_total[1]) if tail_total[1] > 0 else 0.0
     return ConversionReport(out, r, lora_alpha, max(ranks.values()), len(recs), overall, errors)
 

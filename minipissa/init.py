@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from . import batching, decompose
 from .config import InitConfig
 from .layer import is_conv1d, weight_matrix
-from .targets import Targets, find_targets
+from .targets import Targets, find_targets, shared_tensors
 from .tree import Plan
 
 
@@ -36,8 +36,16 @@ def plan_modules(
     fan_in_fan_out: bool | None = None,
 ) -> list[Plan]:
     """One :class:`Plan` per matched module, every setting checked before anything is changed."""
+    found = find_targets(model, targets, exclude)
+    shared = shared_tensors(model, found)
+    if shared:
+        raise ValueError(
+            f"minipissa: {'; '.join(shared[:3])} (tied weights): a PiSSA layer would replace that tensor for this "
+            "module only and untie them. `exclude` it, or untie first (e.g. module.weight = "
+            "nn.Parameter(module.weight.detach().clone()))"
+        )
     plans = []
-    for name, module in find_targets(model, targets, exclude):
+    for name, module in found:
         weight = cast(Tensor, module.weight)
         if weight.is_meta or not weight.is_floating_point():
             raise TypeError(
@@ -46,7 +54,12 @@ def plan_modules(
                 "quantized layers) before apply(), or `exclude` this module."
             )
         rank = cfg.rank_for(name)
-        flip = is_conv1d(module) if fan_in_fan_out is None else fan_in_fan_out
+        flip = is_conv1d(module)
+        if fan_in_fan_out is not None and fan_in_fan_out != flip:
+            raise ValueError(
+                f"minipissa: fan_in_fan_out={fan_in_fan_out} contradicts module '{name}', a {type(module).__name__} "
+                f"(weight stored {'(in, out)' if flip else '(out, in)'}); leave fan_in_fan_out=None"
+            )
         out_features, in_features = weight_matrix(weight, flip).shape
         if rank > min(out_features, in_features):
             raise ValueError(

@@ -125,6 +125,7 @@ class PiSSALinear(nn.Module):
         self.info: dict[str, Any] = dict(info or {})
         self.mode = "adapter"
         self.shared_casts = None
+        self.trainable_before_merge = (True, True)
         # Kept off the module tree (its tensors are dropped below, so no memory, no state-dict
         # keys): unload() puts the merged weight back into it, so Linear, Conv1D and their
         # subclasses come back as the same class with the same attributes.
@@ -169,6 +170,12 @@ class PiSSALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in) -> (..., out), computed in x's dtype."""
+        if self.merged and self.training and torch.is_grad_enabled():
+            raise RuntimeError(
+                "minipissa: this layer is merged (its adapter folded into the weight), so training it would update "
+                "nothing and leave the merged weight stale; call minipissa.unmerge(model) before training, or "
+                "model.eval() / torch.no_grad() for inference"
+            )
         return self._fused(x) if self._can_fuse(x) else self._reference(x)
 
     def _reference(self, x: Tensor) -> Tensor:
@@ -212,6 +219,10 @@ class PiSSALinear(nn.Module):
         delta = delta.mT if self.fan_in_fan_out else delta
         self.weight.data = (residual.to(delta.dtype) + delta).to(residual.dtype).contiguous()
         self.residual_while_merged = residual
+        # While merged A and B take no part in the output: no gradient, and so no optimizer step, reaches them.
+        self.trainable_before_merge = (self.A.requires_grad, self.B.requires_grad)
+        self.A.requires_grad_(False)
+        self.B.requires_grad_(False)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -219,6 +230,8 @@ class PiSSALinear(nn.Module):
         if self.residual_while_merged is not None:
             self.weight.data = self.residual_while_merged
             self.residual_while_merged = None
+            self.A.requires_grad_(self.trainable_before_merge[0])
+            self.B.requires_grad_(self.trainable_before_merge[1])
 
     def unload(self) -> nn.Module:
         """The base layer holding the merged weight W_res + s·B·A (frozen), without minipissa."""

@@ -19,7 +19,7 @@ from .sharded.dtensor import is_dtensor, refuse_sharded
 from .sharded.fsdp import FsdpAdoption
 from .sharded.init import check_finite_shards, check_layouts, sharded_factors
 from .targets import Targets
-from .tree import Plan, build_layer, pissa_layers, replace_module, train_adapters_only
+from .tree import Plan, adapted_layers, build_layer, pissa_layers, replace_module, train_adapters_only
 
 
 def apply(
@@ -135,14 +135,14 @@ def merge(model: nn.Module) -> nn.Module:
     Keeps each residual while merged: one extra weight's memory per adapted layer.
     """
     refuse_sharded(model, "merge")
-    for _, layer in pissa_layers(model):
+    for _, layer in adapted_layers(model, "merge"):
         layer.merge()
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo :func:`merge`, bit-exactly."""
-    for _, layer in pissa_layers(model):
+    for _, layer in adapted_layers(model, "unmerge"):
         layer.unmerge()
     return model
 
@@ -150,7 +150,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module) -> nn.Module:
     """Merge and put the original Linear/Conv1D classes back: the fine-tuned model, no minipissa left."""
     refuse_sharded(model, "unload")
-    layers = list(pissa_layers(model))
+    layers = adapted_layers(model, "unload")
     casts.remove([layer for _, layer in layers])
     for name, layer in layers:
         replace_module(model, name, layer.unload())
@@ -160,9 +160,7 @@ def unload(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def _mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
-    layers = [layer for _, layer in pissa_layers(model)]
-    if not layers:
-        raise ValueError("minipissa: the model has no PiSSA layers")
+    layers = [layer for _, layer in adapted_layers(model, mode)]
     if any(layer.merged for layer in layers):
         raise RuntimeError(f"minipissa.{mode}(): the model is merged; call minipissa.unmerge(model) first")
     before = [layer.mode for layer in layers]

@@ -18,6 +18,8 @@ Pattern = str | re.Pattern[str]
 Targets = Pattern | Sequence[Pattern]
 ALL_LINEAR = "all-linear"
 SUPPORTED = "nn.Linear and transformers-style Conv1D"
+#: Leaf names of output layers, which "all-linear" leaves alone: language-model and classification heads.
+HEAD_NAMES = ("lm_head", "classifier", "score")
 V = TypeVar("V")
 
 
@@ -34,26 +36,49 @@ def is_supported(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-def _as_list(patterns: Targets | None) -> list[Pattern]:
+def _as_list(patterns: Targets | None, what: str) -> list[Pattern]:
+    """The patterns as a list, each checked (a str, or a compiled regex; a 're:' string must compile)."""
     if patterns is None:
         return []
-    if isinstance(patterns, (str, re.Pattern)):
-        return [patterns]
-    return list(patterns)
+    found = [patterns] if isinstance(patterns, (str, re.Pattern)) else patterns
+    if not isinstance(found, Sequence) or not all(isinstance(p, (str, re.Pattern)) for p in found):
+        raise TypeError(
+            f"minipissa: `{what}` must be a module name, a 're:' regex, a compiled regex, or a list of them; "
+            f"got {patterns!r:.80}"
+        )
+    for p in found:
+        if isinstance(p, str) and p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as e:
+                raise ValueError(f"minipissa: `{what}` pattern {p!r} is not a valid regex: {e}") from None
+    return list(found)
 
 
 def output_heads(model: nn.Module) -> set[str]:
-    """Names of the output head(s): named ``lm_head``, returned by ``get_output_embeddings()``, or
-    sharing its weight with an ``nn.Embedding`` (tied input/output embeddings)."""
+    """Names of the output layer(s): named ``lm_head``, ``classifier`` or ``score``, returned by
+    ``get_output_embeddings()``, sharing a weight with an ``nn.Embedding`` (tied embeddings), or the last
+    layer of a model that is an ``nn.Sequential``."""
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
+    last = [str(len(model) - 1)] if isinstance(model, nn.Sequential) and len(model) else []
     return {
         name
         for name, module in model.named_modules()
-        if name.rsplit(".", 1)[-1] == "lm_head"
+        if name.rsplit(".", 1)[-1] in HEAD_NAMES
         or (head is not None and module is head)
         or id(getattr(module, "weight", None)) in embedding_weights
+    } | set(last)
+
+
+def read_by_owner(model: nn.Module) -> set[str]:
+    """Linear layers whose parent reads ``.weight`` itself instead of calling them: ``nn.MultiheadAttention``'s
+    ``out_proj`` (``F.multi_head_attention_forward``). An adapter there would never run."""
+    return {
+        f"{name}.out_proj" if name else "out_proj"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
     }
 
 
@@ -61,11 +86,11 @@ def find_targets(model: nn.Module, targets: Targets, exclude: Targets | None = N
     """The (name, module) pairs to adapt, in model order.
 
     Raises:
-        ValueError: a pattern matches no module (lists candidate names), or a matched module
-            already is a PiSSALinear.
-        TypeError: a matched module is of a type minipissa cannot adapt.
+        ValueError: a pattern (of ``targets`` or ``exclude``) matches no module (lists candidate names), or a
+            matched module already is a PiSSALinear, or is one its parent bypasses (MultiheadAttention).
+        TypeError: a matched module is of a type minipissa cannot adapt, or a pattern is not a pattern.
     """
-    patterns, excluded = _as_list(targets), _as_list(exclude)
+    patterns, excluded = _as_list(targets, "targets"), _as_list(exclude, "exclude")
     if not patterns:
         raise ValueError("minipissa: `targets` is empty; name modules, e.g. ['q_proj', 'v_proj'], or 'all-linear'")
     inside_pissa = {f"{n}." for n, m in model.named_modules() if isinstance(m, PiSSALinear)}
@@ -73,16 +98,18 @@ def find_targets(model: nn.Module, targets: Targets, exclude: Targets | None = N
     all_linear = ALL_LINEAR in patterns
     patterns = [p for p in patterns if p != ALL_LINEAR]
     heads = output_heads(model) if all_linear else set()
+    bypassed = read_by_owner(model)
 
     found: list[tuple[str, nn.Module]] = []
-    hits = {id(p): 0 for p in patterns}
+    hits = {id(p): 0 for p in patterns + excluded}
     for name, module in named:
         hit = [p for p in patterns if matches(name, p)]
-        for p in hit:
+        out = [p for p in excluded if matches(name, p)]
+        for p in hit + out:
             hits[id(p)] += 1
-        if any(matches(name, p) for p in excluded):
+        if out:
             continue
-        if all_linear and is_supported(module) and name not in heads:
+        if all_linear and is_supported(module) and name not in heads and name not in bypassed:
             hit.append(ALL_LINEAR)
         if not hit:
             continue
@@ -93,6 +120,12 @@ def find_targets(model: nn.Module, targets: Targets, exclude: Targets | None = N
                 f"minipissa: module '{name}' matched target {hit[0]!r} but is a {type(module).__name__}; "
                 f"supported are {SUPPORTED}. Use a more specific pattern or `exclude`."
             )
+        if name in bypassed:
+            raise ValueError(
+                f"minipissa: module '{name}' is the out_proj of an nn.MultiheadAttention, which reads its weight "
+                "directly and never calls it, so an adapter there would never run. `exclude` it (all-linear "
+                "skips it), or adapt a model whose attention calls its projections (e.g. Hugging Face models)"
+            )
         found.append((name, module))
 
     unmatched = [p for p in patterns if hits[id(p)] == 0]
@@ -101,9 +134,31 @@ def find_targets(model: nn.Module, targets: Targets, exclude: Targets | None = N
             f"minipissa: target(s) {unmatched} match no module; candidates: {_candidates(named)}. "
             "A target matches a full name or a '.'-separated suffix of it; use 're:...' for a regex."
         )
+    unused = [p for p in excluded if hits[id(p)] == 0]
+    if unused:
+        raise ValueError(f"minipissa: exclude pattern(s) {unused} match no module (a typo?); candidates: "
+                         f"{_candidates(named)}")  # fmt: skip
     if not found:
         raise ValueError(f"minipissa: no module left to adapt after `exclude`; candidates: {_candidates(named)}")
     return found
+
+
+def shared_tensors(model: nn.Module, found: Sequence[tuple[str, nn.Module]]) -> list[str]:
+    """Why each target whose weight or bias another module also holds (tied weights) cannot be adapted: PiSSA
+    would replace the tensor for this module only, untying them."""
+    holders: dict[int, set[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module.parameters(recurse=False):
+            holders.setdefault(id(param), set()).add(name)
+    problems = []
+    for name, module in found:
+        aliases = {n for n, m in model.named_modules(remove_duplicate=False) if m is module}
+        for kind in ("weight", "bias"):
+            tensor = getattr(module, kind, None)
+            others = sorted(holders.get(id(tensor), set()) - aliases) if tensor is not None else []
+            if others:
+                problems.append(f"'{name}' shares its {kind} with '{others[0]}'")
+    return problems
 
 
 def _candidates(named: list[tuple[str, nn.Module]], limit: int = 8) -> str:

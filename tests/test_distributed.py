@@ -143,15 +143,19 @@ def save_worker(rank: int, out: Path) -> None:
     import minipissa.convert
     import minipissa.safefile
 
-    writes = []
-    for module in (minipissa.safefile, minipissa.convert):  # count the files this rank writes
-        original = module.atomic_write
+    writes = []  # the files this rank writes
+    write_file, write_dir = minipissa.safefile.atomic_write, minipissa.convert.atomic_write_dir
 
-        def counted(path: Any, write: Any, original: Any = original) -> None:
-            writes.append(Path(path).name)
-            original(path, write)
+    def counted_file(path: Any, write: Any) -> None:
+        writes.append(Path(path).name)
+        write_file(path, write)
 
-        module.atomic_write = counted  # type: ignore[attr-defined]
+    def counted_dir(path: Any, files: Any) -> None:
+        writes.extend(files)
+        write_dir(path, files)
+
+    minipissa.safefile.atomic_write = counted_file  # type: ignore[assignment]
+    minipissa.convert.atomic_write_dir = counted_dir  # type: ignore[assignment]
     model = minipissa.apply(make_net(), **APPLY)
     shard_blocks(model, cpu_mesh())
     opt = momentum_sgd(model)

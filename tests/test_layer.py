@@ -141,7 +141,7 @@ def perturb(model: nn.Module, seed: int = 1, scale: float = 0.05) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_matches_unmerged_and_unmerge_is_exact_without_drift(dtype):
-    model = minipissa.apply(full_rank_model().to(dtype), 4, ["0", "2"])
+    model = minipissa.apply(full_rank_model().to(dtype), 4, ["0", "2"]).eval()  # merged layers: inference only
     perturb(model)
     x = torch.randn(6, 12).to(dtype)
     inputs = [x, torch.tanh(model[0](x))]
