@@ -82,3 +82,11 @@ def test_inspect_residual_in_process(files: Path, capsys: pytest.CaptureFixture[
     assert main(["inspect", str(files / "residual.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "residual file" in out and "2 modules" in out
+
+
+def test_inspect_into_a_pipe_closed_early_is_quiet(files: Path) -> None:
+    """`inspect FILE | head -1`: the reader leaves before the writer is done; no Broken-pipe traceback."""
+    command = f"'{sys.executable}' -m minipissa inspect '{files / 'adapter.safetensors'}' | true"
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Broken pipe" not in done.stderr and "Traceback" not in done.stderr and "Exception" not in done.stderr

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from models import MLP, tiny_gpt2, tiny_llama
+from snapshots import assert_unchanged, snapshot
 from torch import nn
 
 import minipissa
@@ -38,18 +39,6 @@ def perturb(model: nn.Module, seed: int = 1, size: float = 0.05) -> nn.Module:
 def adapted(seed: int = 0, **kw: object) -> nn.Module:
     kw = {"rank": 4, "targets": ["layers.0", "layers.1"], **kw}
     return perturb(minipissa.apply(mlp(seed), **kw))  # type: ignore[arg-type]
-
-
-def snapshot(model: nn.Module) -> tuple[list[str], dict[str, torch.Tensor]]:
-    return [type(m).__name__ for m in model.modules()], {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def assert_unchanged(model: nn.Module, before: tuple[list[str], dict[str, torch.Tensor]]) -> None:
-    types, state = before
-    assert [type(m).__name__ for m in model.modules()] == types
-    now = model.state_dict()
-    assert list(now) == list(state)
-    assert all(torch.equal(now[k], state[k]) for k in state)
 
 
 def assert_same_state(a: nn.Module, b: nn.Module) -> None:

@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 from models import Conv1D
+from snapshots import assert_unchanged, snapshot
 from torch import nn
 
 import minipissa
@@ -76,17 +77,6 @@ def test_all_linear_uses_get_output_embeddings():
     del model.get_output_embeddings
     # An untied head that no rule identifies is an ordinary linear layer.
     assert "head" in names(model, "all-linear")
-
-
-def snapshot(model: nn.Module) -> tuple[dict, list]:
-    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
-
-
-def assert_unchanged(model: nn.Module, before: tuple[dict, list]) -> None:
-    state, types = before
-    assert [type(m) for m in model.modules()] == types
-    after = model.state_dict()
-    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
 
 
 @pytest.mark.parametrize(
