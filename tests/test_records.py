@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -248,17 +247,20 @@ def _same_machine() -> bool:
 
 
 def test_permutations_anywhere_in_a_weight_are_detected(tmp_path):
-    """The fingerprint hashes every element and its position: swaps and permutations the old 4,096-element
-    sample never saw are caught."""
+    """The fingerprint hashes every element and its position: a swap or a permutation of elements that version
+    1's 4,096-element sample never saw (sums unchanged too) is caught."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(96, 64))
     minipissa.save(minipissa.apply(_copy(model), 4, "0"), tmp_path / "a.safetensors")
+    n = model[0].weight.numel()
+    sampled = set((torch.arange(4096) * (n - 1) // 4095).tolist())
+    unsampled = torch.tensor([i for i in range(n) if i not in sampled])
     g = torch.Generator().manual_seed(1)
     for count in (2, 2000):
         other = _copy(model)
         with torch.no_grad():
             flat = other[0].weight.view(-1)
-            where = torch.randperm(flat.numel(), generator=g)[:count]
+            where = unsampled[torch.randperm(len(unsampled), generator=g)[:count]]
             flat[where] = flat[where.roll(1)]
         assert not torch.equal(other[0].weight, model[0].weight)
         with pytest.raises(StateError, match="fingerprint differs"):
@@ -268,8 +270,3 @@ def test_permutations_anywhere_in_a_weight_are_detected(tmp_path):
 
 def _copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
-
-
-def test_saved_alpha_is_a_finite_positive_number_and_loads_back(good):
-    _, recs, _ = minipissa.state.read(good)
-    assert all(math.isfinite(r.alpha) and r.alpha == 8.0 for r in recs)
