@@ -116,10 +116,15 @@ def adapt(
                 report_progress(len(items) + len(built))
     except BaseException as e:
         done = {name for name, layer in pissa_layers(model)} & {p.name for p in plans}
-        raise RuntimeError(
-            f"minipissa.apply: stopped while putting the layers in place ({type(e).__name__}: {e}); adapted so far "
-            f"(exact PiSSA layers): {sorted(done)}; left as they were: {sorted({p.name for p in plans} - done)}"
-        ) from e
+        where = (
+            f"minipissa.apply: stopped while putting the layers in place; adapted so far (exact PiSSA layers): "
+            f"{sorted(done)}; left as they were: {sorted({p.name for p in plans} - done)}"
+        )
+        if not isinstance(e, Exception):  # Ctrl-C stays a KeyboardInterrupt
+            if hasattr(e, "add_note"):
+                e.add_note(where)
+            raise
+        raise RuntimeError(f"{where} ({type(e).__name__}: {e})") from e
     # The residuals' fingerprints (one read-back), so that save() can tell whether one was edited since.
     residual_prints = read_all([item.residual_print or fingerprint_later(layer.weight) for layer, item in built])
     for (layer, item), residual_print in zip(built, residual_prints, strict=True):

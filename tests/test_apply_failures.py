@@ -70,6 +70,33 @@ def test_a_decomposition_that_fails_on_the_last_module_leaves_the_model_and_a_re
     torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("error", [MemoryError("out of memory"), KeyboardInterrupt()])
+def test_a_failure_while_the_layers_are_put_in_place_names_what_was_done(monkeypatch, error):
+    """The one step that can stop midway (every factor exists; an out-of-memory or Ctrl-C while the residuals
+    are written): the adapted modules are exact PiSSA layers, the others untouched, and the error says which."""
+    import minipissa.model
+
+    model = stack()
+    x = torch.randn(3, 16)
+    y = model(x)
+    build = minipissa.model.build_layer
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise error
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(minipissa.model, "build_layer", failing)
+    with pytest.raises(type(error) if isinstance(error, KeyboardInterrupt) else RuntimeError) as caught:
+        minipissa.apply(model, 4, TARGETS)
+    text = str(caught.value) + " ".join(getattr(caught.value, "__notes__", []))
+    assert "adapted so far (exact PiSSA layers): ['0']; left as they were: ['2', '4']" in text
+    assert isinstance(model[0], minipissa.PiSSALinear) and type(model[2]) is nn.Linear
+    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("alpha", "rslora"), [(float("inf"), False), (1e-38, False), (1e300, False), (float("nan"), True), (1e-30, True)]
 )
