@@ -67,8 +67,8 @@ def fingerprint_later(weight: Tensor) -> Pending:
     digest = torch.zeros((), dtype=torch.int64, device=flat.device)
     step = max(1, CHUNK // width)
     for start in range(0, matrix.shape[0], step):
-        block = bits[start : start + step].to(torch.int64) * columns  # out of place: .to() may not copy
-        digest += (block.sum(dim=1) * rows[start : start + step]).sum()
+        # int16/int32 bits times int64 keys: promoted inside the one kernel, no int64 copy of W made first.
+        digest += ((bits[start : start + step] * columns).sum(dim=1) * rows[start : start + step]).sum()
     # Moments: row sums in float32 (rows of <= ~10^4 elements), accumulated in float64; no float64 copy of W.
     floats = matrix if matrix.is_floating_point() else matrix.to(torch.float64)
     total = floats.sum(dim=1, dtype=torch.float32).sum(dtype=torch.float64)

@@ -6,13 +6,14 @@ import contextlib
 import itertools
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import casts, report
 from .config import MEMORY_BUDGET, InitConfig
-from .fingerprint import describe, fingerprint_later, is_finite, read_all
+from .fingerprint import Pending, describe, fingerprint_later, is_finite, read_all
 from .init import Factors, factors, nonfinite_factors, plan_modules, progress_reporter, refuse_nonfinite
 from .layer import PiSSALinear
 from .sharded.dtensor import is_dtensor, refuse_sharded
@@ -80,8 +81,8 @@ def adapt(
 ) -> None:
     """apply() after planning, in steps such that an error before the last leaves the model as it was:
 
-    1. every target weight is fingerprinted (one pass, one read-back) and refused if it holds NaN or inf;
-    2. every initial factor is computed (the factor stream) and refused if not finite;
+    1. every target weight is fingerprinted (one pass) and every initial factor computed (the factor stream);
+    2. the fingerprints are read back (once) and a weight holding NaN or inf refused, as are non-finite factors;
     3. each layer is built and put in place, its weight freed as the loop goes; then only A and B train.
 
     Only an out-of-memory or an interrupt in step 3 stops it midway: the error then names the modules
@@ -95,14 +96,18 @@ def adapt(
         check_layouts(sharded)
         fsdp = FsdpAdoption(model, sharded)
         check_finite_shards(sharded)
-    prints = read_all([fingerprint_later(p.weight) for p in plain])
-    refuse_nonfinite([p.name for p, fp in zip(plain, prints, strict=True) if not is_finite(fp)], "weights")
+    queued = [fingerprint_later(p.weight) for p in plain]  # read back once the factors are queued too
     report_progress = progress_reporter(progress, len(plans))
     items = []
-    for item in factors(plain, cfg):
-        items.append(item)
-        report_progress(len(items))
-    refuse_nonfinite(nonfinite_factors(items), "initial factors (is alpha so small or large that S / s overflows?)")
+    try:
+        for item in factors(plain, cfg):
+            items.append(item)
+            report_progress(len(items))
+    except Exception:
+        _refuse_nonfinite_weights(plain, queued)  # the cause, if the weights were not finite
+        raise
+    prints = _refuse_nonfinite_weights(plain, queued)
+    refuse_nonfinite(nonfinite_factors(items), "initial factors (weights too large for a float32 Gram?)")
     base_print = {p.name: fp for p, fp in zip(plain, prints, strict=True)}
     built: list[tuple[PiSSALinear, Factors]] = []
     try:
@@ -132,6 +137,13 @@ def adapt(
         layer.info["residual_fingerprint"] = residual_print
     train_adapters_only(model)
     casts.install(model, [layer for _, layer in pissa_layers(model)])
+
+
+def _refuse_nonfinite_weights(plans: Sequence[Plan], queued: list[Pending]) -> list[dict[str, Any]]:
+    """The weights' fingerprints; a named error if any weight holds NaN or inf."""
+    prints = read_all(queued)
+    refuse_nonfinite([p.name for p, fp in zip(plans, prints, strict=True) if not is_finite(fp)], "weights")
+    return prints
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -70,6 +70,23 @@ def test_a_decomposition_that_fails_on_the_last_module_leaves_the_model_and_a_re
     torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-6)
 
 
+def test_nonfinite_factors_are_refused_before_anything_changes(monkeypatch):
+    """Defence in depth behind the weight and scaling checks: factors that overflowed anyway (e.g. a Gram of
+    huge weights in float32) are refused with the module's name, the model untouched."""
+    model = stack()
+    before = snapshot(model)
+    real = decompose.principal_factors
+
+    def overflowing(matrix, *args, **kwargs):
+        a, b, s = real(matrix, *args, **kwargs)
+        return (a * float("inf"), b, s) if matrix.shape == (8, 24) else (a, b, s)
+
+    monkeypatch.setattr(decompose, "principal_factors", overflowing)
+    with pytest.raises(ValueError, match=r"'4' have NaN or infinite initial factors .*; nothing was changed"):
+        minipissa.apply(model, 4, TARGETS)
+    assert_unchanged(model, before)
+
+
 @pytest.mark.parametrize("error", [MemoryError("out of memory"), KeyboardInterrupt()])
 def test_a_failure_while_the_layers_are_put_in_place_names_what_was_done(monkeypatch, error):
     """The one step that can stop midway (every factor exists; an out-of-memory or Ctrl-C while the residuals

@@ -158,3 +158,8 @@ def test_summary_reports_energy_dead_components_and_counts():
     assert report.seconds is not None and report.seconds > 0
     text = str(report)
     assert "layers.0" in text and "2 adapted modules" in text
+    model.layers[0].bias.requires_grad_(True)  # a user who also trains a bias: counted, as requires_grad says
+    model.layers[1].B.requires_grad_(False)
+    assert minipissa.summary(model).trainable == report.trainable + 40 - 16 * 6
+    minipissa.unload(model)
+    assert minipissa.summary(model).seconds is None

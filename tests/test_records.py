@@ -143,7 +143,8 @@ def test_metadata_too_deep_or_too_long_for_the_parser_is_a_state_error(good, tmp
     for text in ('{"a":' * 3000 + "1" + "}" * 3000, '{"rank": ' + "9" * 100_000 + "}"):
         bad = tmp_path / "bomb.safetensors"
         safefile.write_safetensors(tensors, str(bad), {safefile.BLOB_KEY: text})
-        refused(bad, "the metadata cannot be parsed")
+        # Python 3.11 cannot parse it at all; 3.12 parses the nesting, and then its checksum is wrong.
+        refused(bad, "the metadata cannot be parsed|the metadata checksum does not match")
         assert cli(["inspect", str(bad)]) == 2
 
 
