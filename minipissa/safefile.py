@@ -268,22 +268,35 @@ def read(path: PathLike, kind: str | None = None) -> tuple[dict[str, Any], dict[
     if not as_path(path).is_file():
         raise StateError(f"{where} does not exist or is not a file")
     try:
-        with open(path, "rb"):  # the OS's reason (permissions...) rather than the parser's guess
-            pass
-    except OSError as e:
+        handle = open(path, "rb")  # noqa: SIM115 - held open while safetensors reads through it
+    except OSError as e:  # the OS's reason (permissions...) rather than the parser's guess
         raise StateError(f"{where} cannot be opened: {e.strerror or e}") from None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            info = _blob(metadata, where, kind)
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is no mapping
-    except StateError:
-        raise
-    except Exception as e:  # the parser's own errors (truncation, bad header, ...) all mean one thing here
-        raise StateError(f"{where} is not a readable safetensors file (truncated or corrupted?): {e}") from None
+    with handle:
+        try:
+            # safetensors opens the file by name again for the tensors' storage: give it this very file (a
+            # rename over `path` meanwhile must not mix two versions), where the OS names open files.
+            with safe_open(_open_name(handle, path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                info = _blob(metadata, where, kind)
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is no mapping
+        except StateError:
+            raise
+        except Exception as e:  # the parser's own errors (truncation, bad header, ...) all mean one thing here
+            raise StateError(f"{where} is not a readable safetensors file (truncated or corrupted?): {e}") from None
     if tensors_digest(tensors) != info.get("tensors_sha256"):
         raise StateError(f"{where}: the tensor checksum does not match: the file is corrupted")
     return info, tensors
+
+
+def _open_name(handle: Any, path: PathLike) -> str:
+    """A name for the file ``handle`` holds open, which stays that file whatever is renamed over ``path``:
+    /proc/self/fd/N (Linux) or /dev/fd/N (macOS), if this system has them; else ``path`` itself."""
+    for name in (f"/proc/self/fd/{handle.fileno()}", f"/dev/fd/{handle.fileno()}"):
+        with contextlib.suppress(OSError):
+            mine, named = os.fstat(handle.fileno()), os.stat(name)
+            if (mine.st_dev, mine.st_ino) == (named.st_dev, named.st_ino):
+                return name
+    return str(path)
 
 
 def _blob(metadata: dict[str, str], where: str, kind: str | None) -> dict[str, Any]:
