@@ -8,11 +8,11 @@ minipissa.convert_to_lora("adapter.safetensors", "lora_dir")  # PEFT LoRA for th
 """
 
 from .convert import ConversionReport, convert_to_lora
+from .errors import StateError
 from .layer import PiSSALinear
 from .model import apply, disabled, merge, original, unload, unmerge
 from .report import Summary, summary
 from .residual import load_residual, save_residual
-from .safefile import StateError
 from .state import load, save
 from .tree import pissa_layers
 

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 
 from . import records, residual, state
 from .convert import PEFT_PREFIX, SERVING_RANK_LIMIT, convert_to_lora
+from .errors import StateError
 from .report import explained_energy
-from .safefile import StateError, read
+from .safefile import read
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -18,8 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from . import linalg, state
+from .atomic import atomic_write_dir
+from .errors import PathLike, StateError, as_path
 from .records import ModuleRecord
-from .safefile import PathLike, StateError, as_path, atomic_write_dir, write_safetensors
+from .safefile import write_safetensors
 from .sharded.dtensor import write_once
 from .tree import adapted_layers
 

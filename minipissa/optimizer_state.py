@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 import torch
 from torch import Tensor
 
-from .safefile import StateError
+from .errors import StateError
 from .sharded.dtensor import full_tensor
 
 PREFIX = "optimizer:"

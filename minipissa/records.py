@@ -22,8 +22,8 @@ from torch import Tensor
 from . import optimizer_state
 from .config import COMPONENTS, INITS, RECORDED, scaling_error
 from .decompose import compute_dtype
+from .errors import StateError
 from .layer import PiSSALinear
-from .safefile import StateError
 from .sharded.dtensor import full_tensor
 
 FACTORS = ("A", "B", "A0", "B0")

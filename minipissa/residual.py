@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import safefile
-from .safefile import PathLike, StateError
+from .errors import PathLike, StateError
 from .sharded.dtensor import full_tensor, is_dtensor, refuse_sharded, write_once
 from .tree import adapted_layers, pissa_layers
 

@@ -16,10 +16,10 @@ from torch import Tensor, nn
 
 from . import casts, optimizer_state, records, safefile
 from .decompose import compute_dtype
+from .errors import PathLike, StateError
 from .fingerprint import fingerprint_later, read_all, same
 from .layer import PiSSALinear, is_conv1d, weight_matrix
 from .records import ModuleRecord
-from .safefile import PathLike, StateError
 from .sharded.dtensor import full_tensor, refuse_sharded, write_once
 from .targets import is_supported
 from .tree import Plan, adapted_layers, build_layer, pissa_layers, replace_module, train_adapters_only

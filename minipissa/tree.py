@@ -10,8 +10,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from .errors import StateError
 from .layer import PiSSALinear, lora_scaling, weight_matrix
-from .safefile import StateError
 
 
 @dataclass(frozen=True)

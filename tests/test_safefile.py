@@ -15,7 +15,7 @@ from snapshots import assert_unchanged, snapshot
 from torch import nn
 
 import minipissa
-from minipissa import StateError, convert, safefile
+from minipissa import StateError, atomic, convert
 
 WRITER = """
 import sys, time, torch, minipissa
@@ -38,7 +38,7 @@ def adapted(seed: int = 0) -> nn.Module:
 
 
 def temps(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if safefile.TEMP.fullmatch(p.name))
+    return sorted(p.name for p in directory.iterdir() if atomic.TEMP.fullmatch(p.name))
 
 
 def test_temporary_files_of_killed_writers_are_removed_by_the_next_save(tmp_path):
