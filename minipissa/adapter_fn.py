@@ -10,14 +10,20 @@ output buffer and saved tensor for each step. Here
   projections save, so q/k/v share it), the rank-r intermediate h (for dB), the frozen weight (for dx,
   a reference, no copy) and the cast A, B. The frozen base needs no weight gradient, so nothing else;
 - dx is one GEMM with the adapter's contribution accumulated into it in place.
+
+QPiSSA: ``weight`` is then the NF4 codes of W_res (:class:`QuantizedResidual` says how to read them); it is
+dequantized to the activations' dtype in forward and again in backward, so only the 4-bit codes are saved.
+Under ``torch.compile`` each dequantization fuses into one kernel.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+
+from .nf4 import dequantize
 
 #: torch.mm(..., out_dtype=float32) for bf16/fp16 operands (CUDA, torch >= 2.8): the adapters' float32
 #: gradients come straight out of the GEMM, with no separate cast kernel.
@@ -33,6 +39,26 @@ def _mm_as(left: Tensor, right: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.mm(left, right).to(dtype)
 
 
+class QuantizedResidual(NamedTuple):
+    """How to read NF4 codes as the (out, in) weight: the absmax and pair table (nf4.py) of the stored
+    ``shape``, transposed for a Conv1D (``fan_in_fan_out``)."""
+
+    absmax: Tensor
+    table: Tensor
+    shape: tuple[int, ...]
+    transposed: bool
+
+
+def _weight(
+    stored: Tensor, absmax: Tensor | None, table: Tensor | None, shape: Any, transposed: bool, dtype: Any
+) -> Tensor:
+    """The (out, in) weight: ``stored`` itself, or dequantized from its codes."""
+    if absmax is None or table is None:
+        return stored
+    weight = dequantize(stored, absmax, shape, dtype, table)
+    return weight.mT if transposed else weight
+
+
 class AdaptedLinear(torch.autograd.Function):
     """Forward/backward of ``x W^T + bias + s * (xa A^T) B^T`` with frozen W and bias.
 
@@ -42,6 +68,8 @@ class AdaptedLinear(torch.autograd.Function):
 
     ``a_cast``, ``b_cast``: A and B already in x's dtype (the model's pre-hook casts all adapters
     in one launch, casts.py), or None to cast here.
+
+    ``absmax``, ``table``, ``shape``, ``transposed``: None, or ``weight`` holds NF4 codes (:class:`QuantizedResidual`).
 
     Kernels per call with s = 1 (the default alpha = r): forward 3 (h = xa A^T, the base GEMM,
     y += h B^T in place; 2 more if A and B are cast here); backward 5 (dh = g B, dx = g W, dx += dh A in place,
@@ -61,7 +89,13 @@ class AdaptedLinear(torch.autograd.Function):
         scaling: float,
         a_cast: Tensor | None,
         b_cast: Tensor | None,
+        absmax: Tensor | None = None,
+        table: Tensor | None = None,
+        shape: Any = None,
+        transposed: bool = False,
     ) -> Tensor:
+        codes = weight
+        weight = _weight(codes, absmax, table, shape, transposed, x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         xa2 = x2 if xa is None else xa.reshape(-1, xa.shape[-1])
         a_c = a.to(x.dtype) if a_cast is None else a_cast
@@ -78,12 +112,13 @@ class AdaptedLinear(torch.autograd.Function):
         y2.addmm_(h, b_c.mT, alpha=scaling)
         ctx.scaling, ctx.shared = scaling, xa is None
         ctx.a_dtype, ctx.b_dtype = a.dtype, b.dtype
-        ctx.save_for_backward(xa2 if ctx.needs_input_grad[4] else None, h, weight, a_c, b_c)
+        ctx.quant = shape, transposed
+        ctx.save_for_backward(xa2 if ctx.needs_input_grad[4] else None, h, codes, a_c, b_c, absmax, table)
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        xa2, h, weight, a_c, b_c = ctx.saved_tensors
+        xa2, h, codes, a_c, b_c, absmax, table = ctx.saved_tensors
         s = ctx.scaling
         g = grad.reshape(-1, grad.shape[-1])
         dx = dxa = da = db = None
@@ -92,7 +127,8 @@ class AdaptedLinear(torch.autograd.Function):
         if s != 1.0:
             dh.mul_(s)  # s once, on the small tensor: dx, dxa and dA below then carry it
         if need_x:
-            dx = torch.mm(g, weight)
+            shape, transposed = ctx.quant
+            dx = torch.mm(g, _weight(codes, absmax, table, shape, transposed, grad.dtype))
             if ctx.shared:  # xa is x: one (N, in) gradient, the adapter's part accumulated in place
                 dx.addmm_(dh, a_c)
             dx = dx.view(*grad.shape[:-1], dx.shape[-1])
@@ -104,7 +140,7 @@ class AdaptedLinear(torch.autograd.Function):
             db = _mm_as(g.mT, h, ctx.b_dtype)
             if s != 1.0:
                 db.mul_(s)
-        return dx, dxa, None, None, da, db, None, None, None
+        return dx, dxa, None, None, da, db, None, None, None, None, None, None, None
 
 
 def adapted_linear(
@@ -117,10 +153,15 @@ def adapted_linear(
     scaling: float,
     a_cast: Tensor | None = None,
     b_cast: Tensor | None = None,
+    quant: QuantizedResidual | None = None,
 ) -> Tensor:
     """``x W^T + bias + s (xa A^T) B^T`` (see :class:`AdaptedLinear`); x (..., in) -> (..., out).
 
     ``xa``: the adapter's input if it differs from x (dropout), else None. ``a_cast``, ``b_cast``:
-    A and B already in x's dtype (values, not differentiated: gradients go to ``a`` and ``b``)."""
-    out: Tensor = AdaptedLinear.apply(x, xa, weight, bias, a, b, scaling, a_cast, b_cast)
+    A and B already in x's dtype (values, not differentiated: gradients go to ``a`` and ``b``).
+    ``quant``: ``weight`` holds the NF4 codes of W_res, read as it says."""
+    if quant is None:
+        out: Tensor = AdaptedLinear.apply(x, xa, weight, bias, a, b, scaling, a_cast, b_cast)
+    else:
+        out = AdaptedLinear.apply(x, xa, weight, bias, a, b, scaling, a_cast, b_cast, *quant)
     return out

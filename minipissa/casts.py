@@ -27,6 +27,11 @@ from .sharded.dtensor import is_dtensor
 MastersKey = tuple[int, int, int, int]
 
 
+class _Typed(Protocol):
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+
 class Adapter(Protocol):
     """What the casts need of a layer (PiSSALinear)."""
 
@@ -40,7 +45,7 @@ class Adapter(Protocol):
     def B(self) -> Tensor: ...  # noqa: N802
 
     @property
-    def weight(self) -> Tensor: ...
+    def weight(self) -> Tensor | _Typed: ...  # a tensor, or an NF4Weight: its dtype is the activations' guess
 
     @property
     def merged(self) -> bool: ...

@@ -12,10 +12,11 @@ import torch
 from .layer import lora_scaling
 from .targets import value_for
 
-INITS = ("pissa", "lora")
+INITS = ("pissa", "lora", "loftq")
+QUANTIZERS = (None, "nf4")
 COMPONENTS = ("principal", "minor")
 #: The options each layer's ``info`` records (and so the adapter file): what made its initial factors.
-RECORDED = ("init", "niter", "oversample", "seed", "components")
+RECORDED = ("init", "niter", "oversample", "seed", "components", "quantize", "quant_iters")
 #: Default bound (bytes) on the extra memory a chunk of stacked weights and its workspace may take.
 MEMORY_BUDGET = 1 << 30
 #: The scalings s = alpha / r (or alpha / sqrt(r)) accepted: A and B hold sqrt(S / s), which leaves the float
@@ -44,6 +45,8 @@ class InitConfig:
     their per-module values are checked by :meth:`rank_for` / :meth:`alpha_for`. ``stack`` says where
     same-shape weights are stacked into batched decompositions: None (default) on GPUs only, where one
     kernel per chunk beats one per weight; True everywhere (e.g. to test that path on the CPU).
+    ``quantize="nf4"`` stores each residual in 4 bits (QPiSSA; with ``init="lora"``, QLoRA; ``init="loftq"``
+    needs it), choosing the adapter ``quant_iters`` times against the quantizer (qpissa.py).
     """
 
     rank: int | Mapping[str, int]
@@ -58,6 +61,8 @@ class InitConfig:
     adapter_dtype: torch.dtype | None = None
     memory_budget: int = MEMORY_BUDGET
     stack: bool | None = None
+    quantize: str | None = None
+    quant_iters: int = 1
 
     def __post_init__(self) -> None:
         for name in ("rank", "alpha"):  # a private copy: the user's dict may change after apply()
@@ -89,6 +94,19 @@ class InitConfig:
             )
         if not (_is_int(self.memory_budget) and self.memory_budget > 0):
             raise ValueError(f"minipissa: memory_budget must be a positive int (bytes), got {self.memory_budget!r}")
+        if self.quantize not in QUANTIZERS:
+            raise ValueError(f"minipissa: quantize must be None or 'nf4', got {self.quantize!r}")
+        if not (_is_int(self.quant_iters) and self.quant_iters >= 1):
+            raise ValueError(f"minipissa: quant_iters must be an int >= 1, got {self.quant_iters!r}")
+        if self.quantize is None and (self.init == "loftq" or self.quant_iters != 1):
+            raise ValueError(
+                "minipissa: init='loftq' and quant_iters > 1 choose the adapter against a quantizer: pass "
+                "quantize='nf4' too"
+            )
+        if self.init == "lora" and self.quant_iters != 1:
+            raise ValueError("minipissa: init='lora' (QLoRA with quantize='nf4') has nothing to iterate: quant_iters=1")
+        if self.quantize is not None and self.components == "minor":
+            raise ValueError("minipissa: quantize='nf4' keeps the principal part out of the 4 bits: not with 'minor'")
         if not isinstance(self.rslora, bool) or self.stack not in (None, True, False):
             raise ValueError(f"minipissa: rslora and stack must be bools, got {self.rslora!r}, {self.stack!r}")
 
@@ -110,7 +128,10 @@ class InitConfig:
         return float(alpha)
 
     def stacks(self, device: torch.device) -> bool:
-        """Whether weights on ``device`` are stacked into batched decompositions."""
+        """Whether weights on ``device`` are stacked into batched decompositions (not when the adapter is chosen
+        against the quantizer: those iterations run one weight at a time)."""
+        if self.init != "pissa" or self.quant_iters > 1:
+            return False
         return device.type != "cpu" if self.stack is None else self.stack
 
     def recorded(self) -> dict[str, Any]:

@@ -36,6 +36,11 @@ class ConversionReport:
 
     ``relative_error`` is ‖ΔW - ΔW_k‖_F / ‖ΔW‖_F over all modules together (0.0 without ``rank=``),
     ΔW being the exact update s·B'·A' of the original weights; ``module_errors`` per module.
+
+    ``quantization_errors`` (QPiSSA adapters): per module, how far the LoRA on the original weights is from the
+    trained 4-bit model: their weights differ by W_res - deq(nf4(W_res)) exactly, reported as
+    ‖W_res - deq(nf4(W_res))‖_F / ‖W‖_F (measured at apply), the relative error of the layer outputs for
+    inputs spread evenly over directions.
     """
 
     out_dir: Path
@@ -45,6 +50,7 @@ class ConversionReport:
     modules: int
     relative_error: float = 0.0
     module_errors: dict[str, float] = field(default_factory=dict)
+    quantization_errors: dict[str, float] = field(default_factory=dict)
 
 
 def lora_factors(rec: ModuleRecord) -> tuple[Tensor, Tensor, float]:
@@ -157,7 +163,8 @@ def convert_to_lora(
     }  # written together: a reader never sees new tensors beside an old config
     write_once(src if isinstance(src, nn.Module) else None, lambda: atomic_write_dir(out, files))  # rank 0 if sharded
     overall = math.sqrt(tail_total[0] / tail_total[1]) if tail_total[1] > 0 else 0.0
-    return ConversionReport(out, r, lora_alpha, max(ranks.values()), len(recs), overall, errors)
+    quantized = {rec.name: float(rec.info["nf4_error"]) for rec in recs if rec.info["quantize"] is not None}
+    return ConversionReport(out, r, lora_alpha, max(ranks.values()), len(recs), overall, errors, quantized)
 
 
 def _write_text(path: str, text: str) -> None:

@@ -25,6 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+
+def raw_bytes(t: Tensor) -> bytes:
+    """The raw bytes of ``t`` (row-major, on the CPU), without numpy, which is no dependency of minipissa."""
+    flat = t.detach().reshape(-1).contiguous().cpu()
+    return ctypes.string_at(flat.data_ptr(), flat.numel() * flat.element_size()) if flat.numel() else b""
+
+
 #: Elements hashed per step: bounds the int64 temporaries to 64 MiB, whatever the weight's size.
 CHUNK = 1 << 23
 _K = 0x9E3779B97F4A7C15 - (1 << 64)  # odd 64-bit constants as signed int64 (splitmix64's)

@@ -21,7 +21,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from . import batching, decompose
+from . import batching, decompose, qpissa
 from .config import InitConfig
 from .layer import is_conv1d, weight_matrix
 from .targets import Targets, find_targets, shared_tensors
@@ -53,6 +53,11 @@ def plan_modules(
                 "PiSSA needs the real floating-point weight to decompose. Load the weights (and dequantize "
                 "quantized layers) before apply(), or `exclude` this module."
             )
+        if cfg.quantize and weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(
+                f"minipissa: module '{name}' has a {weight.dtype} weight; quantize='nf4' stores float32, bfloat16 "
+                "or float16 weights in 4 bits. Cast the model (e.g. model.float()) first"
+            )
         rank = cfg.rank_for(name)
         flip = is_conv1d(module)
         if fan_in_fan_out is not None and fan_in_fan_out != flip:
@@ -68,7 +73,9 @@ def plan_modules(
                 f"rank={{'*': {rank}, '{name}': {min(out_features, in_features)}}}, or exclude=['{name}']"
             )
         alpha = cfg.alpha_for(name, rank)
-        plans.append(Plan(name, module, rank, alpha, cfg.rslora, flip, float(cfg.dropout), cfg.adapter_dtype))
+        plans.append(
+            Plan(name, module, rank, alpha, cfg.rslora, flip, float(cfg.dropout), cfg.adapter_dtype, cfg.quantize)
+        )
     return plans
 
 
@@ -104,13 +111,22 @@ def initial_factors(weight: Tensor, plan: Plan, cfg: InitConfig) -> tuple[Tensor
         columns = decompose.sketch_columns(plan.rank, cfg.oversample, out_features, in_features)
         omega = decompose.sketch(in_features, columns, decompose.module_seed(cfg.seed, plan.name), dtype, matrix.device)
     minor = cfg.components == "minor"
-    return decompose.principal_factors(matrix, plan.rank, plan.scaling, niter=cfg.niter, omega=omega, minor=minor)
+
+    def top_r(target: Tensor, previous: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        # A warm start: the previous choice's row space in the sketch's first columns, fresh columns after.
+        sketch = omega if omega is None or previous is None else torch.cat([previous.mT, omega[:, plan.rank :]], 1)
+        return decompose.principal_factors(target, plan.rank, plan.scaling, niter=cfg.niter, omega=sketch, minor=minor)
+
+    if cfg.init == "loftq":
+        return qpissa.alternate(matrix, plan.scaling, top_r, None, cfg.quant_iters, plan.fan_in_fan_out)
+    first = top_r(matrix, None)
+    return qpissa.alternate(matrix, plan.scaling, top_r, first, cfg.quant_iters - 1, plan.fan_in_fan_out)
 
 
 def factors(plans: Sequence[Plan], cfg: InitConfig) -> Iterator[Factors]:
     """The initial factors of every plan (whose weights are plain tensors), in no promised order."""
-    stacked = [p for p in plans if cfg.init == "pissa" and cfg.stacks(p.weight.device)]
-    single = [p for p in plans if not (cfg.init == "pissa" and cfg.stacks(p.weight.device))]
+    stacked = [p for p in plans if cfg.stacks(p.weight.device)]
+    single = [p for p in plans if not cfg.stacks(p.weight.device)]
     for p, a0, b0, sigma in _one_at_a_time(single, cfg):
         yield Factors(p, a0, b0, sigma)
     for p, a0, b0, sigma in batching.chunks(stacked, cfg):

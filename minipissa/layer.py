@@ -6,6 +6,11 @@ At init A = A0 and B = B0, so the layer computes exactly W x + bias. ``weight`` 
 the base layer's names, dtype and layout (an ``nn.Linear`` stores W as (out, in); a GPT-2 style
 ``Conv1D`` stores it as (in, out), "fan_in_fan_out"), so a model's state-dict keys after
 :func:`minipissa.apply` are the original keys plus ``A``, ``B``, ``A0`` and ``B0``.
+
+QPiSSA: ``weight`` may instead be an :class:`~minipissa.nf4.NF4Weight`, W_res in 4 bits (state-dict keys
+``weight.codes`` and ``weight.absmax``), dequantized to the activations' dtype at each use:
+
+    y = deq(nf4(W_res)) x + s * B (A dropout(x)) + bias
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapter_fn import adapted_linear
+from .adapter_fn import QuantizedResidual, adapted_linear
 from .casts import SharedCasts
 from .decompose import compute_dtype
+from .nf4 import NF4Weight
 
 MODES = ("adapter", "original", "disabled")
 
@@ -43,10 +49,13 @@ def weight_matrix(weight: Tensor, fan_in_fan_out: bool) -> Tensor:
     return weight.mT if fan_in_fan_out else weight
 
 
-def residual_weight(weight: Tensor, a0: Tensor, b0: Tensor, scaling: float, fan_in_fan_out: bool) -> Tensor:
-    """W_res = W - s * B0 A0 in the factors' dtype, returned in ``weight``'s dtype and layout.
+def residual_weight(
+    weight: Tensor, a0: Tensor, b0: Tensor, scaling: float, fan_in_fan_out: bool, dtype: torch.dtype | None = None
+) -> Tensor:
+    """W_res = W - s * B0 A0 in the factors' dtype, returned in ``dtype`` (default: ``weight``'s) and its layout.
 
-    This one function computes the residual at init and at reload, so a reload is bit-exact.
+    This one function computes the residual at init and at reload, so a reload is bit-exact. (QPiSSA asks for
+    the factors' dtype: the residual is quantized from it, with no rounding to the weight's dtype first.)
 
     Args:
         weight: stored base weight, (out, in), or (in, out) when ``fan_in_fan_out``.
@@ -57,7 +66,7 @@ def residual_weight(weight: Tensor, a0: Tensor, b0: Tensor, scaling: float, fan_
         delta = delta.mT
     # Type promotion computes in the factors' dtype, as weight.to(a0.dtype) - delta would, without
     # materialising that copy of W.
-    return torch.sub(weight, delta).to(weight.dtype).contiguous()
+    return torch.sub(weight, delta).to(dtype or weight.dtype).contiguous()
 
 
 def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
@@ -70,11 +79,12 @@ class PiSSALinear(nn.Module):
 
     Built from a base ``nn.Linear`` or ``Conv1D`` and factors A0 (r, in), B0 (out, r) in the
     decomposition dtype (float32, or float64 for float64 weights). The base's weight tensor is not
-    modified: the residual is a new tensor (``base_is_residual=True``: the base already holds W_res).
-    The layer takes the base's tensors over and drops them from the base module.
+    modified: the residual is a new tensor (``base_is_residual=True``: the base already holds W_res), or
+    ``residual``, W_res already made (QPiSSA: quantized). The layer takes the base's tensors over and drops
+    them from the base module.
 
     Attributes:
-        weight: residual W_res, the base's dtype and layout, frozen.
+        weight: residual W_res, the base's dtype and layout, frozen; or an :class:`NF4Weight` (QPiSSA).
         bias: the base's bias (or None), frozen.
         A: (r, in) trainable, ``adapter_dtype`` (default: the decomposition dtype).
         B: (out, r) trainable.
@@ -85,7 +95,7 @@ class PiSSALinear(nn.Module):
         shared_casts: the model's :class:`SharedCasts`, asked for A and B in the activations' dtype.
     """
 
-    weight: nn.Parameter
+    weight: nn.Parameter | NF4Weight
     bias: nn.Parameter | None
     A: nn.Parameter
     B: nn.Parameter
@@ -107,6 +117,7 @@ class PiSSALinear(nn.Module):
         adapter_dtype: torch.dtype | None = None,
         info: dict[str, Any] | None = None,
         base_is_residual: bool = False,
+        residual: NF4Weight | None = None,
     ) -> None:
         super().__init__()
         base_weight = cast(Tensor, base.weight)
@@ -134,13 +145,15 @@ class PiSSALinear(nn.Module):
         a0 = a0.detach().to(compute_dtype(base_weight.dtype))
         b0 = b0.detach().to(a0.dtype)
         dtype = adapter_dtype or a0.dtype
-        if base_is_residual:  # a residual file, or sharded init: keep the very Parameter (FSDP2 may hold it)
+        if residual is not None:
+            self.weight = residual
+        elif base_is_residual:  # a residual file, or sharded init: keep the very Parameter (FSDP2 may hold it)
             self.weight = base_weight if isinstance(base_weight, nn.Parameter) else nn.Parameter(base_weight)
             self.weight.requires_grad_(False)
         else:
             with torch.no_grad():
-                residual = residual_weight(base_weight.detach(), a0, b0, self.scaling, self.fan_in_fan_out)
-            self.weight = nn.Parameter(residual, requires_grad=False)
+                dense = residual_weight(base_weight.detach(), a0, b0, self.scaling, self.fan_in_fan_out)
+            self.weight = nn.Parameter(dense, requires_grad=False)
         bias = cast(Tensor | None, base.bias)
         if isinstance(bias, nn.Parameter):  # the same Parameter: FSDP2 may hold it
             self.bias = bias
@@ -157,6 +170,25 @@ class PiSSALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # The layer has taken the base's tensors over; the shell must not keep W alive.
         base.weight, base.bias = None, None  # type: ignore[assignment]
+
+    @property
+    def quantized(self) -> bool:
+        """True when the residual is held in NF4 (QPiSSA)."""
+        return isinstance(self.weight, NF4Weight)
+
+    def residual(self, dtype: torch.dtype | None = None) -> Tensor:
+        """W_res as a tensor in its stored layout, in ``dtype`` (default: the weight's dtype); dequantized
+        for QPiSSA (a new tensor each call)."""
+        if isinstance(self.weight, NF4Weight):
+            return self.weight.dequantize(dtype)
+        return self.weight if dtype is None else self.weight.to(dtype)
+
+    def stored_residual(self) -> Tensor:
+        """The residual as stored, what fingerprints cover: W_res (also while merged), or the NF4 codes and absmax
+        bytes (uint8)."""
+        if isinstance(self.weight, NF4Weight):
+            return self.weight.packed()
+        return self.weight if self.residual_while_merged is None else self.residual_while_merged
 
     @property
     def merged(self) -> bool:
@@ -180,7 +212,7 @@ class PiSSALinear(nn.Module):
 
     def _reference(self, x: Tensor) -> Tensor:
         """The formula itself: y = W_res x + bias + s * B (A dropout(x)); A0, B0 in mode "original"."""
-        y = F.linear(x, weight_matrix(self.weight, self.fan_in_fan_out), self.bias)
+        y = F.linear(x, weight_matrix(self.residual(x.dtype), self.fan_in_fan_out), self.bias)
         if self.mode != "adapter" and self.merged:
             raise RuntimeError(f"minipissa.{self.mode}(): the layer is merged; unmerge it first")
         if self.mode == "disabled" or self.merged:
@@ -193,7 +225,8 @@ class PiSSALinear(nn.Module):
     def _can_fuse(self, x: Tensor) -> bool:
         """The fused function (adapter_fn.py) gives the frozen residual and bias no gradient and picks one
         dtype for every product: so not for an unfrozen residual or bias, nor under autocast."""
-        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
+        frozen_weight = isinstance(self.weight, NF4Weight) or not self.weight.requires_grad
+        frozen = frozen_weight and (self.bias is None or not self.bias.requires_grad)
         return self.mode == "adapter" and not self.merged and frozen and not torch.is_autocast_enabled(x.device.type)
 
     def _fused(self, x: Tensor) -> Tensor:
@@ -202,6 +235,10 @@ class PiSSALinear(nn.Module):
         xa = None if isinstance(self.dropout, nn.Identity) or not self.training else self.dropout(x)
         casts = None if self.shared_casts is None else self.shared_casts.casts_for(self, x.dtype)
         a_cast, b_cast = casts if casts is not None else (None, None)
+        if isinstance(self.weight, NF4Weight):  # dequantized inside, in forward and again in backward
+            nf4 = self.weight
+            quant = QuantizedResidual(nf4.absmax, nf4.table, nf4.shape, self.fan_in_fan_out)
+            return adapted_linear(x, xa, nf4.codes, self.bias, self.A, self.B, self.scaling, a_cast, b_cast, quant)
         weight = weight_matrix(self.weight, self.fan_in_fan_out)
         return adapted_linear(x, xa, weight, self.bias, self.A, self.B, self.scaling, a_cast, b_cast)
 
@@ -211,9 +248,17 @@ class PiSSALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold s·B·A into ``weight`` (in the factors' dtype, rounded once). No-op if merged."""
+        """Fold s·B·A into ``weight`` (in the factors' dtype, rounded once). No-op if merged.
+
+        A QPiSSA layer refuses: B·A rounded into 4 bits would lose most of the training (see :meth:`unload`)."""
         if self.merged:
             return
+        if isinstance(self.weight, NF4Weight):
+            raise RuntimeError(
+                "minipissa.merge: this layer's residual is 4-bit NF4 (QPiSSA), and folding s·B·A into 4 bits would "
+                "round most of the training away; keep the adapter separate, or minipissa.unload(model) for a "
+                "full-precision model (deq(W_res) + s·B·A), or minipissa.convert_to_lora for the original weights"
+            )
         residual = self.weight.data
         delta = self.delta_weight().to(compute_dtype(residual.dtype))
         delta = delta.mT if self.fan_in_fan_out else delta
@@ -234,10 +279,19 @@ class PiSSALinear(nn.Module):
             self.B.requires_grad_(self.trainable_before_merge[1])
 
     def unload(self) -> nn.Module:
-        """The base layer holding the merged weight W_res + s·B·A (frozen), without minipissa."""
-        self.merge()
+        """The base layer holding the merged weight W_res + s·B·A (frozen), without minipissa. For QPiSSA, the
+        full-precision weight deq(nf4(W_res)) + s·B·A in the base's dtype."""
         (base,) = self.base_shell
-        base.weight = nn.Parameter(self.weight.data, requires_grad=False)
+        if isinstance(self.weight, NF4Weight):
+            with torch.no_grad():
+                delta = self.delta_weight()
+                delta = delta.mT if self.fan_in_fan_out else delta
+                merged = (self.weight.dequantize(delta.dtype) + delta).to(self.weight.dtype).contiguous()
+            base.weight = nn.Parameter(merged, requires_grad=False)
+            base.bias = cast(Any, self.bias)
+            return base
+        self.merge()
+        base.weight = nn.Parameter(cast(Tensor, self.weight).data, requires_grad=False)
         base.bias = cast(Any, self.bias)
         self.unmerge()
         return base

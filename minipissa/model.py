@@ -41,6 +41,8 @@ def apply(
     adapter_dtype: torch.dtype | None = None,
     memory_budget: int = MEMORY_BUDGET,
     progress: bool | Callable[[int, int], None] = False,
+    quantize: str | None = None,
+    quant_iters: int = 1,
 ) -> nn.Module:
     """Replace the target layers of ``model`` by PiSSALinear layers, in place, and return it.
 
@@ -50,7 +52,8 @@ def apply(
             (every Linear/Conv1D but the output head).
         alpha: LoRA alpha (int/float or mapping like ``rank``); default = the module's rank, so s = 1.
         rslora: scaling alpha / sqrt(r) instead of alpha / r.
-        init: 'pissa', or 'lora' (Kaiming-uniform A, zero B, base untouched) for comparisons.
+        init: 'pissa', or 'lora' (Kaiming-uniform A, zero B, base untouched) for comparisons, or 'loftq'
+            (with ``quantize``: the adapter chosen from the quantization error of W, LoftQ's alternation).
         niter: None for the exact top-r (float64 Gram eigendecomposition, refined; see
             ``decompose.start``); an int for a randomized SVD with that many power iterations.
         oversample: extra sketch columns for the randomized SVD; default 4 * rank.
@@ -64,13 +67,19 @@ def apply(
             one shape are stacked and decomposed together in chunks of this size); default 1 GiB.
         progress: ``progress(done, total)`` is called after each adapted module; True shows a tqdm
             bar when tqdm is installed. The time taken is in :func:`summary`.
+        quantize: None, or 'nf4' (QPiSSA): each residual is stored in 4-bit NF4, bit-compatible with
+            bitsandbytes (the decomposition runs in full precision first).
+        quant_iters: with ``quantize``, how many times the adapter is chosen against the quantizer: the top-r of
+            W, then ``quant_iters - 1`` times the top-r of W - deq(nf4(W - P)) (the authors' multi-iteration
+            QPiSSA; 5 in their checkpoints); with init='loftq', LoftQ's iterations.
 
     After apply, only the A and B parameters require gradients.
     """
     start = time.perf_counter()
     cfg = InitConfig(
-        rank, alpha, rslora, init, niter, oversample, seed, components, dropout, adapter_dtype, memory_budget
-    )
+        rank, alpha, rslora, init, niter, oversample, seed, components, dropout, adapter_dtype, memory_budget,
+        quantize=quantize, quant_iters=quant_iters,
+    )  # fmt: skip
     adapt(model, plan_modules(model, cfg, targets, exclude, fan_in_fan_out), cfg, progress)
     report.record_init_time(model, time.perf_counter() - start)
     return model
@@ -92,6 +101,11 @@ def adapt(
     sharded = [p for p in plans if is_dtensor(p.weight)]
     plain = [p for p in plans if not is_dtensor(p.weight)]
     fsdp = None
+    if sharded and cfg.quantize:
+        raise ValueError(
+            f"minipissa.apply: quantize='nf4' on FSDP2-sharded weights ({sharded[0].name}, ...) is not supported; "
+            "apply before fully_shard (the 4-bit codes then stay whole on each rank), or leave quantize=None"
+        )
     if sharded:  # FSDP2 / DTensor weights: each factored on one owner rank
         check_layouts(sharded)
         fsdp = FsdpAdoption(model, sharded)
@@ -131,7 +145,9 @@ def adapt(
             raise
         raise RuntimeError(f"{where} ({type(e).__name__}: {e})") from e
     # The residuals' fingerprints (one read-back), so that save() can tell whether one was edited since.
-    residual_prints = read_all([item.residual_print or fingerprint_later(layer.weight) for layer, item in built])
+    residual_prints = read_all(
+        [item.residual_print or fingerprint_later(layer.stored_residual()) for layer, item in built]
+    )
     for (layer, item), residual_print in zip(built, residual_prints, strict=True):
         layer.info.update(describe(item.sigma, item.base_print or base_print[item.plan.name]))
         layer.info["residual_fingerprint"] = residual_print
@@ -152,7 +168,16 @@ def merge(model: nn.Module) -> nn.Module:
     Keeps each residual while merged: one extra weight's memory per adapted layer.
     """
     refuse_sharded(model, "merge")
-    for _, layer in adapted_layers(model, "merge"):
+    layers = adapted_layers(model, "merge")
+    quantized = [name for name, layer in layers if layer.quantized]
+    if quantized:  # checked first: no layer is merged if one cannot be
+        raise RuntimeError(
+            f"minipissa.merge: module(s) {quantized[:5]} hold a 4-bit NF4 residual (QPiSSA); folding s·B·A into 4 "
+            "bits would round most of the training away, so nothing was merged. Keep the adapters separate, or "
+            "minipissa.unload(model) for a full-precision model (deq(W_res) + s·B·A), or serve "
+            "minipissa.convert_to_lora's LoRA on the original weights"
+        )
+    for _, layer in layers:
         layer.merge()
     return model
 

@@ -5,7 +5,8 @@ anything uses it. Whatever the metadata holds, parsing returns records or raises
 Per module, the file holds ``<module path>.A`` (r, in) and ``.B`` (out, r) in the adapter dtype,
 ``.A0``/``.B0`` in the decomposition dtype, and in the JSON blob the fields of :class:`ModuleRecord` with the
 init ``info`` (:data:`INFO`). Format version 2 fingerprints weights with an exact full hash; version 1's
-sampled fingerprints are still read.
+sampled fingerprints are still read. Version 3 adds QPiSSA (``quantize``, ``quant_iters``, and for an NF4
+residual its errors and the sha256 of its codes and absmax, :data:`NF4_INFO`); a file without them is dense.
 """
 
 from __future__ import annotations
@@ -24,12 +25,17 @@ from .config import COMPONENTS, INITS, RECORDED, scaling_error
 from .decompose import compute_dtype
 from .errors import StateError
 from .layer import PiSSALinear
+from .nf4 import BLOCK, NF4Weight
 from .sharded.dtensor import full_tensor
 
 FACTORS = ("A", "B", "A0", "B0")
 FIELDS = ("rank", "alpha", "rslora", "fan_in_fan_out", "in_features", "out_features", "dropout", "base_dtype")
 #: The init info each module records: the options that made its factors, and what was measured of W.
 INFO = (*RECORDED, "singular_values", "weight_norm", "base_fingerprint", "residual_fingerprint")
+#: What an NF4 residual adds (qpissa.py): its errors at init and the sha256 of its codes + absmax.
+NF4_INFO = ("nf4_error", "qlora_error", "nf4_sha256")
+#: Info keys that version 1-2 files lack, and their values there.
+DENSE_DEFAULTS = {"quantize": None, "quant_iters": 1}
 FLOAT_DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -67,6 +73,8 @@ def from_layer(name: str, layer: PiSSALinear, residual_print: dict[str, Any]) ->
     treat them as read-only). ``residual_print``: the residual's fingerprint now; if it is not the one taken
     when the layer was made, the residual was edited since and the record says so (``residual_edited``)."""
     info = dict(layer.info)
+    if isinstance(layer.weight, NF4Weight):
+        info["nf4_sha256"] = layer.weight.sha256()
     made = info.get("residual_fingerprint")
     # Edited in place (a cast to another dtype is not an edit: load, then cast, reproduces it); load(base=
     # "original") would rebuild the unedited residual, so it refuses such a record.
@@ -151,8 +159,25 @@ def _record(check: _Check, name: str, meta: Any, tensors: dict[str, Tensor]) -> 
 
 
 def _info(check: _Check, field: str, value: Any, rank: int, shape: tuple[int, int], dtype: str) -> dict[str, Any]:
-    info = check.mapping(value, f"{field} info", keys=INFO, optional=("residual_edited",))
+    required = tuple(k for k in INFO if k not in DENSE_DEFAULTS)
+    info = check.mapping(
+        value, f"{field} info", keys=required, optional=("residual_edited", *DENSE_DEFAULTS, *NF4_INFO)
+    )
+    info = DENSE_DEFAULTS | info
     check.text(info["init"], f"{field} init", choices=INITS)
+    quantized = info["quantize"] is not None
+    if quantized:
+        check.text(info["quantize"], f"{field} quantize", choices=("nf4",))
+        for key in NF4_INFO:
+            if key not in info:
+                check.fail(f"{field} info", f"an object with '{key}' (an NF4 residual)", sorted(info))
+        check.number(info["nf4_error"], f"{field} nf4_error", low=0.0)
+        check.number(info["qlora_error"], f"{field} qlora_error", low=0.0)
+        if not (isinstance(info["nf4_sha256"], str) and re.fullmatch("[0-9a-f]{64}", info["nf4_sha256"])):
+            check.fail(f"{field} nf4_sha256", "64 hex digits", info["nf4_sha256"])
+    elif any(k in info for k in NF4_INFO):
+        check.fail(f"{field} info", "no NF4 fields for a dense residual", sorted(info))
+    check.integer(info["quant_iters"], f"{field} quant_iters", low=1)
     check.text(info["components"], f"{field} components", choices=COMPONENTS)
     for key in ("niter", "oversample"):
         if info[key] is not None:
@@ -168,8 +193,10 @@ def _info(check: _Check, field: str, value: Any, rank: int, shape: tuple[int, in
     residual = _fingerprint(check, info["residual_fingerprint"], f"{field} residual_fingerprint")
     if tuple(base["shape"]) != shape or base["dtype"] != dtype:
         check.fail(f"{field} base_fingerprint", f"of a {dtype} weight of shape {list(shape)}", base)
-    if tuple(residual["shape"]) != shape:
-        check.fail(f"{field} residual_fingerprint", f"of a weight of shape {list(shape)}", residual)
+    numel = shape[0] * shape[1]
+    stored = [(numel + 1) // 2 + 4 * -(-numel // BLOCK)] if quantized else list(shape)  # NF4: codes + absmax bytes
+    if list(residual["shape"]) != stored or (residual["dtype"] == "uint8") != quantized:
+        check.fail(f"{field} residual_fingerprint", f"of a residual stored as {stored}", residual)
     if "residual_edited" in info:
         check.boolean(info["residual_edited"], f"{field} residual_edited")
     return info
@@ -180,7 +207,7 @@ def _fingerprint(check: _Check, value: Any, field: str) -> dict[str, Any]:
     print_ = check.mapping(value, field, keys=("shape", "dtype", "sum", "sumsq", "hash" if exact else "sample_sha256"))
     for size in check.array(print_["shape"], f"{field} shape"):
         check.integer(size, f"{field} shape", low=0)
-    check.text(print_["dtype"], f"{field} dtype", choices=tuple(FLOAT_DTYPES))
+    check.text(print_["dtype"], f"{field} dtype", choices=(*FLOAT_DTYPES, "uint8"))
     check.number(print_["sum"], f"{field} sum")
     check.number(print_["sumsq"], f"{field} sumsq", low=0.0)
     digest, length = ("hash", 16) if exact else ("sample_sha256", 64)

@@ -1,4 +1,5 @@
-"""summary(): what apply() adapted, how much of each weight the adapter holds, and parameter counts."""
+"""summary(): what apply() adapted, how much of each weight the adapter holds, parameter counts, and for QPiSSA
+the residual's bits per parameter and quantization error."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .nf4 import BYTES_PER_PARAM as NF4_BYTES_PER_PARAM
 from .tree import pissa_layers
 
 #: Seconds apply() took, per model (weakly held: the record goes with the model).
@@ -37,6 +39,9 @@ class ModuleSummary:
     scaling: float
     explained_energy: float | None  # ||S_r||^2 / ||W||_F^2 of the initial weight; None for init='lora'
     dead_components: int  # singular values ~0: their rows of A / columns of B get no gradient
+    residual_bits: float  # bits per parameter of the stored residual: its dtype's, or NF4's 4.5
+    quant_error: float | None = None  # QPiSSA: ||W_res - deq(nf4(W_res))||_F / ||W||_F at apply
+    qlora_error: float | None = None  # QLoRA's for comparison: ||W - deq(nf4(W))||_F / ||W||_F
 
 
 @dataclass
@@ -47,11 +52,17 @@ class Summary:
     seconds: float | None = None
 
     def __str__(self) -> str:
-        lines = [f"{'module':<40} {'out x in':>12} {'rank':>5} {'energy':>7} {'dead':>5}"]
+        quantized = any(m.quant_error is not None for m in self.modules)
+        header = f"{'module':<40} {'out x in':>12} {'rank':>5} {'energy':>7} {'dead':>5}"
+        lines = [header + (f" {'bits':>5} {'q-error':>8} {'QLoRA':>8}" if quantized else "")]
         for m in self.modules:
             energy = "-" if m.explained_energy is None else f"{m.explained_energy:.3f}"
             shape = f"{m.shape[0]} x {m.shape[1]}"
-            lines.append(f"{m.name:<40} {shape:>12} {m.rank:>5} {energy:>7} {m.dead_components:>5}")
+            line = f"{m.name:<40} {shape:>12} {m.rank:>5} {energy:>7} {m.dead_components:>5}"
+            if quantized:
+                errors = [" " * 8 if e is None else f"{e:8.4f}" for e in (m.quant_error, m.qlora_error)]
+                line += f" {m.residual_bits:>5.2f} {errors[0]} {errors[1]}"
+            lines.append(line)
         seconds = "" if self.seconds is None else f", init {self.seconds:.2f} s"
         lines.append(
             f"{len(self.modules)} adapted modules; trainable {self.trainable:,} of {self.total:,} parameters "
@@ -69,10 +80,23 @@ def summary(model: nn.Module) -> Summary:
         energy = explained_energy(sigma.tolist(), norm)
         tiny = torch.finfo(layer.A0.dtype).eps * max(layer.in_features, layer.out_features) * norm
         dead = int((sigma <= tiny).sum()) if sigma.numel() else 0
+        bits = 8 * NF4_BYTES_PER_PARAM if layer.quantized else 8.0 * layer.weight.dtype.itemsize
         result.modules.append(
-            ModuleSummary(name, (layer.out_features, layer.in_features), layer.rank, layer.scaling, energy, dead)
+            ModuleSummary(
+                name,
+                (layer.out_features, layer.in_features),
+                layer.rank,
+                layer.scaling,
+                energy,
+                dead,
+                bits,
+                layer.info.get("nf4_error"),
+                layer.info.get("qlora_error"),
+            )  # fmt: skip
         )
     params = {id(p): p for p in model.parameters()}.values()
     result.trainable = sum(p.numel() for p in params if p.requires_grad)
-    result.total = sum(p.numel() for p in params)
+    # A 4-bit residual is held in buffers, not parameters: counted as the weight it stands for.
+    quantized = sum(layer.in_features * layer.out_features for _, layer in pissa_layers(model) if layer.quantized)
+    result.total = sum(p.numel() for p in params) + quantized
     return result

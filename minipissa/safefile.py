@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .atomic import atomic_write
 from .errors import PathLike, StateError, as_path
+from .fingerprint import raw_bytes
 
 __all__ = [
     "FORMAT_VERSION",
@@ -36,9 +37,10 @@ __all__ = [
     "write_safetensors",
 ]
 
-#: Version 2: weights fingerprinted by an exact hash of every element (version 1: sampled elements).
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#: Version 2: weights fingerprinted by an exact hash of every element (version 1: sampled elements). Version 3:
+#: QPiSSA records (a 4-bit residual); readers of versions 1-2 refuse it, so none loads it as a dense adapter.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 BLOB_KEY = "minipissa"
 BLOB_SHA_FIELD = "blob_sha256"
 
@@ -49,9 +51,7 @@ def tensors_digest(tensors: Mapping[str, Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name]
         digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
-        flat = t.detach().reshape(-1).contiguous().cpu()
-        if flat.numel():  # raw bytes without numpy, which is no dependency of minipissa
-            digest.update(ctypes.string_at(flat.data_ptr(), flat.numel() * flat.element_size()))
+        digest.update(raw_bytes(t))
     return digest.hexdigest()
 
 

@@ -18,7 +18,9 @@ from . import casts, optimizer_state, records, safefile
 from .decompose import compute_dtype
 from .errors import PathLike, StateError
 from .fingerprint import fingerprint_later, read_all, same
-from .layer import PiSSALinear, is_conv1d, weight_matrix
+from .layer import PiSSALinear, is_conv1d, lora_scaling, weight_matrix
+from .nf4 import NF4Weight
+from .qpissa import residual_nf4
 from .records import ModuleRecord
 from .sharded.dtensor import full_tensor, refuse_sharded, write_once
 from .targets import is_supported
@@ -36,11 +38,7 @@ def save(model: nn.Module, path: PathLike, *, optimizer: torch.optim.Optimizer |
     """
     safefile.as_path(path)
     layers = adapted_layers(model, "save")
-    residuals = [
-        full_tensor(cast(Tensor, layer.residual_while_merged if layer.merged else layer.weight)) for _, layer in layers
-    ]
-    prints = read_all([fingerprint_later(residual) for residual in residuals])
-    recs = [records.from_layer(name, layer, p) for (name, layer), p in zip(layers, prints, strict=True)]
+    recs = records_of(layers)
     tensors = {f"{r.name}.{k}": getattr(r, k) for r in recs for k in records.FACTORS}
     payload: dict[str, Any] = {
         "minipissa_version": _version(),
@@ -57,8 +55,7 @@ def save(model: nn.Module, path: PathLike, *, optimizer: torch.optim.Optimizer |
 
 def records_of(layers: list[tuple[str, PiSSALinear]]) -> list[ModuleRecord]:
     """The records of live layers, each with its residual's fingerprint as it is now (one read-back)."""
-    residuals = [layer.residual_while_merged if layer.merged else layer.weight for _, layer in layers]
-    prints = read_all([fingerprint_later(full_tensor(cast(Tensor, residual))) for residual in residuals])
+    prints = read_all([fingerprint_later(full_tensor(layer.stored_residual())) for _, layer in layers])
     return [records.from_layer(name, layer, p) for (name, layer), p in zip(layers, prints, strict=True)]
 
 
@@ -80,6 +77,7 @@ class _Loading:
     record: ModuleRecord
     module: nn.Module
     existing: bool  # already this PiSSALinear: only A and B are set
+    residual: NF4Weight | None = None  # QPiSSA: the 4-bit residual, rebuilt and checked against the file
 
 
 def _check_existing(layer: PiSSALinear, rec: ModuleRecord, where: str) -> None:
@@ -134,7 +132,24 @@ def _check(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike) -> _L
             "residual weights saved by minipissa.save_residual()"
         )
     _check_fingerprint(weight, rec, base, where)
-    return _Loading(rec, module, existing=False)
+    if rec.info["quantize"] is None:
+        return _Loading(rec, module, existing=False)
+    if base == "residual":
+        raise StateError(
+            f"{where} has a 4-bit (NF4) residual: load it onto the original weights (base='original'), which "
+            "rebuilds and re-quantizes the residual"
+        )
+    with torch.no_grad():
+        a0, b0 = rec.A0.to(weight.device), rec.B0.to(weight.device)
+        residual = residual_nf4(weight, a0, b0, lora_scaling(rec.alpha, rec.rank, rec.rslora), rec.fan_in_fan_out)
+    if residual.sha256() != rec.info["nf4_sha256"]:
+        raise StateError(
+            f"{where}: its 4-bit residual, rebuilt from the original weight, has other codes than the saved one "
+            "(re-quantizing is bit-reproducible on one device and GEMM order only: another device or library "
+            "rounds W - s·B0·A0 differently, and a few values land in other 4-bit buckets). Load on the device "
+            "kind that saved it"
+        )
+    return _Loading(rec, module, existing=False, residual=residual)
 
 
 def _check_fingerprint(weight: Tensor, rec: ModuleRecord, base: str, where: str) -> None:
@@ -205,10 +220,13 @@ def load(
         layer = cast(PiSSALinear, loading.module)
         if not loading.existing:
             plan = Plan(
-                rec.name, loading.module, rec.rank, rec.alpha, rec.rslora, rec.fan_in_fan_out, rec.dropout, rec.A.dtype
-            )
+                rec.name, loading.module, rec.rank, rec.alpha, rec.rslora, rec.fan_in_fan_out, rec.dropout, rec.A.dtype,
+                rec.info["quantize"],
+            )  # fmt: skip
             a0, b0 = rec.A0.to(plan.weight.device), rec.B0.to(plan.weight.device)
-            layer = build_layer(plan, a0, b0, dict(rec.info), weight_is_residual=base == "residual")
+            layer = build_layer(
+                plan, a0, b0, dict(rec.info), weight_is_residual=base == "residual", residual=loading.residual
+            )
             replace_module(model, rec.name, layer)
             built.append(layer)
         with torch.no_grad():
@@ -217,7 +235,7 @@ def load(
     # The residuals as rebuilt here (another device may round them differently from the saving one): what a
     # later save() compares against to tell an edited residual.
     for layer, residual_print in zip(
-        built, read_all([fingerprint_later(layer.weight) for layer in built]), strict=True
+        built, read_all([fingerprint_later(layer.stored_residual()) for layer in built]), strict=True
     ):
         layer.info["residual_fingerprint"] = residual_print
     train_adapters_only(model)

@@ -12,6 +12,8 @@ from torch import Tensor, nn
 
 from .errors import StateError
 from .layer import PiSSALinear, lora_scaling, weight_matrix
+from .nf4 import NF4Weight
+from .qpissa import quantize_residual
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class Plan:
     fan_in_fan_out: bool
     dropout: float = 0.0
     adapter_dtype: torch.dtype | None = None
+    quantize: str | None = None  # "nf4": the residual is stored in 4 bits (QPiSSA)
 
     @property
     def scaling(self) -> float:
@@ -45,16 +48,27 @@ class Plan:
 
 
 def build_layer(
-    plan: Plan, a0: Tensor, b0: Tensor, info: dict[str, Any], *, weight_is_residual: bool = False
+    plan: Plan,
+    a0: Tensor,
+    b0: Tensor,
+    info: dict[str, Any],
+    *,
+    weight_is_residual: bool = False,
+    residual: NF4Weight | None = None,
 ) -> PiSSALinear:
     """The PiSSALinear for ``plan`` from its initial factors A0 (r, in), B0 (out, r); it takes the module's
     tensors over. ``weight_is_residual``: the module's weight already holds W_res (a residual file, or
-    sharded init, which wrote it into the shards): the layer keeps that very Parameter."""
+    sharded init, which wrote it into the shards): the layer keeps that very Parameter. A quantizing plan's
+    residual is quantized here (its errors go into ``info``), unless ``residual`` brings it made."""
     base = plan.module
     weight, bias = base.weight, base.bias
+    if plan.quantize and residual is None:
+        with torch.no_grad():
+            residual, errors = quantize_residual(cast(Tensor, weight), a0, b0, plan.scaling, plan.fan_in_fan_out)
+        info = info | errors
     layer = PiSSALinear(
         base, a0, b0, alpha=plan.alpha, rslora=plan.rslora, dropout=plan.dropout, fan_in_fan_out=plan.fan_in_fan_out,
-        adapter_dtype=plan.adapter_dtype, info=info, base_is_residual=weight_is_residual,
+        adapter_dtype=plan.adapter_dtype, info=info, base_is_residual=weight_is_residual, residual=residual,
     )  # fmt: skip
     if weight_is_residual:  # the same Parameter objects: a wrapper (FSDP2) may hold them
         layer.weight, layer.bias = cast(nn.Parameter, weight), cast(nn.Parameter | None, bias)

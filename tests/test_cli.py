@@ -12,6 +12,7 @@ import torch
 from models import MLP
 
 import minipissa
+from minipissa import safefile
 from minipissa.__main__ import main
 
 
@@ -40,7 +41,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_inspect(files: Path) -> None:
     done = run("inspect", files / "adapter.safetensors")
     assert done.returncode == 0, done.stderr
-    assert "format version 2" in done.stdout and "niter=2" in done.stdout
+    assert f"format version {safefile.FORMAT_VERSION}" in done.stdout and "niter=2" in done.stdout
     assert "layers.0" in done.stdout and "48 x 32" in done.stdout and "layers.1" in done.stdout
     size = (files / "adapter.safetensors").stat().st_size
     assert f"file {size:,} bytes" in done.stdout

@@ -217,15 +217,17 @@ def test_a_residual_edited_after_apply_is_saved_as_such_and_loads_only_onto_that
     assert not any("residual_edited" in r.info for r in minipissa.state.read(tmp_path / "h.safetensors")[1])
 
 
-def test_a_version_1_file_loads_with_its_optimizer_state():
-    """Written by minipissa before format version 2 (fixtures/make_v1_adapter.py): sampled fingerprints."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_version_file_loads_with_its_optimizer_state(version):
+    """Written by minipissa before format versions 2 (sampled fingerprints) and 3 (QPiSSA records), by
+    fixtures/make_v1_adapter.py."""
     from safetensors.torch import load_file
 
-    path = FIXTURES / "v1_adapter.safetensors"
+    path = FIXTURES / f"v{version}_adapter.safetensors"
     info, _ = safefile.read(path)
-    assert info["format_version"] == 1
+    assert info["format_version"] == version
     model = minipissa.load(make_v1_adapter.base(), path)
-    expected = load_file(str(FIXTURES / "v1_expected.safetensors"))["y"]
+    expected = load_file(str(FIXTURES / f"v{version}_expected.safetensors"))["y"]
     with torch.no_grad():
         got = model(make_v1_adapter.inputs())
     tolerance = 0.0 if _same_machine() else 1e-5  # bit-exact where the fixture was made

@@ -193,13 +193,13 @@ def test_bad_files(tmp_path: Path) -> None:
 
 
 def test_unknown_format_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(safefile, "FORMAT_VERSION", 3)
-    minipissa.save(adapted(), tmp_path / "v3.safetensors")  # a well-formed file from a "future" minipissa
+    monkeypatch.setattr(safefile, "FORMAT_VERSION", 4)
+    minipissa.save(adapted(), tmp_path / "v4.safetensors")  # a well-formed file from a "future" minipissa
     monkeypatch.undo()
     model = mlp()
     before = snapshot(model)
-    with pytest.raises(StateError, match=r"format version 3; this minipissa reads versions \[1, 2\]"):
-        minipissa.load(model, tmp_path / "v3.safetensors")
+    with pytest.raises(StateError, match=r"format version 4; this minipissa reads versions \[1, 2, 3\]"):
+        minipissa.load(model, tmp_path / "v4.safetensors")
     assert_unchanged(model, before)
 
 
@@ -310,7 +310,7 @@ def test_metadata_records_the_run(tmp_path: Path) -> None:
     info, _ = safefile.read(tmp_path / "a.safetensors", "adapter")
     assert info["config"] == {
         "rank": 4, "alpha": 8.0, "rslora": False, "init": "pissa", "niter": 2, "oversample": 3, "seed": 5,
-        "components": "principal",
+        "components": "principal", "quantize": None, "quant_iters": 1,
     }  # fmt: skip
     m = info["modules"]["layers.0"]
     weight = mlp().layers[0].weight.double()

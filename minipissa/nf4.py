@@ -1,0 +1,164 @@
+"""NF4: 4-bit NormalFloat storage of a frozen weight, code for code the same as bitsandbytes 0.50.2.
+
+    codes, absmax = quantize(w)          # uint8 ((numel + 1) // 2,), float32 (ceil(numel / 64),)
+    w_hat = dequantize(codes, absmax, w.shape, torch.bfloat16)
+
+The flattened (row-major) weight is cut into blocks of 64 elements, each with a float32 absmax. A full block
+is scaled by the reciprocal of its absmax (``x * (1 / absmax)``, as bitsandbytes does; a division differs in
+a few codes in ten million), the partial last block by division; each scaled value takes the nearest of the
+16 code values, an exact midpoint the lower one. Two 4-bit indices share a byte, the first in the high
+nibble; an odd count is padded with index 7 (the zero). Dequantization multiplies in float32, then casts.
+
+:class:`NF4Weight` holds one such weight as a module (the codes and absmax as buffers), so it moves with
+``.to(device)`` and is saved under ``<module>.weight.codes`` / ``.absmax``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .fingerprint import raw_bytes
+
+BLOCK = 64
+#: The 16 NF4 code values (float32), index 0..15: quantiles of N(0, 1) scaled to [-1, 1], with an exact 0.
+CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)  # fmt: skip
+ZERO_INDEX = 7
+#: Storage of the residual alone: 4 bits per element plus a float32 absmax per 64 (adapters and tables aside).
+BYTES_PER_PARAM = 0.5 + 4 / BLOCK
+
+
+def code_table(device: torch.device | str | None = None) -> Tensor:
+    """The 16 code values, float32."""
+    return torch.tensor(CODE, dtype=torch.float32, device=device)
+
+
+def pair_table(device: torch.device | str | None = None) -> Tensor:
+    """(256, 2) float32: the two code values a packed byte stands for (high nibble first), so that
+    dequantizing is one gather, one multiply and one cast."""
+    code = code_table(device)
+    byte = torch.arange(256, device=device)
+    return torch.stack([code[byte >> 4], code[byte & 15]], dim=1)
+
+
+def quantize(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Packed codes (uint8, ((numel + 1) // 2,)) and absmax (float32, (ceil(numel / 64),)) of ``weight``.
+
+    Float32, bfloat16 and float16 are quantized from their float32 values; runs on the weight's device.
+    """
+    if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"minipissa.nf4: only float32/bfloat16/float16 weights are quantized, got {weight.dtype}")
+    flat = weight.detach().reshape(-1).float()
+    numel = flat.numel()
+    full = numel - numel % BLOCK
+    blocks = flat[:full].view(-1, BLOCK)
+    absmax = blocks.abs().amax(dim=1)
+    # Only the scale is clamped (1e-38, as bitsandbytes): an all-zero or all-subnormal block maps to 0 -> index 7.
+    scaled = [(blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).view(-1)]
+    if full < numel:
+        tail = flat[full:].abs().amax()
+        absmax = torch.cat([absmax, tail.unsqueeze(0)])
+        scaled.append(flat[full:] / tail.clamp(min=1e-38))
+    if numel % 2:
+        scaled.append(flat.new_zeros(1))  # index 7
+    values = torch.cat(scaled) if len(scaled) > 1 else scaled[0]
+    code = code_table(weight.device)
+    # bucketize with right=False puts a value equal to a midpoint into the lower bucket: ties go to the lower index.
+    index = torch.bucketize(values, (code[:-1] + code[1:]) / 2, out_int32=True).to(torch.uint8)
+    return (index[0::2] << 4) | index[1::2], absmax
+
+
+def dequantize(
+    codes: Tensor, absmax: Tensor, shape: tuple[int, ...], dtype: torch.dtype, table: Tensor | None = None
+) -> Tensor:
+    """The weight of ``shape`` in ``dtype`` from its packed ``codes`` and ``absmax`` (computed in float32).
+
+    ``table``: :func:`pair_table` on the codes' device (pass it to avoid building it on every call)."""
+    numel = math.prod(shape)
+    pairs = (pair_table(codes.device) if table is None else table)[codes.long()]  # ((numel + 1) // 2, 2)
+    values = pairs.view(-1)
+    blocks = absmax.numel()
+    if numel == blocks * BLOCK and values.numel() == numel:
+        out = values.view(blocks, BLOCK) * absmax.unsqueeze(1)
+    else:  # a partial last block, or an odd count's padding: pad to whole blocks, then cut
+        padded = values.new_zeros(blocks * BLOCK)
+        padded[:numel] = values[:numel]
+        out = padded.view(blocks, BLOCK) * absmax.unsqueeze(1)
+    return out.view(-1)[:numel].view(shape).to(dtype)
+
+
+def relative_error(weight: Tensor, approx: Tensor) -> float:
+    """||weight - approx||_F / ||weight||_F in float32 (0 for a zero weight)."""
+    norm = torch.linalg.vector_norm(weight.float())
+    error = torch.linalg.vector_norm(weight.float() - approx.float())
+    return float(error / norm) if float(norm) > 0 else 0.0
+
+
+class NF4Weight(nn.Module):
+    """A frozen weight stored in NF4: ``codes`` (uint8) and ``absmax`` (float32) buffers, no full-precision copy.
+
+    Attributes:
+        shape: the weight's stored shape, e.g. (out, in) for ``nn.Linear``.
+        dtype: the dtype it was quantized from (what :meth:`dequantize` gives by default).
+    """
+
+    codes: Tensor
+    absmax: Tensor
+    table: Tensor
+
+    def __init__(self, codes: Tensor, absmax: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        super().__init__()
+        numel = math.prod(shape)
+        if codes.dtype != torch.uint8 or codes.shape != ((numel + 1) // 2,):
+            raise ValueError(f"NF4Weight: codes must be uint8 of shape ({(numel + 1) // 2},) for {shape}")
+        if absmax.dtype != torch.float32 or absmax.shape != (-(-numel // BLOCK),):
+            raise ValueError(f"NF4Weight: absmax must be float32 of shape ({-(-numel // BLOCK)},) for {shape}")
+        self.shape, self.dtype = tuple(shape), dtype
+        self.register_buffer("codes", codes)
+        self.register_buffer("absmax", absmax)
+        self.register_buffer("table", pair_table(codes.device), persistent=False)
+
+    @classmethod
+    def quantized(cls, weight: Tensor, dtype: torch.dtype | None = None) -> NF4Weight:
+        """``weight`` quantized; ``dtype``: what it stands for (default: the weight's own dtype)."""
+        codes, absmax = quantize(weight)
+        return cls(codes, absmax, tuple(weight.shape), dtype or weight.dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The weight (``shape``) in ``dtype`` (default: the dtype it stands for)."""
+        return dequantize(self.codes, self.absmax, self.shape, dtype or self.dtype, self.table)
+
+    def packed(self) -> Tensor:
+        """The codes and the absmax bytes as one uint8 tensor: what fingerprints and checksums cover."""
+        return torch.cat([self.codes, self.absmax.view(torch.uint8)])
+
+    def sha256(self) -> str:
+        """sha256 of the codes then the absmax bytes (little-endian float32), computed on the CPU."""
+        digest = hashlib.sha256()
+        for t in (self.codes, self.absmax):
+            digest.update(raw_bytes(t))
+        return digest.hexdigest()
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of the stored codes and absmax."""
+        return self.codes.numel() + 4 * self.absmax.numel()
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
+        # .half() / .to(dtype) must not round absmax or the table: they follow device moves only.
+        def device_only(t: Tensor) -> Tensor:
+            return t.to(device=fn(torch.empty(0, dtype=t.dtype, device=t.device)).device)
+
+        return super()._apply(device_only, recurse)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, dtype={self.dtype}, bytes={self.bytes}"

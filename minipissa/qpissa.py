@@ -1,0 +1,90 @@
+"""QPiSSA: the frozen residual in 4-bit NF4, and the iterations that choose the adapter with the quantizer in view.
+
+    W ~ deq(nf4(W_res)) + s * B A,      W_res = W - s * B0 A0
+
+The decomposition runs in full precision first; only the residual is quantized (the principal part, which
+holds the outliers, stays out of the 4 bits). With ``quant_iters`` T > 1 the principal part P = s * B0 A0 is
+chosen again from the quantization error of the previous choice (the authors' ``init_qpissa.py``):
+
+    QPiSSA:  P = top_r(W);  T - 1 times:  P = top_r(W - deq(nf4(W - P)))
+    LoftQ:   P = 0;         T times:      P = top_r(W - deq(nf4(W - P)))
+
+Every scheme ends with the residual nf4(W - P_final), which a reload rebuilds from W, A0 and B0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import nf4
+from .decompose import compute_dtype
+from .layer import residual_weight
+
+QUANTIZERS = ("nf4",)
+
+#: top_r(E, previous) -> (A (r, in), B (out, r), S (r,)) of an (out, in) matrix E; ``previous`` is the last
+#: choice's A, to start a randomized range finder from (a warm start), or None.
+TopR = Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor, Tensor]]
+
+
+def round_trip(matrix: Tensor, fan_in_fan_out: bool) -> Tensor:
+    """deq(nf4(M)) of an (out, in) matrix, quantized in the stored layout (Conv1D: (in, out)), as the residual is."""
+    stored = matrix.mT if fan_in_fan_out else matrix
+    codes, absmax = nf4.quantize(stored)
+    back = nf4.dequantize(codes, absmax, tuple(stored.shape), matrix.dtype)
+    return back.mT if fan_in_fan_out else back
+
+
+def alternate(
+    matrix: Tensor,
+    scaling: float,
+    top_r: TopR,
+    first: tuple[Tensor, Tensor, Tensor] | None,
+    steps: int,
+    fan_in_fan_out: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The factors after ``steps`` choices P = top_r(W - deq(nf4(W - P))), from ``first`` (QPiSSA: W's own
+    top-r) or from P = 0 (LoftQ: ``first`` None). ``matrix``: W (out, in) in the decomposition dtype."""
+    factors = first
+    for _ in range(steps):
+        principal = 0.0 if factors is None else scaling * (factors[1] @ factors[0])
+        target = matrix - round_trip(matrix - principal, fan_in_fan_out)
+        factors = top_r(target, None if factors is None else factors[0])
+    if factors is None:
+        raise ValueError("qpissa.alternate: no factors (LoftQ needs steps >= 1)")
+    return factors
+
+
+def residual_nf4(weight: Tensor, a0: Tensor, b0: Tensor, scaling: float, fan_in_fan_out: bool) -> nf4.NF4Weight:
+    """nf4(W - s * B0 A0), quantized from the factors' dtype (no rounding to the weight's dtype first): the one
+    function that makes the 4-bit residual at init and at reload."""
+    residual = residual_weight(weight, a0, b0, scaling, fan_in_fan_out, compute_dtype(weight.dtype))
+    return nf4.NF4Weight.quantized(residual, weight.dtype)
+
+
+def quantize_residual(
+    weight: Tensor, a0: Tensor, b0: Tensor, scaling: float, fan_in_fan_out: bool
+) -> tuple[nf4.NF4Weight, dict[str, Any]]:
+    """:func:`residual_nf4` and what it costs: ``nf4_error`` = ||W - (deq(nf4(W_res)) + s B0 A0)||_F / ||W||_F
+    and, for comparison, QLoRA's ``qlora_error`` = ||W - deq(nf4(W))||_F / ||W||_F, measured while W is at hand.
+
+    Args:
+        weight: the stored full-precision weight, (out, in), or (in, out) when ``fan_in_fan_out``.
+        a0: (r, in). b0: (out, r).
+    """
+    dtype = compute_dtype(weight.dtype)
+    quantized = residual_nf4(weight, a0, b0, scaling, fan_in_fan_out)
+    residual = residual_weight(weight, a0, b0, scaling, fan_in_fan_out, dtype)
+    norm = torch.linalg.vector_norm(weight, dtype=dtype)
+    errors = torch.stack(
+        [
+            torch.linalg.vector_norm(residual - quantized.dequantize(dtype)),
+            torch.linalg.vector_norm(weight.to(dtype) - nf4.dequantize(*nf4.quantize(weight), weight.shape, dtype)),
+        ]
+    ) / norm.clamp(min=torch.finfo(dtype).tiny)
+    nf4_error, qlora_error = errors.tolist()
+    return quantized, {"nf4_error": nf4_error, "qlora_error": qlora_error}
