@@ -5,9 +5,10 @@
 
 The flattened (row-major) weight is cut into blocks of 64 elements, each with a float32 absmax. A full block
 is scaled by the reciprocal of its absmax (``x * (1 / absmax)``, as bitsandbytes does; a division differs in
-a few codes in ten million), the partial last block by division; each scaled value takes the nearest of the
-16 code values, an exact midpoint the lower one. Two 4-bit indices share a byte, the first in the high
-nibble; an odd count is padded with index 7 (the zero). Dequantization multiplies in float32, then casts.
+a few codes in ten million), the partial last block by division (its absmax stored clamped to >= 1e-38);
+each scaled value takes the nearest of the 16 code values, an exact midpoint the lower one. Two 4-bit indices
+share a byte, the first in the high nibble; an odd count is padded with index 7 (the zero). Dequantization
+multiplies in float32, then casts.
 
 :class:`NF4Weight` holds one such weight as a module (the codes and absmax as buffers), so it moves with
 ``.to(device)`` and is saved under ``<module>.weight.codes`` / ``.absmax``.
@@ -64,10 +65,10 @@ def quantize(weight: Tensor) -> tuple[Tensor, Tensor]:
     absmax = blocks.abs().amax(dim=1)
     # Only the scale is clamped (1e-38, as bitsandbytes): an all-zero or all-subnormal block maps to 0 -> index 7.
     scaled = [(blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).view(-1)]
-    if full < numel:
-        tail = flat[full:].abs().amax()
+    if full < numel:  # bitsandbytes stores the partial last block's absmax clamped (a zero tail: 1e-38)
+        tail = flat[full:].abs().amax().clamp(min=1e-38)
         absmax = torch.cat([absmax, tail.unsqueeze(0)])
-        scaled.append(flat[full:] / tail.clamp(min=1e-38))
+        scaled.append(flat[full:] / tail)
     if numel % 2:
         scaled.append(flat.new_zeros(1))  # index 7
     values = torch.cat(scaled) if len(scaled) > 1 else scaled[0]

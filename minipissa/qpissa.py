@@ -62,8 +62,14 @@ def alternate(
 def residual_nf4(weight: Tensor, a0: Tensor, b0: Tensor, scaling: float, fan_in_fan_out: bool) -> nf4.NF4Weight:
     """nf4(W - s * B0 A0), quantized from the factors' dtype (no rounding to the weight's dtype first): the one
     function that makes the 4-bit residual at init and at reload."""
+    return _residual_and_nf4(weight, a0, b0, scaling, fan_in_fan_out)[1]
+
+
+def _residual_and_nf4(
+    weight: Tensor, a0: Tensor, b0: Tensor, scaling: float, fan_in_fan_out: bool
+) -> tuple[Tensor, nf4.NF4Weight]:
     residual = residual_weight(weight, a0, b0, scaling, fan_in_fan_out, compute_dtype(weight.dtype))
-    return nf4.NF4Weight.quantized(residual, weight.dtype)
+    return residual, nf4.NF4Weight.quantized(residual, weight.dtype)
 
 
 def quantize_residual(
@@ -76,15 +82,13 @@ def quantize_residual(
         weight: the stored full-precision weight, (out, in), or (in, out) when ``fan_in_fan_out``.
         a0: (r, in). b0: (out, r).
     """
-    dtype = compute_dtype(weight.dtype)
-    quantized = residual_nf4(weight, a0, b0, scaling, fan_in_fan_out)
-    residual = residual_weight(weight, a0, b0, scaling, fan_in_fan_out, dtype)
-    norm = torch.linalg.vector_norm(weight, dtype=dtype)
-    errors = torch.stack(
-        [
-            torch.linalg.vector_norm(residual - quantized.dequantize(dtype)),
-            torch.linalg.vector_norm(weight.to(dtype) - nf4.dequantize(*nf4.quantize(weight), weight.shape, dtype)),
-        ]
-    ) / norm.clamp(min=torch.finfo(dtype).tiny)
-    nf4_error, qlora_error = errors.tolist()
-    return quantized, {"nf4_error": nf4_error, "qlora_error": qlora_error}
+    residual, quantized = _residual_and_nf4(weight, a0, b0, scaling, fan_in_fan_out)
+    dtype = residual.dtype
+    errors = [torch.linalg.vector_norm(residual - quantized.dequantize(dtype))]
+    if b0.count_nonzero() > 0:  # else (LoRA's B0 = 0) the residual is W, and QLoRA's error is this one
+        errors.append(
+            torch.linalg.vector_norm(weight.to(dtype) - nf4.dequantize(*nf4.quantize(weight), weight.shape, dtype))
+        )
+    norm = torch.linalg.vector_norm(weight, dtype=dtype).clamp(min=torch.finfo(dtype).tiny)
+    values = (torch.stack(errors) / norm).tolist()
+    return quantized, {"nf4_error": values[0], "qlora_error": values[-1]}

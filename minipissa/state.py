@@ -131,14 +131,14 @@ def _check(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike) -> _L
             "it from the original weight would not give the trained model. Load with base='residual' onto the "
             "residual weights saved by minipissa.save_residual()"
         )
+    if rec.info["quantize"] is not None and base == "residual":
+        raise StateError(
+            f"{where} has a 4-bit (NF4) residual: load the adapter onto the original weights (base='original'), "
+            "which rebuilds and re-quantizes the residual"
+        )
     _check_fingerprint(weight, rec, base, where)
     if rec.info["quantize"] is None:
         return _Loading(rec, module, existing=False)
-    if base == "residual":
-        raise StateError(
-            f"{where} has a 4-bit (NF4) residual: load it onto the original weights (base='original'), which "
-            "rebuilds and re-quantizes the residual"
-        )
     with torch.no_grad():
         a0, b0 = rec.A0.to(weight.device), rec.B0.to(weight.device)
         residual = residual_nf4(weight, a0, b0, lora_scaling(rec.alpha, rec.rank, rec.rslora), rec.fan_in_fan_out)

@@ -6,7 +6,8 @@ Oracles: ``bitsandbytes.functional.quantize_4bit(w, blocksize=64, quant_type="nf
 (bnb's packed tensor is ((n + 1) // 2, 1): compared through ``.view(-1)``), and bnb's pure-torch reference
 ``bitsandbytes.backends.default.ops._dequantize_4bit_compute`` for dequantization. bnb's CPU C kernel
 (``functional.dequantize_4bit`` on the CPU) is compared only where the last dim is a multiple of 64: it cuts
-blocks per row, which is wrong otherwise (see test_bnb_cpu_dequantize_kernel_cuts_blocks_per_row).
+blocks per row, which is wrong otherwise (see test_bnb_cpu_dequantize_kernel_cuts_blocks_per_row), and it may
+flush bfloat16 subnormal results to zero.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ INT_VIEW = {
     torch.bfloat16: torch.int16,
     torch.float16: torch.int16,
 }
-CLAMP = 1e-38  # the scale's clamp; a block absmax below it is not what its codes were scaled by
+CLAMP = 1e-38  # the scale's clamp; a full block's absmax below it is not what its codes were scaled by
 #: The widest gap between adjacent codes is at the bottom, -1.0 .. -0.6961928 (0.3038), not at the top
 #: (0.7229568 .. 1.0, 0.2770): a scaled value is at most half of it from its code.
 HALF_GAP = max(b - a for a, b in zip(nf4.CODE[:-1], nf4.CODE[1:], strict=True)) / 2
@@ -166,11 +167,6 @@ def assert_quantized_like_bnb(bnb, w: torch.Tensor) -> tuple[torch.Tensor, torch
     assert codes.dtype == torch.uint8 and codes.shape == ((w.numel() + 1) // 2,)
     assert absmax.dtype == torch.float32 and absmax.shape == (-(-w.numel() // 64),)
     assert_bit_equal(codes, want_codes)
-    if w.numel() % 64:
-        # KNOWN DISCREPANCY (test_partial_block_absmax_below_the_clamp_is_stored_as_bnb_does, xfail): bnb stores a
-        # partial last block's absmax clamped at 1e-38, minipissa its true maximum. Identity for tails >= 1e-38.
-        absmax = absmax.clone()
-        absmax[-1] = absmax[-1].clamp(min=CLAMP)
     assert_bit_equal(absmax, want_absmax)
     return codes, absmax
 
@@ -186,7 +182,7 @@ def test_the_code_table_is_bnbs(bnb):
     assert_bit_equal(pairs, torch.stack([bnb.code[torch.arange(256) >> 4], bnb.code[torch.arange(256) & 15]], 1))
 
 
-@more(100)
+@more(200)
 @given(w=weights())
 @example(w=torch.randn(1))
 @example(w=torch.randn(63))
@@ -270,6 +266,47 @@ def test_midpoints_like_bnb(bnb, case):
     assert_quantized_like_bnb(bnb, w)
 
 
+def reciprocal_block(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A block whose values sit a few ulps around midpoint * absmax, chosen where x * (1 / absmax) and
+    x / absmax fall on different sides of the midpoint; and the indices of the two rules (float32 arithmetic)."""
+    g = torch.Generator().manual_seed(seed)
+    midpoints = torch.tensor(MIDPOINTS)
+    while True:
+        a = torch.rand((), generator=g) * 3 + 0.5
+        near = (midpoints * a).view(torch.int32).unsqueeze(1) + torch.arange(-4, 5)
+        x = near.view(torch.float32).reshape(-1)
+        by_reciprocal = torch.bucketize(x * (1.0 / a), midpoints)
+        by_division = torch.bucketize(x / a, midpoints)
+        differ = by_reciprocal != by_division
+        if int(differ.sum()) >= 2:
+            break
+    x = torch.cat([a.view(1), -a.view(1) * 0.5, x[differ][:62]])
+    return x, torch.bucketize(x * (1.0 / a), midpoints), torch.bucketize(x / a, midpoints)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_full_blocks_multiply_by_the_reciprocal_the_partial_one_divides(seed):
+    """The same values as a full block (zero-padded to 64) and as the partial last block: the codes follow
+    x * (1 / absmax) in the first, x / absmax in the second (they differ on these values: checked)."""
+    x, by_reciprocal, by_division = reciprocal_block(seed)
+    assert not torch.equal(by_reciprocal, by_division)
+    full = torch.cat([x, torch.zeros(64 - x.numel())])
+    w = torch.cat([full, x])
+    index = unpack(nf4.quantize(w)[0], w.numel())
+    assert torch.equal(index[: x.numel()], by_reciprocal)
+    assert torch.equal(index[64:], by_division)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_reciprocal_and_division_like_bnb(bnb, seed):
+    x, by_reciprocal, by_division = reciprocal_block(seed)
+    w = torch.cat([x, torch.zeros(64 - x.numel()), x])
+    want_codes, _ = bnb.quantize(w)
+    index = unpack(want_codes, w.numel())
+    assert torch.equal(index[: x.numel()], by_reciprocal) and torch.equal(index[64:], by_division)
+    assert_quantized_like_bnb(bnb, w)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 3. Zero, subnormal, NaN and Inf blocks
 
@@ -320,12 +357,14 @@ def test_zero_and_subnormal_blocks():
     codes, absmax = nf4.quantize(SPECIAL["zeros-full"])
     assert (codes == 0x77).all() and torch.equal(absmax, torch.zeros(2))
     # A block whose absmax is below the 1e-38 clamp is scaled by 1e38, not by 1 / absmax: all 1e-40 -> 0.01 -> 7,
-    # while the stored absmax is the true one (full blocks; see the xfail test below for the partial last block).
+    # while the stored absmax is the true one (full blocks; the partial last block stores the clamp: below).
     codes, absmax = nf4.quantize(SPECIAL["subnormal-full"])
     assert (codes == 0x77).all() and bits(absmax).tolist() == bits(torch.tensor([1e-40])).tolist()
     w = SPECIAL["subnormal-mixed"]
     index = unpack(nf4.quantize(w)[0], w.numel())
-    assert index[[0, 3, 5, 70]].tolist() == [7, 3, 13, 11]  # 1e-40 -> 0.01, -0.3, 0.5, 0.2 in units of 1e-38
+    # In units of 1e-38: 0.01 -> 0.0 (7); -0.3 -> -0.2844 (4); 0.5 -> 0.4407 (12, below the 0.5017 midpoint); 0.2 ->
+    # 0.1609 (9, below 0.2035). Scaled by 1 / absmax instead, the block maxima 5e-39 and 2e-39 would give 15.
+    assert index[[0, 3, 5, 70]].tolist() == [7, 4, 12, 9]
     assert float(nf4.dequantize(*nf4.quantize(SPECIAL["zeros-2d"]), (4, 64), torch.float32).abs().max()) == 0.0
 
 
@@ -351,7 +390,9 @@ def test_nan_and_inf_blocks():
             assert_bit_equal(out[lo:hi], alone)
 
 
-# The one difference from bnb found: only the stored absmax of a partial last block below 1e-38 (0 included).
+# bnb clamps the partial last block's stored absmax at 1e-38 too (torch.clamp(am, min=1e-38) before the cat),
+# but not the full blocks': a zero tail stores 1e-38, a zero full block 0. (minipissa stored the true maximum
+# until this was found; the codes agreed all along.)
 TAIL_BELOW_CLAMP = {
     "zeros-65": torch.zeros(65),
     "zeros-5": torch.zeros(5),
@@ -360,19 +401,26 @@ TAIL_BELOW_CLAMP = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KNOWN DISCREPANCY: bnb 0.50.2 stores a partial last block's absmax clamped at 1e-38 "
-    "(torch.clamp(am, min=1e-38) before the cat), minipissa stores its true maximum (0 for zeros); "
-    "codes agree. Full blocks are stored unclamped by both.",
-)
 @pytest.mark.parametrize("name", sorted(TAIL_BELOW_CLAMP))
-def test_partial_block_absmax_below_the_clamp_is_stored_as_bnb_does(bnb, name):
+def test_partial_block_absmax_below_the_clamp_is_stored_clamped(name):
     w = TAIL_BELOW_CLAMP[name]
     codes, absmax = nf4.quantize(w)
-    want_codes, want_absmax = bnb.quantize(w)
-    assert_bit_equal(codes, want_codes)
-    assert_bit_equal(absmax, want_absmax)
+    assert_bit_equal(absmax[-1:], torch.tensor([CLAMP]))
+    full = w.numel() - w.numel() % 64
+    assert_bit_equal(absmax[:-1], w[:full].view(-1, 64).abs().amax(dim=1))  # full blocks: the true maximum
+    if name == "one-1e-39":  # 1e-39 / 1e-38 = 0.1 -> 0.0796 (index 8); it dequantizes to 0.0796 * 1e-38
+        assert codes.tolist() == [0x87]
+        assert nf4.dequantize(codes, absmax, (1,), torch.float32) == torch.tensor(nf4.CODE[8]) * torch.tensor(CLAMP)
+
+
+@pytest.mark.parametrize("name", sorted(TAIL_BELOW_CLAMP))
+def test_partial_block_absmax_below_the_clamp_like_bnb(bnb, name):
+    w = TAIL_BELOW_CLAMP[name]
+    codes, absmax = assert_quantized_like_bnb(bnb, w)
+    for dtype in DTYPES:
+        assert_bit_equal(
+            nf4.dequantize(codes, absmax, w.shape, dtype), bnb.dequantize_reference(codes, absmax, w.shape, dtype)
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -400,8 +448,9 @@ def test_blocks_are_independent_and_odd_counts_pad_with_7(w):
         tail_codes, tail_absmax = nf4.quantize(flat[full:])
         assert_bit_equal(codes[full // 2 :], tail_codes)
         assert_bit_equal(absmax[-1:], tail_absmax)
-        assert absmax[-1] == flat[full:].float().abs().max()
-    assert_bit_equal(absmax, torch.cat([b.abs().amax().unsqueeze(0) for b in flat.float().split(64)]))
+        assert absmax[-1] == flat[full:].float().abs().max().clamp(min=CLAMP)  # stored clamped, as bnb does
+    blocks = flat[:full].float().view(-1, 64)
+    assert_bit_equal(absmax[: full // 64], blocks.abs().amax(dim=1))  # full blocks: never clamped
 
 
 @pytest.mark.parametrize("numel", [1, 2, 3, 63, 64, 65, 66, 127, 129, 191, 1001])
@@ -417,7 +466,7 @@ def test_partial_and_odd_like_bnb(bnb, numel):
 # 5. Dequantization: bit-identical to bnb's reference, and to its CPU kernel where rows are whole blocks
 
 
-@more(100)
+@more(200)
 @given(
     shape=shapes(),
     dtype=st.sampled_from(DTYPES),
@@ -428,6 +477,8 @@ def test_partial_and_odd_like_bnb(bnb, numel):
 @example(shape=(128, 96), dtype=torch.float32, seed=0, k=0, from_weight=True)
 @example(shape=(7, 64), dtype=torch.float16, seed=0, k=5, from_weight=False)  # beyond float16: Inf in both
 @example(shape=(65,), dtype=torch.bfloat16, seed=0, k=-40, from_weight=False)  # subnormal absmax
+@example(shape=(320,), dtype=torch.bfloat16, seed=1, k=-35, from_weight=False)  # bnb's kernel flushes to 0
+@example(shape=(1280,), dtype=torch.bfloat16, seed=0, k=-37, from_weight=False)  # ... and rounds up in ours
 def test_dequantize_is_bnbs(bnb, shape, dtype, seed, k, from_weight):
     numel = math.prod(shape)
     if from_weight:
@@ -439,7 +490,16 @@ def test_dequantize_is_bnbs(bnb, shape, dtype, seed, k, from_weight):
     assert_bit_equal(out, nf4.dequantize(codes, absmax, shape, dtype, nf4.pair_table()))
     assert_bit_equal(out, nf4.dequantize(codes, absmax, shape, torch.float32).to(dtype))  # fp32, then the cast
     if shape[-1] % 64 == 0:
-        assert_bit_equal(out, bnb.dequantize_cpu(codes, absmax, shape, dtype))
+        kernel = bnb.dequantize_cpu(codes, absmax, shape, dtype)
+        if dtype == torch.bfloat16:
+            # bnb's CPU kernel may flush subnormal float32 products to (signed) zero before the bfloat16 cast
+            # (AVX512-BF16's conversion does; seen here: 8.6e-39 -> 0.0, and -1.1754942e-38, which rounds up to
+            # bfloat16's smallest normal, -> -0.0). Accept either there.
+            product = nf4.dequantize(codes, absmax, shape, torch.float32)
+            flushed = (product.abs() < torch.finfo(torch.float32).smallest_normal) & (kernel == 0)
+            assert torch.equal(kernel.signbit()[flushed], out.signbit()[flushed])
+            kernel = torch.where(flushed, out, kernel)
+        assert_bit_equal(out, kernel)
 
 
 def test_bnb_cpu_dequantize_kernel_cuts_blocks_per_row(bnb):
