@@ -74,8 +74,8 @@ def main() -> None:
             values, seconds = reductions(base, rank, args.niter, options)
             mean = 100 * sum(values) / len(values)
             anchor = ANCHORS.get((method, rank), 0.0)
-            rows.append({"method": method, "rank": rank, "mean": mean, "min": 100 * min(values),
-                         "max": 100 * max(values), "anchor": anchor, "seconds": seconds, "matrices": len(values)})  # fmt: skip
+            row = {"method": method, "rank": rank, "mean": mean, "min": 100 * min(values), "max": 100 * max(values)}
+            rows.append(row | {"anchor": anchor, "seconds": seconds, "matrices": len(values)})
             print(f"{method:<10} {rank:>4} {mean:7.2f} {100 * min(values):6.2f} {100 * max(values):6.2f} "
                   f"{anchor:8.1f} {seconds:8.2f}")  # fmt: skip
     if args.json:

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-from . import decompose, linalg
+from . import decompose, linalg, qpissa
 from .config import InitConfig
 from .layer import weight_matrix
 from .tree import Plan
@@ -27,13 +27,16 @@ from .tree import Plan
 Item = tuple[Plan, Tensor, Tensor, Tensor]  # plan, A0 (r, in), B0 (out, r), kept singular values (r,)
 
 
-def workspace_bytes(m: int, n: int, columns: int | None, dtype: torch.dtype) -> int:
+def workspace_bytes(m: int, n: int, columns: int | None, dtype: torch.dtype, iterates: bool = False) -> int:
     """Bytes one (m, n) weight needs while it is decomposed: its converted copy plus the workspace.
 
     ``columns`` is the sketch width (randomized) or None (exact: a float64 copy of W and a few
-    float64 Gram-sized buffers).
+    float64 Gram-sized buffers). ``iterates``: QPiSSA's iterations hold W, P, W - P, its round trip through
+    NF4 and the quantizer's temporaries: about five more weight-sized buffers.
     """
     size = torch.empty(0, dtype=dtype).element_size()
+    if iterates:
+        return workspace_bytes(m, n, columns, dtype) + 5 * m * n * size
     if columns is None:
         k = min(m, n)
         return m * n * (size + 8) + 4 * k * k * 8
@@ -56,13 +59,14 @@ def chunks(plans: Sequence[Plan], cfg: InitConfig) -> Iterator[Item]:
     """The factors of every plan (top-r, exact or randomized; ``cfg.init == "pissa"``), in group order."""
     groups: dict[tuple, list[Plan]] = {}
     for p in plans:
-        groups.setdefault((p.shape, p.weight.dtype, p.weight.device, p.rank, p.scaling), []).append(p)
+        key = (p.shape, p.weight.dtype, p.weight.device, p.rank, p.scaling, p.fan_in_fan_out)
+        groups.setdefault(key, []).append(p)
     with ThreadPoolExecutor(max_workers=1) as host:
         pending: Callable[[], Iterator[Item]] | None = None
-        for ((m, n), weight_dtype, _, rank, scaling), members in groups.items():
+        for ((m, n), weight_dtype, _, rank, scaling, _), members in groups.items():
             dtype = decompose.compute_dtype(weight_dtype)
             columns = None if cfg.niter is None else decompose.sketch_columns(rank, cfg.oversample, m, n)
-            size = max(1, cfg.memory_budget // workspace_bytes(m, n, columns, dtype))
+            size = max(1, cfg.memory_budget // workspace_bytes(m, n, columns, dtype, cfg.iterates))
             for start in range(0, len(members), size):
                 chunk = members[start : start + size]
                 if cfg.components == "minor":  # a full SVD per chunk: nothing to pipeline
@@ -84,12 +88,15 @@ def _start(
     chunk: list[Plan], cfg: InitConfig, dtype: torch.dtype, columns: int | None, rank: int, householder: bool = False
 ) -> decompose.Started:
     """The chunk's device work, queued; its stacked weights and sketches are freed when this returns."""
-    omega = None
-    if columns is not None:  # each module's own sketch, from its seed
-        n, device = chunk[0].shape[1], chunk[0].weight.device
-        seeds = [decompose.module_seed(cfg.seed, p.name) for p in chunk]
-        omega = torch.stack([decompose.sketch(n, columns, seed, dtype, device) for seed in seeds])
+    omega = None if columns is None else _sketches(chunk, cfg, dtype, columns)
     return decompose.start(_stack(chunk, dtype), rank, niter=cfg.niter, omega=omega, householder=householder)
+
+
+def _sketches(chunk: list[Plan], cfg: InitConfig, dtype: torch.dtype, columns: int) -> Tensor:
+    """Each module's own sketch (n, columns), from its seed, stacked."""
+    n, device = chunk[0].shape[1], chunk[0].weight.device
+    seeds = [decompose.module_seed(cfg.seed, p.name) for p in chunk]
+    return torch.stack([decompose.sketch(n, columns, seed, dtype, device) for seed in seeds])
 
 
 def _stack(chunk: list[Plan], dtype: torch.dtype) -> Tensor:
@@ -139,4 +146,14 @@ def _finish(
     with naming(chunk):
         u, s, v = decompose.triplets(started, lambda: vectors.result().to(started.gram.device), again)
         a, b = decompose.split_factors(u, s, v, scaling)
+        if cfg.iterates:  # QPiSSA: chosen again against the quantizer, the whole chunk at once
+            fresh = _sketches(chunk, cfg, dtype, decompose.sketch_columns(rank, cfg.oversample, *chunk[0].shape))
+
+            def top_r(target: Tensor, previous: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+                assert previous is not None  # QPiSSA's iterations start from W's own top-r
+                return qpissa.warm_factors(target, previous, fresh, scaling)
+
+            first = (a, b, s)
+            steps = cfg.quant_iters - 1
+            a, b, s = qpissa.alternate(_stack(chunk, dtype), scaling, top_r, first, steps, chunk[0].fan_in_fan_out)
     yield from zip(chunk, a, b, s, strict=True)

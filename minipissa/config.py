@@ -127,10 +127,15 @@ class InitConfig:
             raise ValueError(f"minipissa: alpha for module '{name}' must be {error}, got alpha = {alpha!r}")
         return float(alpha)
 
+    @property
+    def iterates(self) -> bool:
+        """Whether the adapter is chosen more than once, against the quantizer (qpissa.py)."""
+        return self.init == "loftq" or self.quant_iters > 1
+
     def stacks(self, device: torch.device) -> bool:
-        """Whether weights on ``device`` are stacked into batched decompositions (not when the adapter is chosen
-        against the quantizer: those iterations run one weight at a time)."""
-        if self.init != "pissa" or self.quant_iters > 1:
+        """Whether weights on ``device`` are stacked into batched decompositions (QPiSSA's iterations too;
+        LoftQ's and LoRA's inits run one weight at a time)."""
+        if self.init != "pissa":
             return False
         return device.type != "cpu" if self.stack is None else self.stack
 

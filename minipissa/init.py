@@ -107,14 +107,15 @@ def initial_factors(weight: Tensor, plan: Plan, cfg: InitConfig) -> tuple[Tensor
         a0 = (torch.rand(plan.rank, in_features, generator=generator, dtype=dtype) * 2 - 1) / math.sqrt(in_features)
         return a0.to(matrix.device), matrix.new_zeros(out_features, plan.rank), matrix.new_zeros(0)
     omega = None
-    if cfg.niter is not None:
+    if cfg.niter is not None or cfg.iterates:  # the iterations' warm starts take their fresh columns from it too
         columns = decompose.sketch_columns(plan.rank, cfg.oversample, out_features, in_features)
         omega = decompose.sketch(in_features, columns, decompose.module_seed(cfg.seed, plan.name), dtype, matrix.device)
     minor = cfg.components == "minor"
 
     def top_r(target: Tensor, previous: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        # A warm start: the previous choice's row space in the sketch's first columns, fresh columns after.
-        sketch = omega if omega is None or previous is None else torch.cat([previous.mT, omega[:, plan.rank :]], 1)
+        if previous is not None and omega is not None:
+            return qpissa.warm_factors(target, previous, omega, plan.scaling)
+        sketch = None if cfg.niter is None else omega
         return decompose.principal_factors(target, plan.rank, plan.scaling, niter=cfg.niter, omega=sketch, minor=minor)
 
     if cfg.init == "loftq":
@@ -191,7 +192,7 @@ def _factored(p: Plan, cfg: InitConfig) -> tuple[Tensor, Tensor, Tensor]:
 def _workspace(p: Plan, cfg: InitConfig) -> int:
     m, n = p.shape
     columns = None if cfg.niter is None else decompose.sketch_columns(p.rank, cfg.oversample, m, n)
-    return batching.workspace_bytes(m, n, columns, decompose.compute_dtype(p.weight.dtype))
+    return batching.workspace_bytes(m, n, columns, decompose.compute_dtype(p.weight.dtype), cfg.iterates)
 
 
 def progress_reporter(progress: bool | Callable[[int, int], None], total: int) -> Callable[[int], None]:

@@ -10,6 +10,11 @@ chosen again from the quantization error of the previous choice (the authors' ``
     LoftQ:   P = 0;         T times:      P = top_r(W - deq(nf4(W - P)))
 
 Every scheme ends with the residual nf4(W - P_final), which a reload rebuilds from W, A0 and B0.
+
+No iteration runs a full SVD: each after the first is a range finder started from the previous choice's row
+space plus fresh random columns, with :data:`WARM_NITER` power iterations (:func:`warm_factors`). On the 36
+MiniLM matrices at r = 16 that gives the exact top-r of each iteration's input to 4.9e-7 relative (the exact
+path's own accuracy is 2.6e-7), where a cold start needs more steps for less.
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import nf4
+from . import decompose, nf4
 from .decompose import compute_dtype
 from .layer import residual_weight
 
-QUANTIZERS = ("nf4",)
+#: Power iterations of a warm-started choice (see the module docstring: 1 gives 5e-6, 2 and more 4.9e-7).
+WARM_NITER = 2
 
 #: top_r(E, previous) -> (A (r, in), B (out, r), S (r,)) of an (out, in) matrix E; ``previous`` is the last
 #: choice's A, to start a randomized range finder from (a warm start), or None.
@@ -32,11 +38,24 @@ TopR = Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor, Tensor]]
 
 
 def round_trip(matrix: Tensor, fan_in_fan_out: bool) -> Tensor:
-    """deq(nf4(M)) of an (out, in) matrix, quantized in the stored layout (Conv1D: (in, out)), as the residual is."""
-    stored = matrix.mT if fan_in_fan_out else matrix
-    codes, absmax = nf4.quantize(stored)
-    back = nf4.dequantize(codes, absmax, tuple(stored.shape), matrix.dtype)
+    """deq(nf4(M)) of (out, in) matrices (..., out, in), each quantized on its own in its stored layout (Conv1D:
+    (in, out)), as the residual is."""
+    stored = (matrix.mT if fan_in_fan_out else matrix).contiguous()
+    shape = tuple(stored.shape[-2:])
+    if (shape[0] * shape[1]) % nf4.BLOCK:  # blocks would straddle two stacked matrices: one at a time
+        back = torch.stack([nf4.dequantize(*nf4.quantize(m), shape, matrix.dtype) for m in stored.view(-1, *shape)])
+    else:
+        back = nf4.dequantize(*nf4.quantize(stored), tuple(stored.shape), matrix.dtype)
+    back = back.view(stored.shape)
     return back.mT if fan_in_fan_out else back
+
+
+def warm_factors(target: Tensor, previous: Tensor, fresh: Tensor, scaling: float) -> tuple[Tensor, Tensor, Tensor]:
+    """A (..., r, n), B (..., m, r), S (..., r) of the top-r of ``target`` (..., m, n), from a range finder
+    started on the rows of the previous choice's A (..., r, n) and the columns of ``fresh`` (..., n, k) past r."""
+    rank = previous.shape[-2]
+    omega = torch.cat([previous.mT, fresh[..., rank:]], dim=-1)
+    return decompose.principal_factors(target, rank, scaling, niter=WARM_NITER, omega=omega)
 
 
 def alternate(
@@ -48,7 +67,8 @@ def alternate(
     fan_in_fan_out: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The factors after ``steps`` choices P = top_r(W - deq(nf4(W - P))), from ``first`` (QPiSSA: W's own
-    top-r) or from P = 0 (LoftQ: ``first`` None). ``matrix``: W (out, in) in the decomposition dtype."""
+    top-r) or from P = 0 (LoftQ: ``first`` None). ``matrix``: W (..., out, in) in the decomposition dtype, one
+    weight or a stack of same-shape weights."""
     factors = first
     for _ in range(steps):
         principal = 0.0 if factors is None else scaling * (factors[1] @ factors[0])
