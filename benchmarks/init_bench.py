@@ -82,6 +82,11 @@ def contend(
         with common.Probe(device) as probe:
             model = make(model)
         row = {"contender": label, "seconds": probe.seconds, "peak_extra_gib": probe.peak_extra_gib}
+        quantized = [layer for _, layer in minipissa.pissa_layers(model) if layer.quantized]
+        if quantized:  # the 4-bit residuals' own storage: codes + absmax, per weight element
+            stored = sum(layer.weight.bytes for layer in quantized)
+            elements = sum(layer.in_features * layer.out_features for layer in quantized)
+            row["residual_bytes_per_param"] = stored / elements
         row.update(errors(products(model), refs))
         print(f"[{label}] {row}", flush=True)
         del model
@@ -142,6 +147,12 @@ def main() -> None:
         (f"minipissa niter={q}", lambda m: minipissa.apply(m, r, targets, niter=q, progress=watch), mp),
         (f"PEFT pissa_niter_{q}", lambda m: common.peft_lora(m, peft_targets, r, f"pissa_niter_{q}"), pp),
         ("minipissa exact", lambda m: minipissa.apply(m, r, targets, progress=watch), mp),
+        (f"minipissa niter={q} QPiSSA-1 (nf4)", lambda m: minipissa.apply(m, r, targets, niter=q, quantize="nf4"), mp),
+        (
+            f"minipissa niter={q} QPiSSA-5 (nf4)",
+            lambda m: minipissa.apply(m, r, targets, niter=q, quantize="nf4", quant_iters=5),
+            mp,
+        ),
     ]
     if args.setting == "llama-7b":  # the time/memory trade of a smaller workspace
         contenders.insert(
@@ -187,12 +198,19 @@ def main() -> None:
         ]:
             rows.append(contend(label, sub, make, device, sub_refs, products, errs))
     by_label: dict[str, dict[str, Any]] = {}
+    times: dict[str, list[float]] = {}
+    for row in rows:
+        if row is not None:
+            times.setdefault(row["contender"], []).append(row["seconds"])
     for row in rows:
         if row is not None and (
             row["contender"] not in by_label or row["seconds"] < by_label[row["contender"]]["seconds"]
         ):
             by_label[row["contender"]] = row
     rows = list(by_label.values())
+    for row in rows:  # the rounds' spread beside the fastest
+        spread = times[row["contender"]]
+        row.update(s_median=statistics.median(spread), s_min=min(spread), s_max=max(spread), rounds=len(spread))
     peers = {
         f"minipissa niter={q}": f"PEFT pissa_niter_{q}",
         "minipissa exact": "PEFT pissa (exact)",
@@ -206,7 +224,8 @@ def main() -> None:
         f"\ninit, {args.setting}: {modules} matrices, r = {r}, {env['device']}, "
         f"torch {env['torch']}, peft {env['peft']}"
     )
-    print(common.table(rows, ["contender", "seconds", "time_vs_peft", "peak_extra_gib", "rel_err", "opt_excess"]))
+    columns = ["contender", "seconds", "s_median", "s_min", "s_max", "time_vs_peft", "peak_extra_gib", "rel_err"]
+    print(common.table(rows, [*columns, "opt_excess", "residual_bytes_per_param"]))
     for label, message in errs.items():
         print(f"FAILED {label}: {message}")
     common.save(

@@ -25,14 +25,14 @@ from torch import nn
 import minipissa
 
 
-def build(setting: str, device: str) -> tuple[nn.Module, Any, Any, tuple[int, int]]:
+def build(setting: str, device: str, layers: int = 32) -> tuple[nn.Module, Any, Any, tuple[int, int]]:
     """(model, minipissa targets, PEFT targets, (batch, sequence))."""
     if setting == "minilm":
         return common.minilm().to(device), common.MINILM_TARGETS, common.MINILM_PEFT_TARGETS, (8, 128)
     if setting == "llama-small":
         model = common.llama(4, 1024, 2816, 16, 4096, torch.float32, device)
         return model, common.LLAMA_TARGETS, common.LLAMA_TARGETS, (2, 256)
-    return common.llama_7b(device), common.LLAMA_TARGETS, common.LLAMA_TARGETS, (4, 512)
+    return common.llama_7b(device, layers), common.LLAMA_TARGETS, common.LLAMA_TARGETS, (4, 512)
 
 
 def loss_fn(model: nn.Module, ids: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -114,11 +114,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--only", default="", help="comma-separated label fragments: run just those contenders")
+    parser.add_argument("--layers", type=int, default=32, help="llama-7b: decoder layers (fewer to compile faster)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size instead of the setting's")
+    parser.add_argument("--qpissa", action="store_true", help="also time QPiSSA (4-bit NF4 residual), eager/compiled")
     args = parser.parse_args()
     if args.threads:  # on a shared machine, 1 thread avoids OpenMP threads spinning for a busy core
         torch.set_num_threads(args.threads)
     device, r = args.device, args.rank
-    base, targets, peft_targets, (batch, seq) = build(args.setting, device)
+    base, targets, peft_targets, (batch, seq) = build(args.setting, device, args.layers)
+    batch = args.batch or batch
     base.requires_grad_(False)
     ids = torch.randint(0, base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
     bf16 = next(base.parameters()).dtype == torch.bfloat16
@@ -137,6 +141,16 @@ def main() -> None:
                 lambda m: torch.compile(minipissa.apply(m, r, targets, niter=2), mode=args.compile_mode),
             ),
         ]
+    if args.qpissa:
+        qpissa = {"niter": 2, "quantize": "nf4"}
+        contenders.append(("minipissa QPiSSA (nf4)", lambda m: minipissa.apply(m, r, targets, **qpissa)))
+        if args.compile:
+            contenders.append(
+                (
+                    "minipissa QPiSSA (nf4) + torch.compile",
+                    lambda m: torch.compile(minipissa.apply(m, r, targets, **qpissa), mode=args.compile_mode),
+                )
+            )
     graphed = {"frozen base, CUDA graph", "minipissa, CUDA graph"}
     if args.graph:
         contenders += [
@@ -170,6 +184,7 @@ def main() -> None:
     peers = {
         "minipissa, CUDA graph": "frozen base, CUDA graph",
         "minipissa + torch.compile": "frozen base + torch.compile",
+        "minipissa QPiSSA (nf4) + torch.compile": "frozen base + torch.compile",
     }
     for row in rows:
         if frozen is not None:

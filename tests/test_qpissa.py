@@ -339,3 +339,24 @@ def test_error_reduction_on_real_minilm_matches_the_bitsandbytes_anchors():
         values, _ = qpissa_error.reductions(base, 16, None, qpissa_error.METHODS[method])
         assert len(values) == 36
         assert abs(100 * sum(values) / 36 - qpissa_error.ANCHORS[(method, 16)]) <= 0.2, method
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_gpu_quantizes_and_computes_as_the_cpu_does():
+    """NF4 codes are elementwise float32 arithmetic and comparisons: the same on any device. The layer on the GPU
+    (bf16 activations, fused path) agrees with the CPU's within bf16 rounding."""
+    torch.manual_seed(0)
+    w = torch.randn(1000, 333) * torch.logspace(-3, 2, 333)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        cpu = nf4.quantize(w.to(dtype))
+        gpu = nf4.quantize(w.to(dtype).cuda())
+        assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu, gpu, strict=True))
+        back = nf4.dequantize(*gpu, tuple(w.shape), dtype).cpu()
+        assert torch.equal(back, nf4.dequantize(*cpu, tuple(w.shape), dtype))
+    model = minipissa.apply(MLP((64, 128, 32)), 4, "all-linear", quantize="nf4", quant_iters=2, niter=4)
+    x = torch.randn(8, 64)
+    want = model(x)
+    gpu = model.cuda().to(torch.bfloat16)
+    got = gpu(x.cuda().bfloat16()).float().cpu()
+    tol = 8 * torch.finfo(torch.bfloat16).eps  # a few roundings to bf16 per layer, two layers
+    assert torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().item())
