@@ -9,13 +9,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import casts, report
 from .config import MEMORY_BUDGET, InitConfig
 from .fingerprint import Pending, describe, fingerprint_later, is_finite, read_all
 from .init import Factors, factors, nonfinite_factors, plan_modules, progress_reporter, refuse_nonfinite
 from .layer import PiSSALinear
+from .qpissa import ERRORS, quantize_residual
 from .sharded.dtensor import is_dtensor, refuse_sharded
 from .sharded.fsdp import FsdpAdoption
 from .sharded.init import check_finite_shards, check_layouts, sharded_factors
@@ -124,9 +125,25 @@ def adapt(
     refuse_nonfinite(nonfinite_factors(items), "initial factors (weights too large for a float32 Gram?)")
     base_print = {p.name: fp for p, fp in zip(plain, prints, strict=True)}
     built: list[tuple[PiSSALinear, Factors]] = []
+    quant_errors: list[Tensor] = []  # QPiSSA: read back with the fingerprints, after the loop (no sync in it)
     try:
         for item in itertools.chain(sharded_factors(sharded, cfg), items):
-            layer = build_layer(item.plan, item.a0, item.b0, cfg.recorded(), weight_is_residual=item.weight_is_residual)
+            residual = None
+            if cfg.quantize:
+                plan = item.plan
+                with torch.no_grad():
+                    residual, errors = quantize_residual(
+                        plan.weight, item.a0, item.b0, plan.scaling, plan.fan_in_fan_out, qlora_too=cfg.init != "lora"
+                    )
+                quant_errors.append(errors)
+            layer = build_layer(
+                item.plan,
+                item.a0,
+                item.b0,
+                cfg.recorded(),
+                weight_is_residual=item.weight_is_residual,
+                residual=residual,
+            )
             replace_module(model, item.plan.name, layer)
             if fsdp is not None:
                 fsdp.adopt(item.plan.module, layer)
@@ -151,6 +168,8 @@ def adapt(
     for (layer, item), residual_print in zip(built, residual_prints, strict=True):
         layer.info.update(describe(item.sigma, item.base_print or base_print[item.plan.name]))
         layer.info["residual_fingerprint"] = residual_print
+    for (layer, _), errors in zip(built, quant_errors, strict=False):  # one per layer when quantized
+        layer.info.update(zip(ERRORS, errors.tolist(), strict=True))
     train_adapters_only(model)
     casts.install(model, [layer for _, layer in pissa_layers(model)])
 

@@ -16,6 +16,7 @@ multiplies in float32, then casts.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Callable
@@ -51,6 +52,14 @@ def pair_table(device: torch.device | str | None = None) -> Tensor:
     return torch.stack([code[byte >> 4], code[byte & 15]], dim=1)
 
 
+@functools.cache
+def _tables(device: torch.device) -> tuple[Tensor, Tensor]:
+    """The code midpoints (15,) and the pair table on ``device``, made once: a tensor built from Python values
+    on a GPU is a host-to-device copy that waits for the device, once per weight otherwise."""
+    code = code_table(device)
+    return (code[:-1] + code[1:]) / 2, pair_table(device)
+
+
 def quantize(weight: Tensor) -> tuple[Tensor, Tensor]:
     """Packed codes (uint8, ((numel + 1) // 2,)) and absmax (float32, (ceil(numel / 64),)) of ``weight``.
 
@@ -72,9 +81,8 @@ def quantize(weight: Tensor) -> tuple[Tensor, Tensor]:
     if numel % 2:
         scaled.append(flat.new_zeros(1))  # index 7
     values = torch.cat(scaled) if len(scaled) > 1 else scaled[0]
-    code = code_table(weight.device)
     # bucketize with right=False puts a value equal to a midpoint into the lower bucket: ties go to the lower index.
-    index = torch.bucketize(values, (code[:-1] + code[1:]) / 2, out_int32=True).to(torch.uint8)
+    index = torch.bucketize(values, _tables(weight.device)[0], out_int32=True).to(torch.uint8)
     return (index[0::2] << 4) | index[1::2], absmax
 
 
@@ -85,7 +93,7 @@ def dequantize(
 
     ``table``: :func:`pair_table` on the codes' device (pass it to avoid building it on every call)."""
     numel = math.prod(shape)
-    pairs = (pair_table(codes.device) if table is None else table)[codes.long()]  # ((numel + 1) // 2, 2)
+    pairs = (_tables(codes.device)[1] if table is None else table)[codes.long()]  # ((numel + 1) // 2, 2)
     values = pairs.view(-1)
     blocks = absmax.numel()
     if numel == blocks * BLOCK and values.numel() == numel:

@@ -20,7 +20,6 @@ path's own accuracy is 2.6e-7), where a cold start needs more steps for less.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -93,10 +92,12 @@ def _residual_and_nf4(
 
 
 def quantize_residual(
-    weight: Tensor, a0: Tensor, b0: Tensor, scaling: float, fan_in_fan_out: bool
-) -> tuple[nf4.NF4Weight, dict[str, Any]]:
-    """:func:`residual_nf4` and what it costs: ``nf4_error`` = ||W - (deq(nf4(W_res)) + s B0 A0)||_F / ||W||_F
-    and, for comparison, QLoRA's ``qlora_error`` = ||W - deq(nf4(W))||_F / ||W||_F, measured while W is at hand.
+    weight: Tensor, a0: Tensor, b0: Tensor, scaling: float, fan_in_fan_out: bool, qlora_too: bool = True
+) -> tuple[nf4.NF4Weight, Tensor]:
+    """:func:`residual_nf4` and what it costs, as a tensor on the weight's device (not read back: no sync), holding
+    ``nf4_error`` = ||W - (deq(nf4(W_res)) + s B0 A0)||_F / ||W||_F and, for comparison, QLoRA's ``qlora_error``
+    = ||W - deq(nf4(W))||_F / ||W||_F, measured while W is at hand (``qlora_too`` False: the residual is W itself,
+    LoRA's init, and the two are one).
 
     Args:
         weight: the stored full-precision weight, (out, in), or (in, out) when ``fan_in_fan_out``.
@@ -104,11 +105,13 @@ def quantize_residual(
     """
     residual, quantized = _residual_and_nf4(weight, a0, b0, scaling, fan_in_fan_out)
     dtype = residual.dtype
-    errors = [torch.linalg.vector_norm(residual - quantized.dequantize(dtype))]
-    if b0.count_nonzero() > 0:  # else (LoRA's B0 = 0) the residual is W, and QLoRA's error is this one
-        errors.append(
-            torch.linalg.vector_norm(weight.to(dtype) - nf4.dequantize(*nf4.quantize(weight), weight.shape, dtype))
-        )
+    error = torch.linalg.vector_norm(residual - quantized.dequantize(dtype))
+    del residual
+    qlora = error
+    if qlora_too:
+        qlora = torch.linalg.vector_norm(weight.to(dtype) - nf4.dequantize(*nf4.quantize(weight), weight.shape, dtype))
     norm = torch.linalg.vector_norm(weight, dtype=dtype).clamp(min=torch.finfo(dtype).tiny)
-    values = (torch.stack(errors) / norm).tolist()
-    return quantized, {"nf4_error": values[0], "qlora_error": values[-1]}
+    return quantized, torch.stack([error, qlora]) / norm
+
+
+ERRORS = ("nf4_error", "qlora_error")

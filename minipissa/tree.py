@@ -13,7 +13,6 @@ from torch import Tensor, nn
 from .errors import StateError
 from .layer import PiSSALinear, lora_scaling, weight_matrix
 from .nf4 import NF4Weight
-from .qpissa import quantize_residual
 
 
 @dataclass(frozen=True)
@@ -58,14 +57,12 @@ def build_layer(
 ) -> PiSSALinear:
     """The PiSSALinear for ``plan`` from its initial factors A0 (r, in), B0 (out, r); it takes the module's
     tensors over. ``weight_is_residual``: the module's weight already holds W_res (a residual file, or
-    sharded init, which wrote it into the shards): the layer keeps that very Parameter. A quantizing plan's
-    residual is quantized here (its errors go into ``info``), unless ``residual`` brings it made."""
+    sharded init, which wrote it into the shards): the layer keeps that very Parameter. ``residual``: W_res
+    made already, in 4 bits (QPiSSA: qpissa.py), for a quantizing plan."""
+    if bool(plan.quantize) != (residual is not None):
+        raise ValueError(f"build_layer: module '{plan.name}': quantize={plan.quantize!r} needs its NF4 residual")
     base = plan.module
     weight, bias = base.weight, base.bias
-    if plan.quantize and residual is None:
-        with torch.no_grad():
-            residual, errors = quantize_residual(cast(Tensor, weight), a0, b0, plan.scaling, plan.fan_in_fan_out)
-        info = info | errors
     layer = PiSSALinear(
         base, a0, b0, alpha=plan.alpha, rslora=plan.rslora, dropout=plan.dropout, fan_in_fan_out=plan.fan_in_fan_out,
         adapter_dtype=plan.adapter_dtype, info=info, base_is_residual=weight_is_residual, residual=residual,
