@@ -31,12 +31,12 @@ def workspace_bytes(m: int, n: int, columns: int | None, dtype: torch.dtype, ite
     """Bytes one (m, n) weight needs while it is decomposed: its converted copy plus the workspace.
 
     ``columns`` is the sketch width (randomized) or None (exact: a float64 copy of W and a few
-    float64 Gram-sized buffers). ``iterates``: QPiSSA's iterations hold W, P, W - P, its round trip through
-    NF4 and the quantizer's temporaries: about seven more weight-sized buffers at the peak.
+    float64 Gram-sized buffers). ``iterates``: QPiSSA's iterations hold W and W - deq(nf4(W - P)), and slice-sized
+    temporaries (qpissa.SLICE): about three more weight-sized buffers.
     """
     size = torch.empty(0, dtype=dtype).element_size()
     if iterates:
-        return workspace_bytes(m, n, columns, dtype) + 7 * m * n * size
+        return workspace_bytes(m, n, columns, dtype) + 3 * m * n * size
     if columns is None:
         k = min(m, n)
         return m * n * (size + 8) + 4 * k * k * 8

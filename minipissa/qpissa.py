@@ -19,6 +19,7 @@ path's own accuracy is 2.6e-7), where a cold start needs more steps for less.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -36,17 +37,37 @@ WARM_NITER = 2
 TopR = Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor, Tensor]]
 
 
-def round_trip(matrix: Tensor, fan_in_fan_out: bool) -> Tensor:
-    """deq(nf4(M)) of (out, in) matrices (..., out, in), each quantized on its own in its stored layout (Conv1D:
-    (in, out)), as the residual is."""
-    stored = (matrix.mT if fan_in_fan_out else matrix).contiguous()
-    shape = tuple(stored.shape[-2:])
-    if (shape[0] * shape[1]) % nf4.BLOCK:  # blocks would straddle two stacked matrices: one at a time
-        back = torch.stack([nf4.dequantize(*nf4.quantize(m), shape, matrix.dtype) for m in stored.view(-1, *shape)])
-    else:
-        back = nf4.dequantize(*nf4.quantize(stored), tuple(stored.shape), matrix.dtype)
-    back = back.view(stored.shape)
-    return back.mT if fan_in_fan_out else back
+#: Elements of the stored weight handled per step of :func:`quantization_target` (a multiple of the NF4 block):
+#: bounds its temporaries to a few 32 MiB buffers, whatever the weight's size.
+SLICE = 1 << 23
+
+
+def quantization_target(
+    matrix: Tensor, factors: tuple[Tensor, Tensor] | None, scaling: float, fan_in_fan_out: bool
+) -> Tensor:
+    """W - deq(nf4(W - s B A)) of (out, in) matrices (..., out, in), each quantized on its own in its stored layout
+    (Conv1D: (in, out)) as the residual is; ``factors`` (A (..., r, in), B (..., out, r)) or None for P = 0.
+
+    Computed a slice of stored rows at a time (slices start on NF4 block boundaries, so the blocks are those of
+    the whole weight): besides W, only the result is weight-sized.
+    """
+    stored = matrix.mT if fan_in_fan_out else matrix
+    rows, cols = stored.shape[-2:]
+    target = torch.empty(stored.shape, dtype=matrix.dtype, device=matrix.device)
+    step = nf4.BLOCK // math.gcd(cols, nf4.BLOCK)  # rows per slice: a multiple of this starts on a block boundary
+    per_slice = max(step, SLICE // cols // step * step)
+    w3, t3 = stored.reshape(-1, rows, cols), target.view(-1, rows, cols)
+    if factors is not None:  # the stored layout's principal part, a row slice at a time: s * left[rows] @ right
+        a, b = factors
+        left, right = (a.mT, b.mT) if fan_in_fan_out else (b, a)
+        left, right = left.reshape(-1, *left.shape[-2:]), right.reshape(-1, *right.shape[-2:])
+    for k in range(w3.shape[0]):
+        for start in range(0, rows, per_slice):
+            w = w3[k, start : start + per_slice]
+            d = w if factors is None else w - scaling * (left[k, start : start + per_slice] @ right[k])
+            back = nf4.dequantize(*nf4.quantize(d), tuple(d.shape), d.dtype)
+            torch.sub(w, back, out=t3[k, start : start + per_slice])
+    return target.mT if fan_in_fan_out else target
 
 
 def warm_factors(target: Tensor, previous: Tensor, fresh: Tensor, scaling: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -70,9 +91,9 @@ def alternate(
     weight or a stack of same-shape weights."""
     factors = first
     for _ in range(steps):
-        principal = 0.0 if factors is None else scaling * (factors[1] @ factors[0])
-        target = matrix - round_trip(matrix - principal, fan_in_fan_out)
+        target = quantization_target(matrix, None if factors is None else factors[:2], scaling, fan_in_fan_out)
         factors = top_r(target, None if factors is None else factors[0])
+        del target
     if factors is None:
         raise ValueError("qpissa.alternate: no factors (LoftQ needs steps >= 1)")
     return factors

@@ -360,3 +360,36 @@ def test_a_gpu_quantizes_and_computes_as_the_cpu_does():
     got = gpu(x.cuda().bfloat16()).float().cpu()
     tol = 8 * torch.finfo(torch.bfloat16).eps  # a few roundings to bf16 per layer, two layers
     assert torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@given(
+    shape=st.tuples(st.integers(1, 3), st.integers(1, 40), st.integers(1, 70)),
+    rank=st.integers(1, 4),
+    conv1d=st.booleans(),
+    principal=st.booleans(),
+    slice_=st.sampled_from([64, 192, 1 << 23]),
+)
+def test_the_quantization_target_in_slices_is_the_whole_formula(shape, rank, conv1d, principal, slice_):
+    """W - deq(nf4(W - s B A)) computed a slice of rows at a time equals the formula on each whole weight, bit for
+    bit (factors of small dyadic values make s B A exact in float32 whatever the GEMM's order)."""
+    from minipissa import qpissa
+
+    c, m, n = shape
+    g = torch.Generator().manual_seed(c * 10_000 + m * 100 + n)
+    w = torch.randn(c, m, n, generator=g)
+    factors = None
+    if principal:
+        a = torch.randint(-8, 9, (c, rank, n), generator=g).float() / 16
+        b = torch.randint(-8, 9, (c, m, rank), generator=g).float() / 16
+        factors = (a, b)
+    want = []
+    for k in range(c):
+        p = torch.zeros(m, n) if factors is None else 0.5 * (factors[1][k] @ factors[0][k])
+        stored = (w[k] - p).mT.contiguous() if conv1d else w[k] - p
+        back = nf4.dequantize(*nf4.quantize(stored), tuple(stored.shape), torch.float32)
+        want.append(w[k] - (back.mT if conv1d else back))
+    import unittest.mock
+
+    with unittest.mock.patch.object(qpissa, "SLICE", slice_):
+        got = qpissa.quantization_target(w, factors, 0.5, conv1d)
+    assert torch.equal(got, torch.stack(want))
