@@ -93,16 +93,18 @@ def dequantize(
 
     ``table``: :func:`pair_table` on the codes' device (pass it to avoid building it on every call)."""
     numel = math.prod(shape)
-    pairs = (_tables(codes.device)[1] if table is None else table)[codes.long()]  # ((numel + 1) // 2, 2)
+    # int32 indices (not int64) and the multiply written straight in ``dtype`` (computed in float32, rounded once on
+    # the write, as a multiply then a cast would): three passes over the weight in eager mode.
+    pairs = (_tables(codes.device)[1] if table is None else table)[codes.int()]  # ((numel + 1) // 2, 2)
     values = pairs.view(-1)
     blocks = absmax.numel()
-    if numel == blocks * BLOCK and values.numel() == numel:
-        out = values.view(blocks, BLOCK) * absmax.unsqueeze(1)
-    else:  # a partial last block, or an odd count's padding: pad to whole blocks, then cut
+    if numel != blocks * BLOCK or values.numel() != numel:  # a partial last block, or an odd count's padding
         padded = values.new_zeros(blocks * BLOCK)
         padded[:numel] = values[:numel]
-        out = padded.view(blocks, BLOCK) * absmax.unsqueeze(1)
-    return out.view(-1)[:numel].view(shape).to(dtype)
+        values = padded
+    out = torch.empty(blocks, BLOCK, dtype=dtype, device=codes.device)
+    torch.mul(values.view(blocks, BLOCK), absmax.unsqueeze(1), out=out)
+    return out.view(-1)[:numel].view(shape)
 
 
 def relative_error(weight: Tensor, approx: Tensor) -> float:
@@ -134,7 +136,7 @@ class NF4Weight(nn.Module):
         self.shape, self.dtype = tuple(shape), dtype
         self.register_buffer("codes", codes)
         self.register_buffer("absmax", absmax)
-        self.register_buffer("table", pair_table(codes.device), persistent=False)
+        self.register_buffer("table", _tables(codes.device)[1].clone(), persistent=False)  # clone: no host copy
 
     @classmethod
     def quantized(cls, weight: Tensor, dtype: torch.dtype | None = None) -> NF4Weight:
