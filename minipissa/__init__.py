@@ -11,6 +11,7 @@ from .convert import ConversionReport, convert_to_lora
 from .errors import StateError
 from .layer import PiSSALinear
 from .model import apply, disabled, merge, original, unload, unmerge
+from .nf4_linear import NF4Linear
 from .report import Summary, summary
 from .residual import load_residual, save_residual
 from .state import load, save
@@ -30,6 +31,7 @@ __all__ = [
     "Summary",
     "pissa_layers",
     "PiSSALinear",
+    "NF4Linear",
     # files
     "save",
     "load",

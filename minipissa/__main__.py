@@ -42,13 +42,18 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"{args.file}: minipissa {info['kind']} file, format version {info['format_version']}")
     print(f"{len(tensors)} tensors, {data:,} bytes of tensor data; file {size:,} bytes (+{size - data:,} header)")
     if info["kind"] == "residual":
-        tied, modules, _ = residual.read(args.file)
+        tied, modules, _, quantized = residual.read(args.file)
         print(f"residual weights of {len(modules)} modules; tied keys: {tied or 'none'}")
+        if quantized:
+            print(
+                f"4-bit (NF4) residuals: {len(quantized)} modules, {sum(w.bytes for w in quantized.values()):,} bytes"
+            )
         return 0
     info, recs, _ = state.read(args.file)  # every field checked
     print("config: " + ", ".join(f"{k}={v}" for k, v in records.config_summary(recs).items()))
     print(f"optimizer state: {'yes, ' + info['optimizer']['class'] if info.get('optimizer') else 'no'}")
     print(f"{'module':<40} {'out x in':>11} {'rank':>4} {'alpha':>6} {'dtype':>8} {'energy':>7}  top singular values")
+    nf4_recs = [rec for rec in recs if rec.info["quantize"] is not None]
     for rec in recs:
         sigma = rec.info["singular_values"]
         share = explained_energy(sigma, rec.info["weight_norm"])
@@ -57,6 +62,12 @@ def _inspect(args: argparse.Namespace) -> int:
         flag = " (fan_in_fan_out)" if rec.fan_in_fan_out else ""
         shape = f"{rec.out_features} x {rec.in_features}"
         print(f"{rec.name:<40} {shape:>11} {rec.rank:>4} {rec.alpha:>6g} {rec.base_dtype:>8} {energy:>7}  {top}{flag}")
+    if nf4_recs:  # QPiSSA: what the 4-bit residual costs, against QLoRA's
+        errors = [(r.info["nf4_error"], r.info["qlora_error"]) for r in nf4_recs]
+        mean = sum(1 - e / q for e, q in errors if q > 0) / len(errors)
+        iters = nf4_recs[0].info["quant_iters"]
+        print(f"QPiSSA: {len(nf4_recs)} modules with a 4-bit NF4 residual, quant_iters={iters}; quantization error")
+        print(f"{mean:.1%} below QLoRA's (Frobenius norm, mean over modules)")
     return 0
 
 

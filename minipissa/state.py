@@ -20,6 +20,7 @@ from .errors import PathLike, StateError
 from .fingerprint import fingerprint_later, read_all, same
 from .layer import PiSSALinear, is_conv1d, lora_scaling, weight_matrix
 from .nf4 import NF4Weight
+from .nf4_linear import NF4Linear
 from .qpissa import residual_nf4
 from .records import ModuleRecord
 from .sharded.dtensor import full_tensor, refuse_sharded, write_once
@@ -107,6 +108,8 @@ def _check(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike) -> _L
     if isinstance(module, PiSSALinear):
         _check_existing(module, rec, where)
         return _Loading(rec, module, existing=True)
+    if isinstance(module, NF4Linear):
+        return _check_nf4_base(module, rec, base, where)
     if not is_supported(module):
         raise StateError(f"{where} is a {type(module).__name__}; the file adapts an nn.Linear or Conv1D there")
     weight = full_tensor(cast(Tensor, module.weight))
@@ -133,8 +136,8 @@ def _check(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike) -> _L
         )
     if rec.info["quantize"] is not None and base == "residual":
         raise StateError(
-            f"{where} has a 4-bit (NF4) residual: load the adapter onto the original weights (base='original'), "
-            "which rebuilds and re-quantizes the residual"
+            f"{where} has a full-precision weight, but the adapter's residual is 4-bit (NF4): put it in place with "
+            "minipissa.load_residual() first, or load onto the original weights with base='original'"
         )
     _check_fingerprint(weight, rec, base, where)
     if rec.info["quantize"] is None:
@@ -150,6 +153,21 @@ def _check(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike) -> _L
             "kind that saved it"
         )
     return _Loading(rec, module, existing=False, residual=residual)
+
+
+def _check_nf4_base(module: NF4Linear, rec: ModuleRecord, base: str, where: str) -> _Loading:
+    """A 4-bit residual put in place by load_residual(): the QPiSSA adapter saved with those very codes."""
+    if base != "residual" or rec.info["quantize"] is None:
+        raise StateError(
+            f"{where} holds a 4-bit residual (minipissa.load_residual); load the QPiSSA adapter saved with it, with "
+            "base='residual'"
+        )
+    stored = (rec.in_features, rec.out_features) if rec.fan_in_fan_out else (rec.out_features, rec.in_features)
+    if module.weight.shape != stored or module.fan_in_fan_out != rec.fan_in_fan_out:
+        raise StateError(f"{where}: its 4-bit residual is {module.weight.shape}, the adapter's {stored}")
+    if module.weight.sha256() != rec.info["nf4_sha256"]:
+        raise StateError(f"{where}: its 4-bit residual is not the one the adapter was saved with (sha256 differs)")
+    return _Loading(rec, module, existing=False, residual=module.weight)
 
 
 def _check_fingerprint(weight: Tensor, rec: ModuleRecord, base: str, where: str) -> None:
@@ -219,14 +237,16 @@ def load(
         rec = loading.record
         layer = cast(PiSSALinear, loading.module)
         if not loading.existing:
+            residual, module = loading.residual, loading.module
+            module = module.as_base() if isinstance(module, NF4Linear) else module
             plan = Plan(
-                rec.name, loading.module, rec.rank, rec.alpha, rec.rslora, rec.fan_in_fan_out, rec.dropout, rec.A.dtype,
+                rec.name, module, rec.rank, rec.alpha, rec.rslora, rec.fan_in_fan_out, rec.dropout, rec.A.dtype,
                 rec.info["quantize"],
             )  # fmt: skip
-            a0, b0 = rec.A0.to(plan.weight.device), rec.B0.to(plan.weight.device)
-            layer = build_layer(
-                plan, a0, b0, dict(rec.info), weight_is_residual=base == "residual", residual=loading.residual
-            )
+            device = plan.weight.device if residual is None else residual.codes.device
+            a0, b0 = rec.A0.to(device), rec.B0.to(device)
+            from_file = base == "residual" and residual is None
+            layer = build_layer(plan, a0, b0, dict(rec.info), weight_is_residual=from_file, residual=residual)
             replace_module(model, rec.name, layer)
             built.append(layer)
         with torch.no_grad():

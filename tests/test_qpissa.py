@@ -393,3 +393,69 @@ def test_the_quantization_target_in_slices_is_the_whole_formula(shape, rank, con
     with unittest.mock.patch.object(qpissa, "SLICE", slice_):
         got = qpissa.quantization_target(w, factors, 0.5, conv1d)
     assert torch.equal(got, torch.stack(want))
+
+
+def test_a_4bit_residual_file_reloads_bit_exactly_with_its_adapter(tmp_path: Path):
+    """save_residual stores the codes as held (not the dequantized weight); load_residual puts them in an NF4Linear
+    (the module's own weight may be on the meta device); load(base='residual') keeps those very codes."""
+    model = minipissa.apply(tiny_gpt2(seed=1), 4, ["c_attn", "c_fc"], alpha=8, quantize="nf4")
+    with torch.no_grad():
+        for _, layer in minipissa.pissa_layers(model):
+            layer.B.add_(0.01)
+    minipissa.save(model, tmp_path / "a.safetensors")
+    minipissa.save_residual(model, tmp_path / "r.safetensors")
+    dense = minipissa.apply(tiny_gpt2(seed=1), 4, ["c_attn", "c_fc"], alpha=8)
+    minipissa.save_residual(dense, tmp_path / "dense.safetensors")
+    adapted = sum(layer.in_features * layer.out_features for _, layer in minipissa.pissa_layers(model))
+    saved = (tmp_path / "dense.safetensors").stat().st_size - (tmp_path / "r.safetensors").stat().st_size
+    assert saved >= adapted * (4 - nf4.BYTES_PER_PARAM) - 2048  # float32 -> 4.5 bits per weight; JSON header aside
+
+    fresh = tiny_gpt2(seed=5)
+    attn = fresh.transformer.h[0].attn.c_attn
+    attn.weight = nn.Parameter(torch.empty_like(attn.weight, device="meta"))  # never read: replaced
+    minipissa.load_residual(fresh, tmp_path / "r.safetensors")
+    frozen = fresh.transformer.h[0].attn.c_attn
+    assert isinstance(frozen, minipissa.NF4Linear)
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad(), minipissa.disabled(model):
+        assert torch.equal(fresh(ids).logits, model(ids).logits)  # the residual model alone
+    before = snapshot(fresh)
+    with pytest.raises(StateError, match="4-bit residual .*base='residual'"):
+        minipissa.load(fresh, tmp_path / "a.safetensors")  # base='original' onto a 4-bit base
+    assert_unchanged(fresh, before)
+    minipissa.load(fresh, tmp_path / "a.safetensors", base="residual")
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+    for (_, a), (_, b) in zip(minipissa.pissa_layers(fresh), minipissa.pissa_layers(model), strict=True):
+        assert torch.equal(a.weight.codes, b.weight.codes) and a.weight.codes.data_ptr() != b.weight.codes.data_ptr()
+
+
+def test_4bit_residual_files_that_do_not_fit_are_refused(tmp_path: Path):
+    model = minipissa.apply(MLP(), 2, "all-linear", quantize="nf4")
+    minipissa.save(model, tmp_path / "a.safetensors")
+    minipissa.save_residual(model, tmp_path / "r.safetensors")
+    wrong = MLP((32, 40, 24))
+    before = snapshot(wrong)
+    with pytest.raises(StateError, match="'layers.0' has a \\(40, 32\\) torch.float32 weight"):
+        minipissa.load_residual(wrong, tmp_path / "r.safetensors")
+    assert_unchanged(wrong, before)
+    info, tensors = safefile.read(tmp_path / "r.safetensors")
+    payload = {k: v for k, v in info.items() if k not in (safefile.BLOB_SHA_FIELD, "tensors_sha256", "format_version")}
+    del payload["kind"]
+    for field, value in [("dtype", "int4"), ("shape", [48, -1]), ("fan_in_fan_out", 1)]:
+        crafted = dict(payload, quantized={k: dict(v) for k, v in payload["quantized"].items()})
+        crafted["quantized"]["layers.0"][field] = value
+        safefile.write(tmp_path / "c.safetensors", tensors, "residual", crafted)
+        fresh = MLP()
+        before = snapshot(fresh)
+        with pytest.raises(StateError, match="malformed"):
+            minipissa.load_residual(fresh, tmp_path / "c.safetensors")
+        assert_unchanged(fresh, before)
+    # Another adapter's codes under the NF4Linear: refused by the sha256 of the codes.
+    other = minipissa.apply(MLP(), 2, "all-linear", quantize="nf4", alpha=4)
+    minipissa.save(other, tmp_path / "other.safetensors")
+    fresh = minipissa.load_residual(MLP(), tmp_path / "r.safetensors")
+    before = snapshot(fresh)
+    with pytest.raises(StateError, match="not the one the adapter was saved with"):
+        minipissa.load(fresh, tmp_path / "other.safetensors", base="residual")
+    assert_unchanged(fresh, before)
