@@ -83,7 +83,8 @@ def step_time(
         common.sync(device)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    row = {"ms": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times), "peak_gib": peak}
+    row = {"ms": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times), "ms_max": 1e3 * max(times)}
+    row["peak_gib"] = peak
     if cuda:
         row.update(gpu_busy(step))
     return row
@@ -196,7 +197,8 @@ def main() -> None:
             row["x_frozen_same_way"] = row["ms"] / peer["ms"]
     env = common.environment()
     print(f"\nstep, {args.setting}: batch {batch} x {seq}, r = {r}, AdamW, {env['device']}, torch {env['torch']}")
-    columns = ["contender", "ms", "ms_min", "x_frozen", "x_frozen_same_way", "kernel_ms", "kernels", "peak_gib"]
+    columns = ["contender", "ms", "ms_min", "ms_max", "x_frozen", "x_frozen_same_way", "kernel_ms", "kernels"]
+    columns.append("peak_gib")
     print(common.table(rows, columns))
     for label, message in errs.items():
         print(f"FAILED {label}: {message}")
