@@ -117,6 +117,11 @@ def dtensor_worker(rank: int, out: Path) -> None:
     result["mesh2d"] = error_of(lambda: minipissa.apply(flat, **LAYOUTS_APPLY))
     result["mesh2d_untouched"] = not list(minipissa.pissa_layers(flat))
 
+    quantized = layouts_net().float()  # quantize="nf4" takes float32 weights
+    distribute(quantized, mesh, {"conv": Shard(0)})
+    result["quantize"] = error_of(lambda: minipissa.apply(quantized, 3, ["conv"], quantize="nf4"))
+    result["quantize_untouched"] = not list(minipissa.pissa_layers(quantized))
+
     itself = make_net()
     fully_shard(itself.blocks[0].lin_a, mesh=mesh)
     shard_blocks(itself, mesh)
@@ -286,6 +291,9 @@ def test_sharded_init_layouts_and_errors(tmp_path: Path) -> None:
         kind, message = result["mesh2d"]
         assert kind == "NotImplementedError" and "'cols'" in message and "2-D mesh" in message, message
         assert result["mesh2d_untouched"]
+        kind, message = result["quantize"]
+        assert kind == "ValueError" and "quantize='nf4' on FSDP2-sharded weights" in message, message
+        assert result["quantize_untouched"]
         kind, message = result["target_sharded"]
         assert kind == "ValueError" and "'blocks.0.lin_a'" in message
         kind, message = result["after_forward"]
