@@ -21,8 +21,8 @@ from torch import Tensor
 
 from . import decompose, linalg, qpissa
 from .config import InitConfig
-from .layer import weight_matrix
 from .tree import Plan
+from .weights import weight_matrix
 
 Item = tuple[Plan, Tensor, Tensor, Tensor]  # plan, A0 (r, in), B0 (out, r), kept singular values (r,)
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from .layer import lora_scaling
 from .targets import value_for
+from .weights import lora_scaling
 
 INITS = ("pissa", "lora", "loftq")
 QUANTIZERS = (None, "nf4")

@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 from . import batching, decompose, qpissa
 from .config import InitConfig
-from .layer import is_conv1d, weight_matrix
 from .targets import Targets, find_targets, shared_tensors
 from .tree import Plan
+from .weights import is_conv1d, weight_matrix
 
 
 def plan_modules(

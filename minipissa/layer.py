@@ -26,52 +26,9 @@ from .adapter_fn import QuantizedResidual, adapted_linear
 from .casts import SharedCasts
 from .decompose import compute_dtype
 from .nf4 import NF4Weight
+from .weights import is_conv1d, lora_scaling, residual_weight, weight_matrix
 
 MODES = ("adapter", "original", "disabled")
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """True for a transformers-style ``Conv1D`` (weight (in, out), attribute ``nf`` = out).
-
-    Detected by structure so that minipissa never imports transformers.
-    """
-    weight = getattr(module, "weight", None)
-    return (
-        type(module).__name__ == "Conv1D"
-        and isinstance(weight, Tensor)
-        and weight.ndim == 2
-        and weight.shape[1] == getattr(module, "nf", None)
-    )
-
-
-def weight_matrix(weight: Tensor, fan_in_fan_out: bool) -> Tensor:
-    """The (out, in) view of a stored weight."""
-    return weight.mT if fan_in_fan_out else weight
-
-
-def residual_weight(
-    weight: Tensor, a0: Tensor, b0: Tensor, scaling: float, fan_in_fan_out: bool, dtype: torch.dtype | None = None
-) -> Tensor:
-    """W_res = W - s * B0 A0 in the factors' dtype, returned in ``dtype`` (default: ``weight``'s) and its layout.
-
-    This one function computes the residual at init and at reload, so a reload is bit-exact. (QPiSSA asks for
-    the factors' dtype: the residual is quantized from it, with no rounding to the weight's dtype first.)
-
-    Args:
-        weight: stored base weight, (out, in), or (in, out) when ``fan_in_fan_out``.
-        a0: (r, in). b0: (out, r).
-    """
-    delta = b0 @ a0 if scaling == 1.0 else scaling * (b0 @ a0)  # x 1.0 is exact: skip that pass
-    if fan_in_fan_out:
-        delta = delta.mT
-    # Type promotion computes in the factors' dtype, as weight.to(a0.dtype) - delta would, without
-    # materialising that copy of W.
-    return torch.sub(weight, delta).to(dtype or weight.dtype).contiguous()
-
-
-def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
-    """s = alpha / r, or alpha / sqrt(r) for rsLoRA."""
-    return alpha / rank**0.5 if rslora else alpha / rank
 
 
 class PiSSALinear(nn.Module):

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layer import weight_matrix
 from .nf4 import NF4Weight
+from .weights import weight_matrix
 
 
 class NF4Linear(nn.Module):

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import decompose, nf4
 from .decompose import compute_dtype
-from .layer import residual_weight
+from .weights import residual_weight
 
 #: Power iterations of a warm-started choice (see the module docstring: 1 gives 5e-6, 2 and more 4.9e-7).
 WARM_NITER = 2

@@ -18,12 +18,12 @@ from torch import Tensor, nn
 
 from . import safefile
 from .errors import PathLike, StateError
-from .layer import is_conv1d
 from .nf4 import NF4Weight
 from .nf4_linear import NF4Linear
 from .sharded.dtensor import full_tensor, is_dtensor, refuse_sharded, write_once
 from .targets import is_supported
 from .tree import adapted_layers, pissa_layers, replace_module
+from .weights import is_conv1d
 
 KIND = "residual"
 

@@ -18,7 +18,7 @@ from . import casts, optimizer_state, records, safefile
 from .decompose import compute_dtype
 from .errors import PathLike, StateError
 from .fingerprint import fingerprint_later, read_all, same
-from .layer import PiSSALinear, is_conv1d, lora_scaling, weight_matrix
+from .layer import PiSSALinear
 from .nf4 import NF4Weight
 from .nf4_linear import NF4Linear
 from .qpissa import residual_nf4
@@ -26,6 +26,7 @@ from .records import ModuleRecord
 from .sharded.dtensor import full_tensor, refuse_sharded, write_once
 from .targets import is_supported
 from .tree import Plan, adapted_layers, build_layer, pissa_layers, replace_module, train_adapters_only
+from .weights import is_conv1d, lora_scaling, weight_matrix
 
 KIND = "adapter"
 

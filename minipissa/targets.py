@@ -12,7 +12,8 @@ from typing import TypeVar
 
 from torch import nn
 
-from .layer import PiSSALinear, is_conv1d
+from .layer import PiSSALinear
+from .weights import is_conv1d
 
 Pattern = str | re.Pattern[str]
 Targets = Pattern | Sequence[Pattern]

@@ -11,8 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from .errors import StateError
-from .layer import PiSSALinear, lora_scaling, weight_matrix
+from .layer import PiSSALinear
 from .nf4 import NF4Weight
+from .weights import lora_scaling, weight_matrix
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,10 @@ from torch import Tensor, nn
 import minipissa
 from minipissa.config import InitConfig
 from minipissa.init import initial_factors
-from minipissa.layer import residual_weight, weight_matrix
 from minipissa.sharded.dtensor import is_dtensor
 from minipissa.sharded.init import assign_owners
 from minipissa.tree import Plan
+from minipissa.weights import residual_weight, weight_matrix
 
 LORA_APPLY = dict(LAYOUTS_APPLY, init="lora")
 

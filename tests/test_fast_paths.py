@@ -23,8 +23,8 @@ from minipissa import batching, decompose, linalg
 from minipissa.adapter_fn import adapted_linear
 from minipissa.config import InitConfig
 from minipissa.init import plan_modules
-from minipissa.layer import residual_weight
 from minipissa.model import adapt
+from minipissa.weights import residual_weight
 
 
 def with_spectrum(m: int, n: int, sigma: torch.Tensor, seed: int) -> torch.Tensor:

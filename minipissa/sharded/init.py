@@ -29,8 +29,8 @@ from ..config import InitConfig
 from ..decompose import compute_dtype
 from ..fingerprint import fingerprint
 from ..init import Factors, initial_factors, refuse_nonfinite
-from ..layer import residual_weight
 from ..tree import Plan
+from ..weights import residual_weight
 from .shards import broadcast, gather_to, layout, scatter_into
 
 
