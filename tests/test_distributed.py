@@ -73,6 +73,21 @@ def fsdp_worker(rank: int, out: Path) -> None:
     torch.save({"losses": losses, "A_sharded": sharded}, out / f"rank{rank}.pt")
 
 
+QPISSA_APPLY = dict(APPLY, quantize="nf4")
+
+
+def qpissa_fsdp_worker(rank: int, out: Path) -> None:
+    """QPiSSA, then fully_shard: the 4-bit codes are buffers, so every rank holds them whole (FSDP2 shards
+    parameters: A and B); every rank trains on the whole batch, then saves."""
+    model = minipissa.apply(make_net().float(), **QPISSA_APPLY)
+    shard_blocks(model, cpu_mesh())
+    codes = model.blocks[0].lin_a.weight.codes
+    x, y = data()
+    losses = train(model, x.float(), y.float(), world=WORLD)
+    minipissa.save(model, out / "qpissa_fsdp.safetensors")
+    torch.save({"losses": losses, "codes_whole": not is_dtensor(codes)}, out / f"rank{rank}.pt")
+
+
 def sharded_init_worker(rank: int, out: Path) -> None:
     """fully_shard first, then apply(): each weight decomposed on one rank; then train."""
     import minipissa.sharded.init
@@ -212,6 +227,19 @@ def test_fsdp2_training_matches_single_process(tmp_path: Path) -> None:
     for result in results:
         assert result["A_sharded"]
         assert_trajectory(result["losses"], expected)
+
+
+def test_qpissa_under_fsdp2_trains_and_saves_as_one_process(tmp_path: Path) -> None:
+    """apply(quantize="nf4") then fully_shard: the same losses and the same adapter file as one process (every
+    rank on the whole batch, so the averaged gradients are exact); sharded init refuses it (test below)."""
+    single = minipissa.apply(make_net().float(), **QPISSA_APPLY)
+    x, y = data()
+    expected = train(single, x.float(), y.float())
+    minipissa.save(single, tmp_path / "single.safetensors")
+    for result in spawn(qpissa_fsdp_worker, tmp_path):
+        assert result["codes_whole"]
+        assert result["losses"] == expected
+    assert_same_file(tmp_path / "qpissa_fsdp.safetensors", tmp_path / "single.safetensors")
 
 
 def init_tolerance(matrix: Tensor, rank: int) -> float:
