@@ -138,7 +138,7 @@ def worker(rank: int, args: argparse.Namespace, world: int, port: int) -> None:
     try:
         model = build(args, device, init_device_mesh(device.type, (world,)))
         sync(device)
-        before = torch.cuda.max_memory_allocated(device) if cuda else 0
+        before = torch.cuda.memory_allocated(device) if cuda else 0  # in use now (not the build's peak)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
