@@ -11,26 +11,42 @@ import sys
 from collections.abc import Sequence
 
 from . import records, residual, state
-from .convert import PEFT_PREFIX, SERVING_RANK_LIMIT, convert_to_lora
+from .convert import PEFT_PREFIX, SERVING_RANK_LIMIT, convert_to_lora, snap_rank
 from .errors import StateError
 from .report import explained_energy
 from .safefile import read
 
 
 def _convert(args: argparse.Namespace) -> int:
-    report = convert_to_lora(args.adapter, args.out_dir, prefix=args.prefix, rank=args.rank)
+    rank = args.rank if args.rank is None or not args.snap else snap_rank(args.rank)
+    report = convert_to_lora(
+        args.adapter, args.out_dir, prefix=args.prefix, rank=rank, base_model_name_or_path=args.base_model,
+        task_type=args.task_type,
+    )  # fmt: skip
     print(
         f"wrote a PEFT LoRA adapter for the original weights to {report.out_dir}: {report.modules} modules, "
-        f"r={report.rank}, lora_alpha={report.alpha:g}"
+        f"r = lora_alpha = {report.rank} (scaling 1, no patterns: read alike by PEFT, vLLM, SGLang, TGI)"
     )
-    if args.rank is not None:
-        print(f"re-compressed to rank <= {args.rank}: relative error of the weight update {report.relative_error:.3g}")
-    if report.max_rank > SERVING_RANK_LIMIT:
+    if rank is not None:
+        snapped = f" (--rank {args.rank} snapped to {rank})" if rank != args.rank else ""
         print(
-            f"warning: adapter rank {report.max_rank} exceeds {SERVING_RANK_LIMIT}, vLLM's default max_lora_rank; "
-            f"serve with --max-lora-rank {report.max_rank}, or convert with --rank {SERVING_RANK_LIMIT} "
+            f"re-compressed to rank <= {rank}{snapped}: relative error of the weight update {report.relative_error:.3g}"
+        )
+    needed = report.serving_rank
+    print(
+        f"vLLM needs max_lora_rank >= {report.rank}: {needed if needed else 'more than 512, which it does not allow'}"
+    )
+    if needed is None or needed > SERVING_RANK_LIMIT:
+        print(
+            f"warning: adapter rank {report.rank} exceeds {SERVING_RANK_LIMIT}, vLLM's default max_lora_rank; "
+            f"serve with --max-lora-rank {needed}, or convert with --rank {SERVING_RANK_LIMIT} "
             "(reports the error it introduces)",
             file=sys.stderr,
+        )
+    if report.quantization_errors:
+        mean = sum(report.quantization_errors.values()) / len(report.quantization_errors)
+        print(
+            f"QPiSSA adapter: on the 16-bit base this LoRA differs from the trained 4-bit model by {mean:.3g} of ||W||"
         )
     return 0
 
@@ -78,9 +94,12 @@ def _parser() -> argparse.ArgumentParser:
         "convert", help="PiSSA adapter file -> PEFT LoRA adapter directory for the original base model"
     )
     convert.add_argument("adapter", help="file written by minipissa.save()")
-    convert.add_argument("out_dir", help="directory for adapter_model.safetensors and adapter_config.json")
+    convert.add_argument("out_dir", help="directory for adapter_model.safetensors, adapter_config.json, README.md")
     convert.add_argument("--rank", type=int, default=None, help="re-compress each update to at most this rank")
+    convert.add_argument("--snap", action="store_true", help="round --rank down to a max_lora_rank vLLM accepts")
     convert.add_argument("--prefix", default=PEFT_PREFIX, help=f"tensor key prefix (default {PEFT_PREFIX!r})")
+    convert.add_argument("--base-model", default=None, help="base_model_name_or_path for the config and model card")
+    convert.add_argument("--task-type", default=None, help="PEFT task_type, e.g. CAUSAL_LM")
     convert.set_defaults(run=_convert)
     inspect = commands.add_parser("inspect", help="config, modules, shapes, singular values of a minipissa file")
     inspect.add_argument("file")

@@ -1,18 +1,25 @@
-"""PiSSA -> LoRA on the ORIGINAL weights, written in PEFT's on-disk adapter layout.
+"""PiSSA -> LoRA on the ORIGINAL weights, written in PEFT's on-disk adapter layout, safe for serving stacks.
 
 A trained PiSSA layer computes W_res + s·B·A = W - s·B0·A0 + s·B·A = W + s·[B | -B0]·[A ; A0], so
 the update of the original W is a LoRA of rank 2r with A' = [A ; A0] (2r, in) and
-B' = [B | -B0] (out, 2r). Keeping s = alpha'/r' means alpha' = 2·alpha (LoRA) or sqrt(2)·alpha
-(rsLoRA). Optionally ``rank=k`` re-compresses s·B'·A' by a truncated SVD to rank k.
+B' = s·[B | -B0] (out, 2r): the module's scaling s is folded into B'. Optionally ``rank=k`` re-compresses
+B'·A' by a truncated SVD to rank k.
+
+Serving stacks read less of the config than PEFT: vLLM applies ONE scaling (``lora_alpha / r``) to every module,
+ignores ``rank_pattern`` and ``alpha_pattern``, and checks only the global ``r`` against its ``max_lora_rank``. So
+every module is written at one rank R (the largest; smaller ones padded with zero rows of A' and columns of B',
+which add exactly nothing) with ``lora_alpha = r = R`` and no rsLoRA: the scaling is 1 for every loader, and no
+pattern is needed. Zero padding rather than patterns because a loader that ignores patterns then still computes
+the right thing, and it costs only the zeros' storage (none when all ranks agree, the usual case).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,18 +31,33 @@ from .records import ModuleRecord
 from .safefile import write_safetensors
 from .sharded.dtensor import write_once
 from .tree import adapted_layers
+from .weights import lora_scaling
 
 PEFT_PREFIX = "base_model.model."
 #: vLLM's default ``max_lora_rank``: adapters of higher rank need server flags or ``rank=``.
 SERVING_RANK_LIMIT = 16
+#: The values vLLM accepts for ``max_lora_rank``.
+SERVING_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def serving_rank(rank: int) -> int | None:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds an adapter of ``rank`` (None above 512)."""
+    return next((k for k in SERVING_RANKS if k >= rank), None)
+
+
+def snap_rank(rank: int) -> int:
+    """The largest ``max_lora_rank`` value vLLM accepts that is <= ``rank`` (>= 1)."""
+    return max(k for k in SERVING_RANKS if k <= max(rank, 1))
 
 
 @dataclass
 class ConversionReport:
     """What convert_to_lora() wrote.
 
-    ``relative_error`` is ‖ΔW - ΔW_k‖_F / ‖ΔW‖_F over all modules together (0.0 without ``rank=``),
-    ΔW being the exact update s·B'·A' of the original weights; ``module_errors`` per module.
+    ``rank`` is the adapter's r (every module's, padded) and ``alpha`` its lora_alpha (= r: scaling 1);
+    ``serving_rank`` the smallest vLLM ``max_lora_rank`` that serves it. ``relative_error`` is
+    ‖ΔW - ΔW_k‖_F / ‖ΔW‖_F over all modules together (0.0 without ``rank=``), ΔW being the exact update B'·A' of
+    the original weights; ``module_errors`` per module.
 
     ``quantization_errors`` (QPiSSA adapters): per module, how far the LoRA on the original weights is from the
     trained 4-bit model: their weights differ by W_res - deq(nf4(W_res)) exactly, reported as
@@ -44,22 +66,22 @@ class ConversionReport:
     """
 
     out_dir: Path
-    rank: int  # the adapter's r (most common output rank; see rank_pattern for others)
-    alpha: float  # lora_alpha for that rank
-    max_rank: int
+    rank: int
+    alpha: float
+    serving_rank: int | None
     modules: int
     relative_error: float = 0.0
     module_errors: dict[str, float] = field(default_factory=dict)
     quantization_errors: dict[str, float] = field(default_factory=dict)
 
 
-def lora_factors(rec: ModuleRecord) -> tuple[Tensor, Tensor, float]:
-    """A' (2r, in), B' (out, 2r) and alpha' of one module, in the decomposition dtype."""
+def lora_factors(rec: ModuleRecord) -> tuple[Tensor, Tensor]:
+    """A' = [A ; A0] (2r, in) and B' = s·[B | -B0] (out, 2r) of one module, in the decomposition dtype: B'·A' is
+    the module's update of the original weight."""
     dtype = rec.A0.dtype
     a = torch.cat([rec.A.to(dtype), rec.A0], dim=0)
-    b = torch.cat([rec.B.to(dtype), -rec.B0], dim=1)
-    alpha = rec.alpha * (math.sqrt(2.0) if rec.rslora else 2.0)
-    return a, b, alpha
+    b = torch.cat([rec.B.to(dtype), -rec.B0], dim=1) * lora_scaling(rec.alpha, rec.rank, rec.rslora)
+    return a, b
 
 
 @linalg.on_one_thread  # QR and SVD: the same result whatever the thread count
@@ -81,90 +103,127 @@ def compress(a: Tensor, b: Tensor, k: int) -> tuple[Tensor, Tensor, float, float
     return a_k.to(a.dtype), b_k.to(b.dtype), tail, total
 
 
-def _alpha_for(scaling: float, rank: int, rslora: bool) -> float:
-    return scaling * (math.sqrt(rank) if rslora else rank)
-
-
 def convert_to_lora(
     src: PathLike | nn.Module,
     out_dir: PathLike,
     *,
     prefix: str = PEFT_PREFIX,
     rank: int | None = None,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
 ) -> ConversionReport:
-    """Write a PEFT LoRA adapter (``adapter_model.safetensors`` + ``adapter_config.json``) for the
-    original base weights, equivalent to the PiSSA adapter in ``src`` (a saved file or a live model).
+    """Write a PEFT LoRA adapter (``adapter_model.safetensors``, ``adapter_config.json`` and a ``README.md``
+    model card) for the original base weights, equivalent to the PiSSA adapter in ``src`` (a saved file or a
+    live model), in the layout every loader reads alike (module docstring): one rank, scaling 1, no patterns.
 
     Args:
         prefix: prepended to each module path in the tensor keys; the PEFT module name is the key
             without "base_model.model.", e.g. prefix "base_model.model.model." for an adapter
             trained on a LlamaModel and served as LlamaForCausalLM.
-        rank: cap the output rank at k by a truncated SVD of each module's update (alpha adjusted
-            so that the scaling is unchanged); the report gives the relative error introduced.
+        rank: cap the output rank at k by a truncated SVD of each module's update; the report gives the
+            relative error introduced (:func:`snap_rank` gives a value vLLM accepts).
+        base_model_name_or_path, task_type: written into the config as PEFT does (e.g. "CAUSAL_LM").
 
     Neither ``src`` nor the live model is modified.
     """
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise StateError(f"minipissa.convert_to_lora: rank must be an int >= 1, got {rank!r}")
+    for name, value in (("base_model_name_or_path", base_model_name_or_path), ("task_type", task_type)):
+        if value is not None and not isinstance(value, str):
+            raise StateError(f"minipissa.convert_to_lora: {name} must be a string or None, got {value!r}")
     recs = (
         state.records_of(adapted_layers(src, "convert_to_lora")) if isinstance(src, nn.Module) else state.read(src)[1]
     )
     out = as_path(out_dir, "output directory")
     if out.exists() and not out.is_dir():
         raise StateError(f"minipissa.convert_to_lora: '{out}' exists and is not a directory; give a directory")
-    if {r.rslora for r in recs} == {True, False}:
-        raise StateError("minipissa.convert_to_lora: some modules use rsLoRA and some do not; PEFT needs one setting")
 
-    tensors: dict[str, Tensor] = {}
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
+    factors: dict[str, tuple[Tensor, Tensor]] = {}
     errors: dict[str, float] = {}
     tail_total = [0.0, 0.0]
     for rec in recs:
-        a, b, alpha = lora_factors(rec)
+        a, b = lora_factors(rec)
         if rank is not None and rank < a.shape[0]:
-            scaling = alpha / (math.sqrt(a.shape[0]) if rec.rslora else a.shape[0])
             a, b, tail, total = compress(a, b, rank)
-            alpha = _alpha_for(scaling, a.shape[0], rec.rslora)
             errors[rec.name] = math.sqrt(tail / total) if total > 0 else 0.0
-            tail_total[0] += tail * scaling**2
-            tail_total[1] += total * scaling**2
-        name = (prefix + rec.name).removeprefix(PEFT_PREFIX)
-        tensors[f"{prefix}{rec.name}.lora_A.weight"] = a.contiguous()
-        tensors[f"{prefix}{rec.name}.lora_B.weight"] = b.contiguous()
-        ranks[name], alphas[name] = a.shape[0], alpha
-
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    lora_alpha = Counter(a for n, a in alphas.items() if ranks[n] == r).most_common(1)[0][0]
-    config = {
+            tail_total[0] += tail
+            tail_total[1] += total
+        factors[rec.name] = a, b
+    r = max(a.shape[0] for a, _ in factors.values())
+    tensors: dict[str, Tensor] = {}
+    for name, (a, b) in factors.items():  # one rank for every loader: zero rows of A', columns of B'
+        pad = r - a.shape[0]
+        tensors[f"{prefix}{name}.lora_A.weight"] = torch.cat([a, a.new_zeros(pad, a.shape[1])]).contiguous()
+        tensors[f"{prefix}{name}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], pad)], 1).contiguous()
+    config: dict[str, Any] = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task_type,
         "r": r,
-        "lora_alpha": lora_alpha,
-        "target_modules": sorted(ranks),
+        "lora_alpha": r,  # scaling lora_alpha / r = 1: each module's own s is in its B'
+        "target_modules": sorted((prefix + name).removeprefix(PEFT_PREFIX) for name in factors),
         "fan_in_fan_out": any(rec.fan_in_fan_out for rec in recs),
-        "use_rslora": recs[0].rslora,
+        "use_rslora": False,
         "init_lora_weights": True,  # the weights are in the file: loading must run no SVD
         "lora_dropout": max(rec.dropout for rec in recs),
         "bias": "none",
-        "rank_pattern": {n: k for n, k in ranks.items() if k != r},
-        "alpha_pattern": {n: a for n, a in alphas.items() if a != lora_alpha},
+        "rank_pattern": {},
+        "alpha_pattern": {},
         "modules_to_save": None,
-        "base_model_name_or_path": None,
+        "base_model_name_or_path": base_model_name_or_path,
         "inference_mode": True,
         "use_dora": False,
     }
     plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     text = json.dumps(config, indent=2) + "\n"
+    overall = math.sqrt(tail_total[0] / tail_total[1]) if tail_total[1] > 0 else 0.0
+    quantized = {rec.name: float(rec.info["nf4_error"]) for rec in recs if rec.info["quantize"] is not None}
+    report = ConversionReport(out, r, float(r), serving_rank(r), len(recs), overall, errors, quantized)
+    card = model_card(report, recs, base_model_name_or_path, rank)
 
     files = {
         "adapter_model.safetensors": lambda temp: write_safetensors(plain, temp, {"format": "pt"}),
         "adapter_config.json": lambda temp: _write_text(temp, text),
+        "README.md": lambda temp: _write_text(temp, card),
     }  # written together: a reader never sees new tensors beside an old config
     write_once(src if isinstance(src, nn.Module) else None, lambda: atomic_write_dir(out, files))  # rank 0 if sharded
-    overall = math.sqrt(tail_total[0] / tail_total[1]) if tail_total[1] > 0 else 0.0
-    quantized = {rec.name: float(rec.info["nf4_error"]) for rec in recs if rec.info["quantize"] is not None}
-    return ConversionReport(out, r, lora_alpha, max(ranks.values()), len(recs), overall, errors, quantized)
+    return report
+
+
+def model_card(report: ConversionReport, recs: list[ModuleRecord], base: str | None, rank: int | None) -> str:
+    """A short README.md for the adapter directory, as PEFT writes one: library, base model, rank, how it was
+    made, the conversion's error."""
+    ranks = sorted({rec.rank for rec in recs})
+    serve = f"`--max-lora-rank {report.serving_rank}`" if report.serving_rank else "a rank above vLLM's largest (512)"
+    lines = [
+        "---",
+        f"base_model: {base}" if base else "base_model: null",
+        "library_name: peft",
+        "tags: [lora, pissa, minipissa]",
+        "---",
+        "",
+        "# LoRA adapter converted from a PiSSA adapter",
+        "",
+        f"Converted by minipissa {state.library_version()} from a PiSSA adapter of rank {', '.join(map(str, ranks))} "
+        f"({report.modules} modules) into a LoRA for the original base weights: A' = [A ; A0], "
+        "B' = s·[B | -B0] (the scaling folded into B').",
+        "",
+        f"- r = lora_alpha = {report.rank} for every module (smaller ones padded with zeros), no rsLoRA, no "
+        "rank or alpha patterns: PEFT, vLLM, SGLang and TGI compute the same outputs.",
+        f"- Serving with vLLM needs {serve}.",
+    ]
+    if rank is not None:
+        lines.append(
+            f"- Re-compressed to rank <= {rank}: relative error of the weight update {report.relative_error:.3g}."
+        )
+    else:
+        lines.append("- Exact: the same outputs as the trained PiSSA model, up to float32 rounding.")
+    if report.quantization_errors:
+        mean = sum(report.quantization_errors.values()) / len(report.quantization_errors)
+        lines.append(
+            f"- Trained as QPiSSA (4-bit residual): on the 16-bit base this LoRA differs from the trained model by the "
+            f"residual's quantization error, {mean:.3g} of ||W|| (mean over modules)."
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _write_text(path: str, text: str) -> None:

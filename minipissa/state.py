@@ -43,7 +43,7 @@ def save(model: nn.Module, path: PathLike, *, optimizer: torch.optim.Optimizer |
     recs = records_of(layers)
     tensors = {f"{r.name}.{k}": getattr(r, k) for r in recs for k in records.FACTORS}
     payload: dict[str, Any] = {
-        "minipissa_version": _version(),
+        "minipissa_version": library_version(),
         "config": records.config_summary(recs),
         "modules": {r.name: r.meta() for r in recs},
         "optimizer": None,
@@ -61,7 +61,7 @@ def records_of(layers: list[tuple[str, PiSSALinear]]) -> list[ModuleRecord]:
     return [records.from_layer(name, layer, p) for (name, layer), p in zip(layers, prints, strict=True)]
 
 
-def _version() -> str:
+def library_version() -> str:
     from . import __version__
 
     return __version__

@@ -51,7 +51,7 @@ def test_convert_warns_above_serving_rank(files: Path) -> None:
     out = files / "lora"
     done = run("convert", files / "adapter.safetensors", out)
     assert done.returncode == 0, done.stderr
-    assert "r=32" in done.stdout
+    assert "r = lora_alpha = 32" in done.stdout and "vLLM needs max_lora_rank >= 32: 32" in done.stdout
     assert "exceeds 16" in done.stderr and "--rank 16" in done.stderr
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 32
 
@@ -59,6 +59,11 @@ def test_convert_warns_above_serving_rank(files: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "relative error" in done.stdout and "exceeds" not in done.stderr
     assert json.loads((files / "lora16" / "adapter_config.json").read_text())["r"] == 16
+
+    done = run("convert", files / "adapter.safetensors", files / "snapped", "--rank", "20", "--snap")
+    assert done.returncode == 0, done.stderr
+    assert "(--rank 20 snapped to 16)" in done.stdout
+    assert json.loads((files / "snapped" / "adapter_config.json").read_text())["r"] == 16
 
 
 @pytest.mark.parametrize(

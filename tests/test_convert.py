@@ -3,6 +3,7 @@ transformers models, rank re-compression error, and that nothing is modified."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -65,8 +66,9 @@ def test_conversion_identity(tmp_path_factory, n_in, n_out, rank, alpha, rslora,
     config, tensors = read_lora(out)
     a, b = tensors["base_model.model.0.lora_A.weight"], tensors["base_model.model.0.lora_B.weight"]
     assert (a.shape, b.shape) == ((2 * rank, n_in), (n_out, 2 * rank))
-    assert config["r"] == report.rank == 2 * rank and config["use_rslora"] == rslora
-    assert config["lora_alpha"] == pytest.approx(alpha * (math.sqrt(2) if rslora else 2), rel=1e-15)
+    # Serving-safe: the module's scaling folded into B', scaling 1 for every loader, no rsLoRA, no patterns.
+    assert config["r"] == config["lora_alpha"] == report.rank == 2 * rank and config["use_rslora"] is False
+    assert config["rank_pattern"] == config["alpha_pattern"] == {}
     assert config["fan_in_fan_out"] == conv1d and config["init_lora_weights"] is True
     assert config["target_modules"] == ["0"] and report.relative_error == 0.0
 
@@ -75,9 +77,9 @@ def test_conversion_identity(tmp_path_factory, n_in, n_out, rank, alpha, rslora,
     s = peft_scaling(config, 2 * rank)
     lora = x @ w_oi.T + bias + s * (x @ a.T) @ b.T  # the LoRA on the ORIGINAL weight, as PEFT computes it
     pissa = model(x).detach()
-    # Both sides are sums of fp32 dot products of length <= n_in + 2r, plus the one rounding of W_res:
-    # |error| <= (n_in + 2r + 4) * eps * (|x||W|^T + |b| + s|x||A|^T|B|^T + s|x||A0|^T|B0|^T) elementwise
-    # (Higham's gamma_n bound, taken for each side).
+    # Both sides are sums of fp32 dot products of length <= n_in + 2r, plus the one rounding of W_res and the one
+    # of the fold s·B': |error| <= (n_in + 2r + 5) * eps * (|x||W|^T + |b| + s|x||A|^T|B|^T + s|x||A0|^T|B0|^T)
+    # elementwise (Higham's gamma_n bound, taken for each side).
     layer_p = model[0]
     mags = [(w_oi, None), (layer_p.A, layer_p.B), (layer_p.A0, layer_p.B0)]
     bound = bias.abs().double().expand(6, n_out).clone()
@@ -85,7 +87,7 @@ def test_conversion_identity(tmp_path_factory, n_in, n_out, rank, alpha, rslora,
         f64 = f.detach().abs().double()
         term = x.abs().double() @ f64.T
         bound += term if g is None else layer_p.scaling * term @ g.detach().abs().double().T
-    assert ((lora.double() - pissa.double()).abs() <= (n_in + 2 * rank + 4) * EPS32 * bound).all()
+    assert ((lora.double() - pissa.double()).abs() <= (n_in + 2 * rank + 5) * EPS32 * bound).all()
 
 
 def _compare_with_peft(tmp_path: Path, build, targets, model_kw=None, prefix=None, inner=None):  # type: ignore[no-untyped-def]
@@ -112,7 +114,7 @@ def _compare_with_peft(tmp_path: Path, build, targets, model_kw=None, prefix=Non
 def test_peft_loads_llama(tmp_path: Path) -> None:
     out = _compare_with_peft(tmp_path, tiny_llama, ["q_proj", "v_proj"], {"alpha": 8})
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["r"] == 8 and config["lora_alpha"] == 16
+    assert config["r"] == config["lora_alpha"] == 8 and config["task_type"] is None
     assert "model.layers.1.self_attn.v_proj" in config["target_modules"]
 
 
@@ -130,7 +132,7 @@ def test_prefix_for_other_module_paths(tmp_path: Path) -> None:
     _compare_with_peft(tmp_path, tiny_llama, ["q_proj"], prefix="base_model.model.model.", inner="model")
 
 
-def test_per_module_ranks_use_rank_pattern(tmp_path: Path) -> None:
+def test_per_module_ranks_are_padded_to_one_rank(tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
 
     def build() -> nn.Module:
@@ -141,7 +143,11 @@ def test_per_module_ranks_use_rank_pattern(tmp_path: Path) -> None:
     out = tmp_path / "lora"
     minipissa.convert_to_lora(model, out)
     config = json.loads((out / "adapter_config.json").read_text())
-    assert (config["r"], config["lora_alpha"]) == (8, 12) and config["rank_pattern"] == {"layers.0": 4}
+    assert (config["r"], config["lora_alpha"], config["rank_pattern"], config["alpha_pattern"]) == (8, 8, {}, {})
+    _, tensors = read_lora(out)
+    a, b = tensors["base_model.model.layers.0.lora_A.weight"], tensors["base_model.model.layers.0.lora_B.weight"]
+    assert a.shape == (8, 32) and b.shape == (48, 8)  # rank 2 -> 4 rows of [A ; A0], then 4 rows of zeros
+    assert not a[4:].any() and not b[:, 4:].any() and a[:4].any()
     served = peft.PeftModel.from_pretrained(build(), out)
     x = torch.randn(4, 32)
     ours, theirs = model(x), served(x)
@@ -172,7 +178,7 @@ def test_rank_recompression_error(tmp_path: Path) -> None:
             assert (written - dw).norm().item() / dw.norm().item() == pytest.approx(best, abs=1e-6)
             assert report.module_errors.get(name, 0.0) == pytest.approx(best, abs=1e-9)
         assert report.relative_error == pytest.approx(math.sqrt(tails / totals), abs=1e-9)
-        assert report.max_rank == min(k, 8)
+        assert report.rank == min(k, 8)
     assert minipissa.convert_to_lora(model, tmp_path / "k3", rank=3).relative_error > 0.05  # really truncates
 
 
@@ -217,3 +223,82 @@ def test_conversion_refusals(tmp_path: Path) -> None:
         with pytest.raises(StateError, match=message):
             minipissa.convert_to_lora(**kwargs)  # type: ignore[arg-type]
     assert not (tmp_path / "o").exists()
+
+
+def vllm_output(original: nn.Module, out: Path, x: torch.Tensor, max_lora_rank: int) -> torch.Tensor:
+    """What a serving stack that reads only r, lora_alpha, use_rslora and target_modules computes (vLLM's
+    PEFTHelper): ONE scaling for every module, rank_pattern and alpha_pattern ignored, every A/B padded with zeros
+    to max_lora_rank; W x + scaling * B (A x) on the ORIGINAL model, in float64."""
+    config, tensors = read_lora(out)
+    assert config["r"] <= max_lora_rank and not config["use_dora"] and config["bias"] == "none"
+    assert config["modules_to_save"] is None
+    scaling = config["lora_alpha"] / (math.sqrt(config["r"]) if config["use_rslora"] else config["r"])
+    served = copy.deepcopy(original).double()
+    with torch.no_grad():
+        for name in config["target_modules"]:
+            a = tensors[f"base_model.model.{name}.lora_A.weight"].double()
+            b = tensors[f"base_model.model.{name}.lora_B.weight"].double()
+            a = torch.cat([a, a.new_zeros(max_lora_rank - a.shape[0], a.shape[1])])
+            b = torch.cat([b, b.new_zeros(b.shape[0], max_lora_rank - b.shape[1])], 1)
+            served.get_submodule(name).weight += scaling * (b @ a)
+    return served(x.double())
+
+
+@given(
+    ranks=st.tuples(st.integers(1, 6), st.integers(1, 6), st.integers(1, 6)),
+    alphas=st.tuples(st.floats(0.5, 64), st.floats(0.5, 64), st.floats(0.5, 64)),
+    rslora=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@example(ranks=(1, 6, 3), alphas=(0.5, 64.0, 7.0), rslora=True, seed=0)
+def test_serving_stacks_and_peft_compute_the_trained_model(tmp_path_factory, ranks, alphas, rslora, seed) -> None:  # type: ignore[no-untyped-def]
+    """Per-module ranks and alphas, rsLoRA or not: vLLM's arithmetic (patterns ignored, padded to max_lora_rank)
+    on the original model equals the trained PiSSA model up to float32 rounding (the bound of the identity test
+    per layer, summed through the 3 layers with their gains)."""
+    names = ["layers.0", "layers.1", "layers.2"]
+
+    def build() -> nn.Module:
+        torch.manual_seed(seed)
+        return MLP((24, 32, 20, 16))
+
+    model = minipissa.apply(
+        build(), dict(zip(names, ranks, strict=True)), names, alpha=dict(zip(names, alphas, strict=True)), rslora=rslora
+    )
+    perturb(model, seed)
+    out = tmp_path_factory.mktemp("lora")
+    report = minipissa.convert_to_lora(model, out)
+    assert report.rank == 2 * max(ranks) and report.serving_rank is not None
+    x = torch.randn(5, 24, generator=torch.Generator().manual_seed(seed))
+    want = model(x).detach().double()
+    got = vllm_output(build(), out, x, report.serving_rank)
+    # Each layer: <= (n_in + 2r + 5) eps relative to its magnitudes (identity test); three layers with
+    # tanh-free ReLU-free linear chains in MLP (ReLU between: gain <= 1), so a 3 * 45 * eps bound on the
+    # output's magnitude, x10 margin for the magnitudes of the intermediate sums.
+    scale = want.abs().max().item() + 1.0
+    assert (got - want).abs().max().item() <= 10 * 3 * (32 + 12 + 5) * EPS32 * scale
+
+
+def test_peft_loads_per_module_ranks_alphas_and_rslora(tmp_path: Path) -> None:
+    out = _compare_with_peft(
+        tmp_path, tiny_llama, ["q_proj", "v_proj", "down_proj"],
+        {"alpha": {"*": 3.0, "v_proj": 20.0}, "rslora": True},
+    )  # fmt: skip
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == config["alpha_pattern"] == {} and config["use_rslora"] is False
+
+
+def test_config_fields_and_model_card(tmp_path: Path) -> None:
+    model = perturb(minipissa.apply(MLP(), {"*": 4, "layers.1": 2}, "all-linear", quantize="nf4"))
+    report = minipissa.convert_to_lora(
+        model, tmp_path / "lora", rank=6, base_model_name_or_path="org/base", task_type="CAUSAL_LM"
+    )
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["task_type"]) == ("org/base", "CAUSAL_LM")
+    assert report.rank == 6 and report.serving_rank == 8 and set(report.quantization_errors) == {"layers.0", "layers.1"}
+    card = (tmp_path / "lora" / "README.md").read_text()
+    assert card.startswith("---\nbase_model: org/base\nlibrary_name: peft\n")
+    assert "--max-lora-rank 8" in card and f"{report.relative_error:.3g}" in card and "QPiSSA" in card
+    assert [minipissa.convert.snap_rank(k) for k in (1, 7, 16, 31, 320, 1000)] == [1, 1, 16, 16, 320, 512]
+    assert minipissa.convert.serving_rank(513) is None
+    with pytest.raises(StateError, match="task_type must be a string"):
+        minipissa.convert_to_lora(model, tmp_path / "x", task_type=3)

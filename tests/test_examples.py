@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -61,6 +62,23 @@ def test_finetune_gpt_smoke(tmp_path: Path) -> None:
     assert (tmp_path / "gpt_lora_converted" / "adapter_model.safetensors").is_file()
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "gpt_curves.png").is_file()
+
+
+def test_finetune_gpt_quantized_smoke(tmp_path: Path) -> None:
+    stdout = run_example("finetune_gpt.py", tmp_path, "--quantized")
+    check_table_and_csv(stdout, tmp_path, "gpt", ["PiSSA", "LoRA", "QPiSSA", "QLoRA"])
+    report = stdout[stdout.index("4-bit base at init") :].splitlines()
+    rows = {}
+    for name in ["QPiSSA", "QLoRA"]:
+        row = next((line for line in report if line.startswith(name + " ")), None)
+        assert row is not None, f"no '{name}' row in the 4-bit report:\n{stdout}"
+        rows[name] = [float(x) for x in row.split()[1:]]
+    for dense, nf4, error, qlora, reduction, start, delta, kl in rows.values():
+        assert 0 < nf4 < dense / 4, (nf4, dense)  # 4.5 bits per weight against 32
+        assert 0 < error <= qlora < 1 and math.isfinite(start) and math.isfinite(delta) and 0 <= kl < 1
+        assert math.isfinite(reduction) and 0 <= reduction < 1
+    assert rows["QPiSSA"][4] > 0 and rows["QLoRA"][4] == 0  # QPiSSA's error is below QLoRA's; QLoRA's is QLoRA's
+    assert rows["QPiSSA"][0] == rows["QLoRA"][0] and rows["QPiSSA"][1] == rows["QLoRA"][1]
 
 
 def test_llama_sentencepiece_smoke(tmp_path: Path) -> None:
