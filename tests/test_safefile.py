@@ -139,7 +139,7 @@ def test_convert_failing_between_its_files_leaves_the_old_pair(tmp_path, monkeyp
     out = tmp_path / "lora"
     first, second = adapted(0), adapted(1)
     minipissa.convert_to_lora(first, out)
-    (out / "README.md").write_text("mine")  # a file of the user's, kept through every conversion
+    (out / "notes.txt").write_text("mine")  # a file of the user's, kept through every conversion
     old = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def fail(path: str, text: str) -> None:
@@ -153,7 +153,8 @@ def test_convert_failing_between_its_files_leaves_the_old_pair(tmp_path, monkeyp
     monkeypatch.undo()
     minipissa.convert_to_lora(second, out)
     new = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert new["README.md"] == b"mine" and new["adapter_model.safetensors"] != old["adapter_model.safetensors"]
+    assert new["notes.txt"] == b"mine" and new["adapter_model.safetensors"] != old["adapter_model.safetensors"]
+    assert new["README.md"].startswith(b"---\nbase_model:")  # the model card, rewritten with the adapter
 
 
 def test_convert_killed_between_its_renames_is_repaired_by_the_next(tmp_path, monkeypatch):
