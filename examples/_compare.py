@@ -168,8 +168,11 @@ def print_table(results: list[Result], cfg: TrainConfig) -> None:
         print(f"{r.name:<16} {lr:>8} {r.train_loss:>8.3f} {r.heldout_loss:>9.3f} {secs:>8} {speed:>8}")
 
 
-def write_curves(results: list[Result], out: str, stem: str) -> None:
-    """``<stem>_curves.csv`` (method, step, train_loss, heldout_loss) and ``<stem>_curves.png``."""
+def write_curves(results: list[Result], out: str, stem: str, start: dict[str, float] | None = None) -> None:
+    """``<stem>_curves.csv`` (method, step, train_loss, heldout_loss) and ``<stem>_curves.png``.
+
+    ``start``: held-out loss at step 0 by method name, for inits that change the function (QPiSSA / QLoRA: the
+    4-bit base); a method not in it starts at the frozen model's loss."""
     curves = [r.curve for r in results if r.curve is not None]
     path = os.path.join(out, f"{stem}_curves.csv")
     with open(path, "w", newline="") as f:
@@ -196,8 +199,9 @@ def write_curves(results: list[Result], out: str, stem: str) -> None:
         windows = [c.train[max(0, i - k + 1) : i + 1] for i in range(len(c.train))]
         smooth = [sum(w) / len(w) for w in windows]
         axes[0].plot(c.steps, smooth, label=c.label)
-        # Step 0 is the frozen model for every method: both inits leave the function unchanged.
-        axes[1].plot([0, *c.eval_steps], [frozen, *c.heldout], marker="o", label=c.label)
+        # Step 0 is the frozen model for every unquantized method: PiSSA's and LoRA's inits leave the function as is.
+        step0 = (start or {}).get(c.label.rsplit(" lr=", 1)[0], frozen)
+        axes[1].plot([0, *c.eval_steps], [step0, *c.heldout], marker="o", label=c.label)
     axes[1].axhline(frozen, color="gray", linestyle="--", label="frozen")
     axes[0].set_title("train loss (moving average)")
     axes[1].set_title("held-out loss")

@@ -6,9 +6,12 @@
    targets, steps and batches, each at its own learning rate (``--sweep`` re-runs the sweep that picked them).
 4. Print the table of final train / held-out losses (and the frozen model's), write the loss curves.
 5. Save the PiSSA adapter, convert it to a LoRA for the original weights, reload it, print the output difference.
+6. With ``--quantized``, also QPiSSA and QLoRA (the frozen base in 4-bit NF4), and for those two the base's memory,
+   the quantization error at init against QLoRA's, and how far the step-0 model is from the unquantized one.
 
     python examples/finetune_gpt.py             # defaults: about 2-3 minutes on 2 CPU cores
     python examples/finetune_gpt.py --sweep     # + the learning-rate sweep (about 10 more minutes)
+    python examples/finetune_gpt.py --quantized # + QPiSSA and QLoRA (about 1-2 more minutes)
     python examples/finetune_gpt.py --smoke     # seconds: a tiny model and a handful of steps
 """
 
@@ -22,10 +25,23 @@ import _corpus
 import tiktoken
 import torch
 import torch.nn.functional as F
-from _compare import Method, common_args, compare, describe_data, pretrain, print_table, setup, sweep, write_curves
+from _compare import (
+    Method,
+    Result,
+    common_args,
+    compare,
+    describe_data,
+    pretrain,
+    print_table,
+    setup,
+    sweep,
+    write_curves,
+)
 from _convert_check import check_conversion
-from _train import evaluate
+from _train import TrainConfig, evaluate
 from torch import Tensor, nn
+
+import minipissa
 
 
 class Block(nn.Module):
@@ -79,6 +95,8 @@ SIZES = {
 }  # fmt: skip
 # Learning rates picked by `--sweep` (held-out loss after the default 200 steps; numbers in examples/README.md).
 PISSA_LR, LORA_LR = 1e-2, 3e-2
+QPISSA_LR, QLORA_LR = 1e-2, 3e-2  # --quantized (picked by `--sweep --quantized`)
+QPISSA_ITERS = 5  # the authors' multi-iteration QPiSSA: the adapter chosen 5 times against the quantizer
 SWEEP_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 TARGETS = "all-linear"  # qkv, attn_out, fc, proj in every block
 
@@ -93,8 +111,58 @@ def tokens_of(enc: tiktoken.Encoding, texts: list[str]) -> Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+@torch.no_grad()
+def mean_kl(reference: nn.Module, model: nn.Module, tokens: Tensor, cfg: TrainConfig) -> float:
+    """Mean per-token KL(reference || model) in nats, over the same fixed windows as ``evaluate``."""
+    count = cfg.eval_batches * cfg.batch
+    starts = torch.linspace(0, len(tokens) - cfg.seq - 2, count).long().tolist()
+    total = 0.0
+    for i in range(0, count, cfg.batch):
+        x = torch.stack([tokens[s : s + cfg.seq] for s in starts[i : i + cfg.batch]]).to(cfg.device)
+        p, q = (F.log_softmax(m(x).float(), dim=-1) for m in (reference, model))
+        total += F.kl_div(q.flatten(0, 1), p.flatten(0, 1), log_target=True, reduction="batchmean").item()
+    return total / cfg.eval_batches
+
+
+def quantized_report(results: list[Result], original: nn.Module, heldout: Tensor, cfg: TrainConfig) -> dict[str, float]:
+    """For each method with a 4-bit base: the frozen base's memory, the quantization error at init against
+    QLoRA's, and the step-0 model (``minipissa.original``: deq(nf4(W_res)) + s·B0·A0) against the unquantized
+    one. Returns the step-0 held-out loss by method name (for the curves)."""
+    frozen = results[0].heldout_loss
+    print(
+        "\n4-bit base at init, over the adapted layers' frozen weights (biases aside); error = ||W - W_init||_F / "
+        "||W||_F,\nreduction = 1 - error / QLoRA's error, averaged over layers; step 0 = the model before any "
+        "training,\nKL = mean per-token KL(unquantized model || step-0 model) on the held-out windows"
+    )
+    print(
+        f"{'method':<16} {'fp32 MiB':>8} {'NF4 MiB':>8} {'error':>7} {'QLoRA':>7} {'reduction':>9} "
+        f"{'held-out@0':>10} {'vs frozen':>9} {'KL@0':>9}"
+    )
+    start = {}
+    for r in results:
+        layers = [layer for _, layer in minipissa.pissa_layers(r.model)] if r.model is not None else []
+        if not layers or not all(layer.quantized for layer in layers):
+            continue
+        dense = sum(math.prod(layer.weight.shape) * layer.weight.dtype.itemsize for layer in layers) / 2**20
+        nf4 = sum(layer.weight.bytes for layer in layers) / 2**20
+        error = sum(layer.info["nf4_error"] for layer in layers) / len(layers)
+        qlora = sum(layer.info["qlora_error"] for layer in layers) / len(layers)
+        reduction = sum(1 - layer.info["nf4_error"] / layer.info["qlora_error"] for layer in layers) / len(layers)
+        with minipissa.original(r.model):
+            start[r.name] = evaluate(r.model, heldout, cfg)
+            kl = mean_kl(original, r.model, heldout, cfg)
+        print(
+            f"{r.name:<16} {dense:>8.3f} {nf4:>8.3f} {error:>7.4f} {qlora:>7.4f} {reduction:>9.3f} "
+            f"{start[r.name]:>10.4f} {start[r.name] - frozen:>+9.4f} {kl:>9.2e}"
+        )
+    print(f"{'frozen (fp32)':<16} {'':>8} {'':>8} {'':>7} {'':>7} {'':>9} {frozen:>10.4f} {0.0:>+9.4f} {0.0:>9.2e}")
+    return start
+
+
 def main() -> None:
-    args = common_args(__doc__.splitlines()[0]).parse_args()
+    parser = common_args(__doc__.splitlines()[0])
+    parser.add_argument("--quantized", action="store_true", help="also QPiSSA and QLoRA (4-bit NF4 base)")
+    args = parser.parse_args()
     size = SIZES["smoke" if args.smoke else "full"]
     steps = args.steps or size["steps"]
     rank = args.rank or size["rank"]
@@ -115,13 +183,19 @@ def main() -> None:
         Method("PiSSA", PISSA_LR, {"init": "pissa"}, SWEEP_LRS),
         Method("LoRA", LORA_LR, {"init": "lora"}, SWEEP_LRS),
     ]
+    if args.quantized:
+        methods += [
+            Method("QPiSSA", QPISSA_LR, {"init": "pissa", "quantize": "nf4", "quant_iters": QPISSA_ITERS}, SWEEP_LRS),
+            Method("QLoRA", QLORA_LR, {"init": "lora", "quantize": "nf4"}, SWEEP_LRS),
+        ]
     if args.sweep:
         best = sweep(model, methods, ft_data, cfg, rank, TARGETS)
         for m in methods:
             m.lr = best[m.name]
     results = compare(model, methods, ft_data, cfg, rank, TARGETS)
     print_table(results, cfg)
-    write_curves(results, args.out, "gpt")
+    start = quantized_report(results, original, ft_data[1], cfg) if args.quantized else None
+    write_curves(results, args.out, "gpt", start)
 
     print()
     pissa = results[1].model

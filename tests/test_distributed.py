@@ -355,8 +355,8 @@ def test_save_after_fsdp2_training_gives_the_single_process_files(tmp_path: Path
     save_all(single, opt, tmp_path / "one", "fsdp")
     results = spawn(save_worker, tmp_path)
     assert sorted(results[0]["writes"]) == sorted(
-        ["fsdp.safetensors", "adapter_model.safetensors", "adapter_config.json", "README.md", "fsdp_residual.safetensors",
-         "x.safetensors", "sharded_init.safetensors"]
+        ["fsdp.safetensors", "adapter_model.safetensors", "adapter_config.json", "README.md",
+         "fsdp_residual.safetensors", "x.safetensors", "sharded_init.safetensors"]
     )  # fmt: skip
     assert results[1]["writes"] == []
     assert results[0]["failure"][0] == "StateError"
