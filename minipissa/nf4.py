@@ -107,13 +107,6 @@ def dequantize(
     return out.view(-1)[:numel].view(shape)
 
 
-def relative_error(weight: Tensor, approx: Tensor) -> float:
-    """||weight - approx||_F / ||weight||_F in float32 (0 for a zero weight)."""
-    norm = torch.linalg.vector_norm(weight.float())
-    error = torch.linalg.vector_norm(weight.float() - approx.float())
-    return float(error / norm) if float(norm) > 0 else 0.0
-
-
 class NF4Weight(nn.Module):
     """A frozen weight stored in NF4: ``codes`` (uint8) and ``absmax`` (float32) buffers, no full-precision copy.
 
