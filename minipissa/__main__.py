@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import records, residual, state
+from . import records, residual, state, trained
 from .convert import PEFT_PREFIX, SERVING_RANK_LIMIT, convert_to_lora, snap_rank
 from .errors import StateError
 from .report import explained_energy
@@ -43,6 +43,12 @@ def _convert(args: argparse.Namespace) -> int:
             "(reports the error it introduces)",
             file=sys.stderr,
         )
+    if report.modules_to_save:
+        print(
+            f"warning: modules trained in full {report.modules_to_save} are written as modules_to_save: PEFT loads "
+            "this adapter, vLLM refuses it (serve the merged model instead)",
+            file=sys.stderr,
+        )
     if report.quantization_errors:
         mean = sum(report.quantization_errors.values()) / len(report.quantization_errors)
         print(
@@ -65,9 +71,11 @@ def _inspect(args: argparse.Namespace) -> int:
                 f"4-bit (NF4) residuals: {len(quantized)} modules, {sum(w.bytes for w in quantized.values()):,} bytes"
             )
         return 0
-    info, recs, _ = state.read(args.file)  # every field checked
+    info, recs, other = state.read(args.file)  # every field checked
+    full = trained.unpack(info.get("trained"), dict(other), f"minipissa: '{args.file}'")
     print("config: " + ", ".join(f"{k}={v}" for k, v in records.config_summary(recs).items()))
     print(f"optimizer state: {'yes, ' + info['optimizer']['class'] if info.get('optimizer') else 'no'}")
+    print(f"modules trained in full: {', '.join(sorted(full)) or 'none'}")
     print(f"{'module':<40} {'out x in':>11} {'rank':>4} {'alpha':>6} {'dtype':>8} {'energy':>7}  top singular values")
     nf4_recs = [rec for rec in recs if rec.info["quantize"] is not None]
     for rec in recs:

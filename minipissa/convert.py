@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import linalg, state
+from . import linalg, state, trained
 from .atomic import atomic_write_dir
 from .errors import PathLike, StateError, as_path
 from .records import ModuleRecord
@@ -73,6 +73,7 @@ class ConversionReport:
     relative_error: float = 0.0
     module_errors: dict[str, float] = field(default_factory=dict)
     quantization_errors: dict[str, float] = field(default_factory=dict)
+    modules_to_save: list[str] = field(default_factory=list)  # trained in full: PEFT loads them, vLLM refuses them
 
 
 def lora_factors(rec: ModuleRecord) -> tuple[Tensor, Tensor]:
@@ -131,9 +132,14 @@ def convert_to_lora(
     for name, value in (("base_model_name_or_path", base_model_name_or_path), ("task_type", task_type)):
         if value is not None and not isinstance(value, str):
             raise StateError(f"minipissa.convert_to_lora: {name} must be a string or None, got {value!r}")
-    recs = (
-        state.records_of(adapted_layers(src, "convert_to_lora")) if isinstance(src, nn.Module) else state.read(src)[1]
-    )
+    meta: Any
+    if isinstance(src, nn.Module):
+        recs = state.records_of(adapted_layers(src, "convert_to_lora"))
+        full_tensors, meta = trained.pack(src)
+    else:
+        info, recs, full_tensors = state.read(src)
+        meta = info.get("trained")
+    full = trained.unpack(meta, dict(full_tensors), f"minipissa.convert_to_lora('{src}')")
     out = as_path(out_dir, "output directory")
     if out.exists() and not out.is_dir():
         raise StateError(f"minipissa.convert_to_lora: '{out}' exists and is not a directory; give a directory")
@@ -155,6 +161,8 @@ def convert_to_lora(
         pad = r - a.shape[0]
         tensors[f"{prefix}{name}.lora_A.weight"] = torch.cat([a, a.new_zeros(pad, a.shape[1])]).contiguous()
         tensors[f"{prefix}{name}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], pad)], 1).contiguous()
+    for name, params in full.items():  # PEFT's modules_to_save: saved under the module's own keys
+        tensors.update({f"{prefix}{name}.{p}": t for p, t in params.items()})
     config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -168,7 +176,7 @@ def convert_to_lora(
         "bias": "none",
         "rank_pattern": {},
         "alpha_pattern": {},
-        "modules_to_save": None,
+        "modules_to_save": sorted((prefix + name).removeprefix(PEFT_PREFIX) for name in full) or None,
         "base_model_name_or_path": base_model_name_or_path,
         "inference_mode": True,
         "use_dora": False,
@@ -177,7 +185,7 @@ def convert_to_lora(
     text = json.dumps(config, indent=2) + "\n"
     overall = math.sqrt(tail_total[0] / tail_total[1]) if tail_total[1] > 0 else 0.0
     quantized = {rec.name: float(rec.info["nf4_error"]) for rec in recs if rec.info["quantize"] is not None}
-    report = ConversionReport(out, r, float(r), serving_rank(r), len(recs), overall, errors, quantized)
+    report = ConversionReport(out, r, float(r), serving_rank(r), len(recs), overall, errors, quantized, sorted(full))
     card = model_card(report, recs, base_model_name_or_path, rank)
 
     files = {
@@ -217,6 +225,11 @@ def model_card(report: ConversionReport, recs: list[ModuleRecord], base: str | N
         )
     else:
         lines.append("- Exact: the same outputs as the trained PiSSA model, up to float32 rounding.")
+    if report.modules_to_save:
+        lines.append(
+            f"- Modules trained in full (`modules_to_save`): {', '.join(report.modules_to_save)}. PEFT loads them; "
+            "vLLM refuses adapters with modules_to_save."
+        )
     if report.quantization_errors:
         mean = sum(report.quantization_errors.values()) / len(report.quantization_errors)
         lines.append(

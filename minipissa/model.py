@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import casts, report
+from . import casts, report, trained
 from .config import MEMORY_BUDGET, InitConfig
 from .fingerprint import Pending, describe, fingerprint_later, is_finite, read_all
 from .init import Factors, factors, nonfinite_factors, plan_modules, progress_reporter, refuse_nonfinite
@@ -44,6 +44,7 @@ def apply(
     progress: bool | Callable[[int, int], None] = False,
     quantize: str | None = None,
     quant_iters: int = 1,
+    train_modules: Targets | None = None,
 ) -> nn.Module:
     """Replace the target layers of ``model`` by PiSSALinear layers, in place, and return it.
 
@@ -73,15 +74,22 @@ def apply(
         quant_iters: with ``quantize``, how many times the adapter is chosen against the quantizer: the top-r of
             W, then ``quant_iters - 1`` times the top-r of W - deq(nf4(W - P)) (the authors' multi-iteration
             QPiSSA; 5 in their checkpoints); with init='loftq', LoftQ's iterations.
+        train_modules: patterns (as ``targets``, any module kind) of modules to train in full beside the adapters,
+            e.g. a new classification head; saved with the adapter, exported as PEFT's ``modules_to_save``.
 
-    After apply, only the A and B parameters require gradients.
+    After apply, only the A and B parameters (and ``train_modules``) require gradients.
     """
     start = time.perf_counter()
     cfg = InitConfig(
         rank, alpha, rslora, init, niter, oversample, seed, components, dropout, adapter_dtype, memory_budget,
         quantize=quantize, quant_iters=quant_iters,
     )  # fmt: skip
-    adapt(model, plan_modules(model, cfg, targets, exclude, fan_in_fan_out), cfg, progress)
+    plans = plan_modules(model, cfg, targets, exclude, fan_in_fan_out)
+    full = trained.select(model, train_modules, [p.name for p in plans])
+    adapt(model, plans, cfg, progress)
+    if full:
+        trained.mark(model, full)
+        train_adapters_only(model)
     report.record_init_time(model, time.perf_counter() - start)
     return model
 

@@ -14,7 +14,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from . import casts, optimizer_state, records, safefile
+from . import casts, optimizer_state, records, safefile, trained
 from .decompose import compute_dtype
 from .errors import PathLike, StateError
 from .fingerprint import fingerprint_later, read_all, same
@@ -48,11 +48,23 @@ def save(model: nn.Module, path: PathLike, *, optimizer: torch.optim.Optimizer |
         "modules": {r.name: r.meta() for r in recs},
         "optimizer": None,
     }
+    full_tensors, payload["trained"] = trained.pack(model)
+    tensors.update(full_tensors)
     if optimizer is not None:
         params = {id(p): f"{name}.{k}" for name, layer in layers for k, p in (("A", layer.A), ("B", layer.B))}
+        params |= {id(p): name for name, p in _trained_parameters(model).items()}
         opt_tensors, payload["optimizer"] = optimizer_state.pack(optimizer, params)
         tensors.update(opt_tensors)
     write_once(model, lambda: safefile.write(path, tensors, KIND, payload))  # rank 0 if sharded
+
+
+def _trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters of the modules trained in full, by their name in the file."""
+    return {
+        f"{trained.PREFIX}{name}.{p}": param
+        for name in trained.names(model)
+        for p, param in model.get_submodule(name).named_parameters()
+    }
 
 
 def records_of(layers: list[tuple[str, PiSSALinear]]) -> list[ModuleRecord]:
@@ -156,6 +168,11 @@ def _check(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike) -> _L
     return _Loading(rec, module, existing=False, residual=residual)
 
 
+def _named(model: nn.Module, name: str, params: dict[str, Tensor]) -> list[tuple[str, Tensor]]:
+    own = dict(model.get_submodule(name).named_parameters())
+    return [(p, own[p]) for p in params]
+
+
 def _check_nf4_base(module: NF4Linear, rec: ModuleRecord, base: str, where: str) -> _Loading:
     """A 4-bit residual put in place by load_residual(): the QPiSSA adapter saved with those very codes."""
     if base != "residual" or rec.info["quantize"] is None:
@@ -215,6 +232,8 @@ def load(
     if base not in ("original", "residual"):
         raise StateError(f"minipissa.load: base must be 'original' or 'residual', got {base!r}")
     info, recs, opt_tensors = read(path)
+    full = trained.unpack(info.get("trained"), opt_tensors, f"minipissa: '{path}'")
+    trained.check(model, full, f"minipissa: '{path}'")
     loadings = [_check(model, rec, base, path) for rec in recs]
     in_file = {rec.name for rec in recs}
     stray = [name for name, _ in pissa_layers(model) if name not in in_file]
@@ -231,6 +250,7 @@ def load(
         if info.get("optimizer") is None:
             raise StateError(f"minipissa: '{path}' has no optimizer state; it was saved without save(..., optimizer=)")
         params = {f"{x.record.name}.{k}": getattr(x.module, k) for x in loadings for k in ("A", "B")}
+        params |= {f"{trained.PREFIX}{name}.{p}": t for name, ps in full.items() for p, t in _named(model, name, ps)}
         opt_state = optimizer_state.unpack(optimizer, params, opt_tensors, info["optimizer"], str(path))
 
     built = []
@@ -259,6 +279,7 @@ def load(
         built, read_all([fingerprint_later(layer.stored_residual()) for layer in built]), strict=True
     ):
         layer.info["residual_fingerprint"] = residual_print
+    trained.restore(model, full)
     train_adapters_only(model)
     casts.install(model, [layer for _, layer in pissa_layers(model)])
     if optimizer is not None and opt_state is not None:

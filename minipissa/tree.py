@@ -10,6 +10,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from . import trained
 from .errors import StateError
 from .layer import PiSSALinear
 from .nf4 import NF4Weight
@@ -104,9 +105,11 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def train_adapters_only(model: nn.Module) -> None:
-    """Only the A and B of every PiSSA layer require gradients."""
+    """Only the A and B of every PiSSA layer, and the modules trained in full (trained.py), require gradients."""
     for param in model.parameters():
         param.requires_grad_(False)
     for _, layer in pissa_layers(model):
         layer.A.requires_grad_(True)
         layer.B.requires_grad_(True)
+    for name in trained.names(model):
+        model.get_submodule(name).requires_grad_(True)
