@@ -43,3 +43,25 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.is_meta:  # no values to compare
         return True
     return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def editable(path: object) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A minipissa file's payload (without what safefile.write adds: checksums, version, kind) and tensors, to
+    edit and write again with recomputed checksums (crafted files)."""
+    from minipissa import safefile
+
+    info, tensors = safefile.read(path)  # type: ignore[arg-type]
+    added = (safefile.BLOB_SHA_FIELD, "tensors_sha256", "format_version", "kind")
+    return {k: v for k, v in info.items() if k not in added}, tensors
+
+
+def assert_refused(model: nn.Module, call: object, match: str, error: type[Exception] | None = None) -> None:
+    """``call(model)`` raises (a StateError by default) matching ``match`` and leaves ``model`` bit-identical."""
+    import pytest
+
+    from minipissa import StateError
+
+    before = snapshot(model)
+    with pytest.raises(error or StateError, match=match):
+        call(model)  # type: ignore[operator]
+    assert_unchanged(model, before)
