@@ -12,6 +12,7 @@ from .errors import StateError
 from .layer import PiSSALinear
 from .model import apply, disabled, merge, original, unload, unmerge
 from .nf4_linear import NF4Linear
+from .peft_import import import_peft
 from .report import Summary, summary
 from .residual import load_residual, save_residual
 from .state import load, save
@@ -38,6 +39,7 @@ __all__ = [
     "save_residual",
     "load_residual",
     "convert_to_lora",
+    "import_peft",
     "ConversionReport",
     "StateError",
 ]

@@ -95,7 +95,11 @@ def apply(
 
 
 def adapt(
-    model: nn.Module, plans: Sequence[Plan], cfg: InitConfig, progress: bool | Callable[[int, int], None] = False
+    model: nn.Module,
+    plans: Sequence[Plan],
+    cfg: InitConfig,
+    progress: bool | Callable[[int, int], None] = False,
+    given: Sequence[Factors] | None = None,
 ) -> None:
     """apply() after planning, in steps such that an error before the last leaves the model as it was:
 
@@ -106,6 +110,7 @@ def adapt(
     Only an out-of-memory or an interrupt in step 3 stops it midway: the error then names the modules
     already adapted (each an exact PiSSA layer) and those left as they were. Sharded weights (FSDP2) are
     checked in steps 1-2 alike, but their residuals are written into the shards as their factors come.
+    ``given``: the initial factors made elsewhere (an imported PEFT adapter), one per plan, in place of the stream.
     """
     sharded = [p for p in plans if is_dtensor(p.weight)]
     plain = [p for p in plans if not is_dtensor(p.weight)]
@@ -123,7 +128,7 @@ def adapt(
     report_progress = progress_reporter(progress, len(plans))
     items = []
     try:
-        for item in factors(plain, cfg):
+        for item in factors(plain, cfg) if given is None else given:
             items.append(item)
             report_progress(len(items))
     except Exception:

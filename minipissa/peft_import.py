@@ -1,0 +1,122 @@
+"""import_peft(): a PiSSA adapter trained with PEFT, as minipissa layers on the original base model.
+
+PEFT keeps PiSSA's initial factors only in the adapter saved right after ``get_peft_model(..., init_lora_weights=
+"pissa")`` (its "pissa_init" directory); the trained adapter holds A and B. With both and the ORIGINAL base model,
+the model gets minipissa layers whose residual is minipissa's own, W - s·B0·A0 (rebuilt by the function that
+``load`` uses), and A, B from the trained adapter, so that ``save``, ``load``, ``convert_to_lora``, ``original()``
+and the fingerprints work as for an adapter made here. The initial factors go through the same ``adapt`` as
+``apply`` (checked, then put in place; nothing changes on an error).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from .config import InitConfig
+from .errors import PathLike, StateError, as_path
+from .init import Factors, plan_modules
+from .model import adapt
+from .tree import pissa_layers
+
+KEY = re.compile(r"base_model\.model\.(?P<name>.+)\.lora_(?P<which>[AB])\.weight")
+
+
+def read_peft_adapter(directory: PathLike) -> tuple[dict[str, Any], dict[str, tuple[Tensor, Tensor]]]:
+    """PEFT's ``adapter_config.json`` and {module: (A (r, in), B (out, r))} of a LoRA adapter directory."""
+    folder = as_path(directory, "PEFT adapter directory")
+    try:
+        config = json.loads((Path(folder) / "adapter_config.json").read_text())
+        tensors = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    except (OSError, ValueError) as e:
+        raise StateError(f"minipissa.import_peft: '{folder}' is not a readable PEFT adapter directory: {e}") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA" or config.get("use_dora"):
+        raise StateError(f"minipissa.import_peft: '{folder}' is not a PEFT LoRA adapter (peft_type LORA, no DoRA)")
+    pairs: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = KEY.fullmatch(key)
+        if match is None:
+            raise StateError(
+                f"minipissa.import_peft: '{folder}' holds '{key}', which is not a LoRA A/B (modules_to_save, "
+                "biases and other tuners are not imported)"
+            )
+        pairs.setdefault(match["name"], {})[match["which"]] = tensor
+    if not pairs or any(len(p) != 2 for p in pairs.values()):
+        raise StateError(f"minipissa.import_peft: '{folder}' has no complete lora_A/lora_B pairs")
+    return config, {name: (p["A"], p["B"]) for name, p in pairs.items()}
+
+
+def _pattern_value(name: str, patterns: dict[str, Any], default: Any) -> Any:
+    """PEFT's rank/alpha pattern lookup: a key matching the module's name (exact, suffix, or regex)."""
+    for key, value in patterns.items():
+        if name == key or name.endswith("." + key) or re.fullmatch(key, name):
+            return value
+    return default
+
+
+def import_peft(model: nn.Module, initial: PathLike, trained: PathLike) -> nn.Module:
+    """Adapt the ORIGINAL base ``model`` in place with a PiSSA adapter trained in PEFT, and return it.
+
+    Args:
+        initial: the adapter PEFT saved right after its PiSSA init (A0, B0: its "pissa_init" directory).
+        trained: the trained adapter (A, B), of the same modules and ranks.
+
+    Raises:
+        StateError: the initial adapter is missing, is not a PiSSA init, or does not fit the trained one or the
+            model; nothing is changed then.
+    """
+    init_config, init = read_peft_adapter(initial)
+    config, final = read_peft_adapter(trained)
+    kind = init_config.get("init_lora_weights")
+    niter = re.fullmatch(r"pissa(?:_niter_(\d+))?", kind) if isinstance(kind, str) else None
+    if niter is None:
+        raise StateError(
+            f"minipissa.import_peft: '{initial}' was initialised with init_lora_weights={kind!r}; the initial "
+            "adapter must be PEFT's PiSSA init ('pissa' or 'pissa_niter_K'), saved before training"
+        )
+    if set(init) != set(final) or any(init[n][0].shape != final[n][0].shape for n in init):
+        raise StateError(
+            f"minipissa.import_peft: the initial adapter ('{initial}') and the trained one ('{trained}') adapt "
+            "different modules or ranks; give the initial adapter of this very run"
+        )
+    for key in ("use_rslora", "lora_alpha", "alpha_pattern", "rank_pattern"):
+        if init_config.get(key) != config.get(key):
+            raise StateError(f"minipissa.import_peft: '{key}' differs between the initial and the trained adapter")
+    names = sorted(init)
+    alphas = {n: float(_pattern_value(n, config.get("alpha_pattern") or {}, config["lora_alpha"])) for n in names}
+    cfg = InitConfig(
+        rank={n: init[n][0].shape[0] for n in names}, alpha=alphas, rslora=bool(config.get("use_rslora")),
+        init="pissa", niter=None if niter[1] is None else int(niter[1]), dropout=float(config.get("lora_dropout", 0)),
+    )  # fmt: skip
+    try:
+        plans = plan_modules(model, cfg, names)
+    except (ValueError, TypeError) as e:
+        raise StateError(f"minipissa.import_peft: the adapter does not fit the model: {e}") from None
+    given = []
+    for plan in plans:
+        a0, b0 = init[plan.name]
+        if (a0.shape, b0.shape) != ((plan.rank, plan.shape[1]), (plan.shape[0], plan.rank)):
+            raise StateError(
+                f"minipissa.import_peft: module '{plan.name}' is {plan.shape} in the model; the adapter's A0 is "
+                f"{tuple(a0.shape)}, B0 {tuple(b0.shape)}"
+            )
+        dtype, device = torch.float64 if plan.weight.dtype == torch.float64 else torch.float32, plan.weight.device
+        a0, b0 = a0.to(device, dtype), b0.to(device, dtype)
+        # PiSSA's initial factors are sqrt(S / s) V^T and U sqrt(S / s): s B0 A0 has singular values S.
+        rb, ra = torch.linalg.qr(b0.double())[1], torch.linalg.qr(a0.double().mT)[1]  # r x r: no (out, in) product
+        sigma = torch.linalg.svdvals(plan.scaling * (rb @ ra.mT)).to(dtype)
+        given.append(Factors(plan, a0, b0, sigma))
+    adapt(model, plans, cfg, given=given)
+    layers = dict(pissa_layers(model))
+    with torch.no_grad():
+        for name in names:
+            a, b = final[name]
+            layers[name].A.copy_(a)
+            layers[name].B.copy_(b)
+    return model
