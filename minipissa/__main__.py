@@ -1,4 +1,5 @@
-"""Command line: ``python -m minipissa convert ADAPTER OUT_DIR [--rank K] [--prefix P]`` and ``inspect FILE``.
+"""Command line: ``python -m minipissa convert ADAPTER OUT_DIR [--rank K] [--prefix P]``, ``inspect FILE`` and
+``import-peft INITIAL TRAINED BASE OUT``.
 
 Expected errors (bad files, bad arguments) print one line to stderr and exit with status 2.
 """
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from . import records, residual, state, trained
 from .convert import PEFT_PREFIX, SERVING_RANK_LIMIT, convert_to_lora, snap_rank
 from .errors import StateError
+from .peft_import import import_peft_files
 from .report import explained_energy
 from .safefile import read
 
@@ -95,6 +97,13 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_peft(args: argparse.Namespace) -> int:
+    names = import_peft_files(args.initial, args.trained, args.base, args.out)
+    print(f"imported a PEFT PiSSA adapter ({len(names)} modules) into {args.out}; load it onto the base model with")
+    print("minipissa.load(model, path); its fingerprints are those of the base checkpoint's weights")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m minipissa", description="minipissa adapter files")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +118,12 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--base-model", default=None, help="base_model_name_or_path for the config and model card")
     convert.add_argument("--task-type", default=None, help="PEFT task_type, e.g. CAUSAL_LM")
     convert.set_defaults(run=_convert)
+    imports = commands.add_parser("import-peft", help="a PiSSA adapter trained with PEFT -> a minipissa adapter file")
+    imports.add_argument("initial", help="PEFT's initial PiSSA adapter directory (saved right after the init)")
+    imports.add_argument("trained", help="the trained PEFT adapter directory")
+    imports.add_argument("base", help="the ORIGINAL base model's weights (one .safetensors file)")
+    imports.add_argument("out", help="the minipissa adapter file to write")
+    imports.set_defaults(run=_import_peft)
     inspect = commands.add_parser("inspect", help="config, modules, shapes, singular values of a minipissa file")
     inspect.add_argument("file")
     inspect.set_defaults(run=_inspect)

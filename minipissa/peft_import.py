@@ -23,6 +23,7 @@ from .config import InitConfig
 from .errors import PathLike, StateError, as_path
 from .init import Factors, plan_modules
 from .model import adapt
+from .state import save
 from .tree import pissa_layers
 
 KEY = re.compile(r"base_model\.model\.(?P<name>.+)\.lora_(?P<which>[AB])\.weight")
@@ -120,3 +121,57 @@ def import_peft(model: nn.Module, initial: PathLike, trained: PathLike) -> nn.Mo
             layers[name].A.copy_(a)
             layers[name].B.copy_(b)
     return model
+
+
+class Conv1D(nn.Module):
+    """A GPT-2 style Conv1D (weight stored (in, out), ``nf`` = out) for :func:`skeleton`: no transformers needed."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.nf = weight.shape[1]
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+
+def skeleton(names: list[str], weights: dict[str, Tensor], fan_in_fan_out: bool) -> nn.Module:
+    """Just the modules ``names`` (Linear, or Conv1D), at their paths, holding the base checkpoint's weights (keys
+    ``<name>.weight`` / ``.bias``, or without the name's first component, as GPT-2's original checkpoints store
+    them): enough to import an adapter and write its file without building the model."""
+    root = nn.Module()
+    for name in names:
+        key = next((k for k in (name, name.partition(".")[2]) if f"{k}.weight" in weights), None)
+        if key is None:
+            raise StateError(f"minipissa.import_peft: the base checkpoint has no '{name}.weight'")
+        weight, bias = weights[f"{key}.weight"], weights.get(f"{key}.bias")
+        if weight.ndim != 2:
+            raise StateError(f"minipissa.import_peft: '{name}.weight' in the base checkpoint is not a matrix")
+        if fan_in_fan_out:
+            module: nn.Module = Conv1D(weight, bias)
+        else:
+            module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+            module.weight = nn.Parameter(weight, requires_grad=False)
+            if bias is not None:
+                module.bias = nn.Parameter(bias, requires_grad=False)
+        parent = root
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, module)
+    return root
+
+
+def import_peft_files(initial: PathLike, trained: PathLike, base: PathLike, out: PathLike) -> list[str]:
+    """:func:`import_peft` without the model: the adapted modules' weights come from the base checkpoint
+    (safetensors) ``base``; writes the minipissa adapter file ``out`` (which loads onto the full base model).
+    Returns the modules imported."""
+    config, final = read_peft_adapter(trained)
+    try:
+        weights = load_file(str(as_path(base, "base checkpoint")))
+    except (OSError, ValueError) as e:
+        raise StateError(f"minipissa.import_peft: '{base}' is not a readable safetensors checkpoint: {e}") from None
+    names = sorted(final)
+    model = skeleton(names, weights, bool(config.get("fan_in_fan_out")))
+    save(import_peft(model, initial, trained), out)
+    return names

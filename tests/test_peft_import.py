@@ -83,3 +83,27 @@ def test_imports_without_the_initial_adapter_or_from_another_run_are_refused(tmp
     assert_refused(tiny_gpt2(), lambda m: minipissa.import_peft(m, initial, trained), "does not fit the model")
     with pytest.raises(StateError):
         minipissa.import_peft(tiny_llama(), initial, tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    ("build", "targets", "lora"), [(tiny_llama, ["q_proj"], {}), (tiny_gpt2, ["c_attn"], {"fan_in_fan_out": True})]
+)
+def test_the_command_line_imports_from_the_base_checkpoint_alone(tmp_path, build, targets, lora) -> None:  # type: ignore[no-untyped-def]
+    """`python -m minipissa import-peft INITIAL TRAINED BASE OUT` needs no model: the file it writes loads onto the
+    base model and gives what import_peft gives there, bit for bit."""
+    from safetensors.torch import save_file
+
+    from minipissa.__main__ import main
+
+    _, initial, trained = peft_pissa_run(build, targets, tmp_path, "pissa", **lora)
+    weights = {k: v.contiguous() for k, v in build().state_dict().items() if any(t in k for t in targets)}
+    save_file(weights, str(tmp_path / "base.safetensors"))
+    assert (
+        main(["import-peft", str(initial), str(trained), str(tmp_path / "base.safetensors"), str(tmp_path / "a.st")])
+        == 0
+    )
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        from_file = minipissa.load(build(), tmp_path / "a.st")(ids).logits
+        direct = minipissa.import_peft(build(), initial, trained)(ids).logits
+    assert torch.equal(from_file, direct)
