@@ -72,7 +72,14 @@ def import_peft(model: nn.Module, initial: PathLike, trained: PathLike) -> nn.Mo
         StateError: the initial adapter is missing, is not a PiSSA init, or does not fit the trained one or the
             model; nothing is changed then.
     """
-    init_config, init = read_peft_adapter(initial)
+    try:
+        init_config, init = read_peft_adapter(initial)
+    except StateError as e:
+        raise StateError(
+            f"{e}. The initial adapter (PEFT's 'pissa_init': the adapter saved right after get_peft_model(..., "
+            "init_lora_weights='pissa'), before training) is needed: A0 and B0 are in no other file, and without "
+            "them neither the residual nor original() can be rebuilt"
+        ) from None
     config, final = read_peft_adapter(trained)
     kind = init_config.get("init_lora_weights")
     niter = re.fullmatch(r"pissa(?:_niter_(\d+))?", kind) if isinstance(kind, str) else None

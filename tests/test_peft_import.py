@@ -75,7 +75,7 @@ def test_imports_without_the_initial_adapter_or_from_another_run_are_refused(tmp
     lora_init = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
     lora_init.save_pretrained(tmp_path / "plain")
     for first, match in [
-        (tmp_path / "missing", "not a readable PEFT adapter directory"),
+        (tmp_path / "missing", "not a readable PEFT adapter directory.*The initial adapter .*is needed"),
         (other_initial, "different modules or ranks"),
         (tmp_path / "plain", "init_lora_weights=True; the initial adapter must be PEFT's PiSSA init"),
     ]:
