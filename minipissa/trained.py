@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import StateError
+from .sharded.dtensor import full_tensor
 from .targets import Targets, _as_list, matches
 
 PREFIX = "trained:"
@@ -63,7 +64,7 @@ def pack(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, list[str]]]:
     for name in names(model):
         params = dict(model.get_submodule(name).named_parameters())
         meta[name] = sorted(params)
-        tensors.update({f"{PREFIX}{name}.{p}": t.detach().cpu() for p, t in params.items()})
+        tensors.update({f"{PREFIX}{name}.{p}": full_tensor(t.detach()).cpu() for p, t in params.items()})
     return tensors, meta
 
 
