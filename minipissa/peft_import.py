@@ -97,15 +97,19 @@ def import_peft(model: nn.Module, initial: PathLike, trained: PathLike) -> nn.Mo
         if init_config.get(key) != config.get(key):
             raise StateError(f"minipissa.import_peft: '{key}' differs between the initial and the trained adapter")
     names = sorted(init)
-    alphas = {n: float(_pattern_value(n, config.get("alpha_pattern") or {}, config["lora_alpha"])) for n in names}
-    cfg = InitConfig(
-        rank={n: init[n][0].shape[0] for n in names}, alpha=alphas, rslora=bool(config.get("use_rslora")),
-        init="pissa", niter=None if niter[1] is None else int(niter[1]), dropout=float(config.get("lora_dropout", 0)),
-    )  # fmt: skip
+    bad = [n for n in names if not all(bool(torch.isfinite(t).all()) for t in (*init[n], *final[n]))]
+    if bad:
+        raise StateError(f"minipissa.import_peft: module(s) {bad[:5]} hold NaN or infinite adapter values")
     try:
+        alphas = {n: float(_pattern_value(n, config.get("alpha_pattern") or {}, config["lora_alpha"])) for n in names}
+        cfg = InitConfig(
+            rank={n: init[n][0].shape[0] for n in names}, alpha=alphas, rslora=bool(config.get("use_rslora")),
+            init="pissa", niter=None if niter[1] is None else int(niter[1]),
+            dropout=float(config.get("lora_dropout") or 0.0),
+        )  # fmt: skip
         plans = plan_modules(model, cfg, names)
-    except (ValueError, TypeError) as e:
-        raise StateError(f"minipissa.import_peft: the adapter does not fit the model: {e}") from None
+    except (KeyError, ValueError, TypeError) as e:
+        raise StateError(f"minipissa.import_peft: the adapter's config or shapes do not fit the model: {e}") from None
     given = []
     for plan in plans:
         a0, b0 = init[plan.name]

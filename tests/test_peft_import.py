@@ -80,7 +80,7 @@ def test_imports_without_the_initial_adapter_or_from_another_run_are_refused(tmp
         (tmp_path / "plain", "init_lora_weights=True; the initial adapter must be PEFT's PiSSA init"),
     ]:
         assert_refused(tiny_llama(), lambda m, first=first: minipissa.import_peft(m, first, trained), match)
-    assert_refused(tiny_gpt2(), lambda m: minipissa.import_peft(m, initial, trained), "does not fit the model")
+    assert_refused(tiny_gpt2(), lambda m: minipissa.import_peft(m, initial, trained), "do not fit the model")
     with pytest.raises(StateError):
         minipissa.import_peft(tiny_llama(), initial, tmp_path / "missing")
 
