@@ -1,19 +1,19 @@
-"""The adapted linear map as one autograd function: y = x W^T + b + s (x_a A^T) B^T.
+"""The adapted linear map: y = x W^T + b + s (x_a A^T) B^T, forward and backward.
 
-Why a custom function rather than a few ``F.linear`` calls: autograd would keep a separate node,
-output buffer and saved tensor for each step. Here
+A dense residual W takes three plain ops, so that autograd's own (C++) backward computes the gradients:
 
-- the adapter product is added into the base output in place, with s folded into the GEMM's alpha
-  (``addmm_``): no (N, out) temporaries for ``s * ...`` or ``y + ...``;
-- A and B are cast to the activation dtype once per forward and the casts are reused in backward;
-- only what the gradients need is saved: the adapter input (for dA; the same tensor the neighbouring
-  projections save, so q/k/v share it), the rank-r intermediate h (for dB), the frozen weight (for dx,
-  a reference, no copy) and the cast A, B. The frozen base needs no weight gradient, so nothing else;
-- dx is one GEMM with the adapter's contribution accumulated into it in place.
+- h = x_a A^T, the rank-r intermediate (the only adapter activation autograd keeps, beside x and the casts);
+- y = x W^T + b, the base GEMM (W frozen: its backward computes dx only);
+- y += s h B^T in place, s folded into the GEMM's alpha: no (N, out) temporaries for ``s * ...`` or ``y + ...``.
 
-QPiSSA: ``weight`` is then the NF4 codes of W_res (:class:`QuantizedResidual` says how to read them); it is
-dequantized to the activations' dtype in forward and again in backward, so only the 4-bit codes are saved.
-Under ``torch.compile`` each dequantization fuses into one kernel.
+Kernels with s = 1: 3 forward, 6 backward. A custom Python autograd function does it in 5 backward kernels, but
+in eager mode on a GPU the host then spends more time in Python than the GPU spends in the kernels: measured on an
+H200 (Llama-2-7B shape, 224 adapters), the plain ops' step is GPU-bound (1.17x the frozen base, steady from step to
+step) where the Python function's is host-bound (1.27x, varying ±14 %) (benchmarks/README.md).
+
+QPiSSA: ``weight`` is then the NF4 codes of W_res (:class:`QuantizedResidual` says how to read them), and one
+custom function dequantizes them in forward and again in backward, so that only the 4-bit codes are saved (autograd
+would keep the dequantized weight for dx). Under ``torch.compile`` each dequantization fuses into one kernel.
 """
 
 from __future__ import annotations
@@ -21,22 +21,22 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .nf4 import dequantize
 
-#: torch.mm(..., out_dtype=float32) for bf16/fp16 operands (CUDA, torch >= 2.8): the adapters' float32
-#: gradients come straight out of the GEMM, with no separate cast kernel.
-_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+#: aten's reshape without view tracking (what torch.matmul returns), or None if a future torch drops it.
+_UNSAFE_VIEW = getattr(getattr(torch.ops.aten, "_unsafe_view", None), "default", None)
 
 
-def _mm_as(left: Tensor, right: Tensor, dtype: torch.dtype) -> Tensor:
-    """left @ right, returned in ``dtype`` (a master weight's gradient)."""
-    if left.dtype == dtype:
-        return torch.mm(left, right)
-    if _MM_OUT_DTYPE and left.is_cuda and dtype == torch.float32 and left.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(left, right, out_dtype=dtype)
-    return torch.mm(left, right).to(dtype)
+def _unflatten(y: Tensor, lead: torch.Size) -> Tensor:
+    """(N, out) -> (*lead, out), as no view: callers may modify the output in place (ReLU(inplace=True), y += 1),
+    also that of a compiled model, and FSDP2 may hook it."""
+    if tuple(lead) == tuple(y.shape[:-1]):  # x was (N, in)
+        return y
+    shape = (*lead, y.shape[-1])
+    return y.reshape(shape).clone() if _UNSAFE_VIEW is None else _UNSAFE_VIEW(y, shape)
 
 
 class QuantizedResidual(NamedTuple):
@@ -49,32 +49,31 @@ class QuantizedResidual(NamedTuple):
     transposed: bool
 
 
-def _weight(
-    stored: Tensor, absmax: Tensor | None, table: Tensor | None, shape: Any, transposed: bool, dtype: Any
-) -> Tensor:
-    """The (out, in) weight: ``stored`` itself, or dequantized from its codes."""
-    if absmax is None or table is None:
-        return stored
-    weight = dequantize(stored, absmax, shape, dtype, table)
+def _dequantized(codes: Tensor, absmax: Tensor, table: Tensor, shape: Any, transposed: bool, dtype: Any) -> Tensor:
+    weight = dequantize(codes, absmax, shape, dtype, table)
     return weight.mT if transposed else weight
 
 
-class AdaptedLinear(torch.autograd.Function):
-    """Forward/backward of ``x W^T + bias + s * (xa A^T) B^T`` with frozen W and bias.
+# In place in eager mode; out of place when traced by torch.compile, where torch 2.11 lost an in-place update made
+# inside this custom function (its input gradients came out zero).
+def _add_product(y: Tensor, p: Tensor, q: Tensor, alpha: float) -> Tensor:
+    """y + alpha * (p @ q)."""
+    return torch.addmm(y, p, q, alpha=alpha) if torch.compiler.is_compiling() else y.addmm_(p, q, alpha=alpha)
 
-    Shapes: x (..., in); xa (..., in) = dropout(x), or None for x itself (one tensor passed once:
-    torch.compile cannot trace a function given the same tensor twice); weight (out, in) (any view);
-    bias (out,) or None; a (r, in); b (out, r). A and B may be float32 masters for bf16 activations.
 
-    ``a_cast``, ``b_cast``: A and B already in x's dtype (the model's pre-hook casts all adapters
-    in one launch, casts.py), or None to cast here.
+def _scale(t: Tensor, s: float) -> Tensor:
+    return t * s if torch.compiler.is_compiling() else t.mul_(s)
 
-    ``absmax``, ``table``, ``shape``, ``transposed``: None, or ``weight`` holds NF4 codes (:class:`QuantizedResidual`).
 
-    Kernels per call with s = 1 (the default alpha = r): forward 3 (h = xa A^T, the base GEMM,
-    y += h B^T in place; 2 more if A and B are cast here); backward 5 (dh = g B, dx = g W, dx += dh A in place,
-    dA = dh^T xa and dB = g^T h, in float32 straight out of the GEMM on CUDA). On a GPU each launch
-    costs the host more than the kernel costs the GPU at these skinny shapes, so the count matters.
+class QuantizedAdaptedLinear(torch.autograd.Function):
+    """Forward/backward of ``x deq(codes)^T + bias + s * (xa A^T) B^T`` with frozen codes and bias.
+
+    Shapes: x (..., in); xa (..., in) = dropout(x), or None for x itself (one tensor passed once: torch.compile
+    cannot trace a function given the same tensor twice); codes, absmax, table, shape, transposed: the residual
+    (:class:`QuantizedResidual`); bias (out,) or None; a (r, in), b (out, r) in x's dtype.
+
+    Kernels with s = 1: forward 4 (dequantize, h = xa A^T, the base GEMM, y += h B^T in place); backward 6
+    (dequantize, dh = g B, dx = g W, dx += dh A in place, dA = dh^T xa, dB = g^T h).
     """
 
     @staticmethod
@@ -82,65 +81,51 @@ class AdaptedLinear(torch.autograd.Function):
         ctx: Any,
         x: Tensor,
         xa: Tensor | None,
-        weight: Tensor,
+        codes: Tensor,
         bias: Tensor | None,
         a: Tensor,
         b: Tensor,
         scaling: float,
-        a_cast: Tensor | None,
-        b_cast: Tensor | None,
-        absmax: Tensor | None = None,
-        table: Tensor | None = None,
-        shape: Any = None,
-        transposed: bool = False,
+        absmax: Tensor,
+        table: Tensor,
+        shape: Any,
+        transposed: bool,
     ) -> Tensor:
-        codes = weight
-        weight = _weight(codes, absmax, table, shape, transposed, x.dtype)
+        weight = _dequantized(codes, absmax, table, shape, transposed, x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         xa2 = x2 if xa is None else xa.reshape(-1, xa.shape[-1])
-        a_c = a.to(x.dtype) if a_cast is None else a_cast
-        b_c = b.to(x.dtype) if b_cast is None else b_cast
-        h = torch.mm(xa2, a_c.mT)  # (N, r): the only adapter activation kept
-        # The output is allocated in its final shape and filled through a 2-D view, so that what is returned is
-        # no view: callers may modify it in place (ReLU(inplace=True), y += 1), and FSDP2 may hook it.
-        y = x.new_empty(*x.shape[:-1], weight.shape[0])
-        y2 = y.view(-1, weight.shape[0])
-        if bias is None:
-            torch.mm(x2, weight.mT, out=y2)
-        else:
-            torch.addmm(bias, x2, weight.mT, out=y2)
-        y2.addmm_(h, b_c.mT, alpha=scaling)
-        ctx.scaling, ctx.shared = scaling, xa is None
-        ctx.a_dtype, ctx.b_dtype = a.dtype, b.dtype
-        ctx.quant = shape, transposed
-        ctx.save_for_backward(xa2 if ctx.needs_input_grad[4] else None, h, codes, a_c, b_c, absmax, table)
-        return y
+        h = torch.mm(xa2, a.mT)  # (N, r)
+        y = torch.mm(x2, weight.mT) if bias is None else torch.addmm(bias, x2, weight.mT)
+        y = _add_product(y, h, b.mT, scaling)
+        ctx.scaling, ctx.shared, ctx.quant = scaling, xa is None, (shape, transposed)
+        ctx.save_for_backward(xa2 if ctx.needs_input_grad[4] else None, h, codes, a, b, absmax, table)
+        return _unflatten(y, x.shape[:-1])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        xa2, h, codes, a_c, b_c, absmax, table = ctx.saved_tensors
+        xa2, h, codes, a, b, absmax, table = ctx.saved_tensors
         s = ctx.scaling
         g = grad.reshape(-1, grad.shape[-1])
         dx = dxa = da = db = None
         need_x, need_xa, _, _, need_a, need_b = ctx.needs_input_grad[:6]
-        dh = torch.mm(g, b_c)  # (N, r)
+        dh = torch.mm(g, b)  # (N, r)
         if s != 1.0:
-            dh.mul_(s)  # s once, on the small tensor: dx, dxa and dA below then carry it
+            dh = _scale(dh, s)  # s once, on the small tensor: dx, dxa and dA below then carry it
         if need_x:
             shape, transposed = ctx.quant
-            dx = torch.mm(g, _weight(codes, absmax, table, shape, transposed, grad.dtype))
+            dx = torch.mm(g, _dequantized(codes, absmax, table, shape, transposed, grad.dtype))
             if ctx.shared:  # xa is x: one (N, in) gradient, the adapter's part accumulated in place
-                dx.addmm_(dh, a_c)
+                dx = _add_product(dx, dh, a, 1.0)
             dx = dx.view(*grad.shape[:-1], dx.shape[-1])
         if need_xa and not ctx.shared:
-            dxa = torch.mm(dh, a_c).view(*grad.shape[:-1], a_c.shape[-1])
+            dxa = torch.mm(dh, a).view(*grad.shape[:-1], a.shape[-1])
         if need_a:
-            da = _mm_as(dh.mT, xa2, ctx.a_dtype)
+            da = torch.mm(dh.mT, xa2)
         if need_b:
-            db = _mm_as(g.mT, h, ctx.b_dtype)
+            db = torch.mm(g.mT, h)
             if s != 1.0:
-                db.mul_(s)
-        return dx, dxa, None, None, da, db, None, None, None, None, None, None, None
+                db = _scale(db, s)
+        return dx, dxa, None, None, da, db, None, None, None, None, None
 
 
 def adapted_linear(
@@ -151,17 +136,21 @@ def adapted_linear(
     a: Tensor,
     b: Tensor,
     scaling: float,
-    a_cast: Tensor | None = None,
-    b_cast: Tensor | None = None,
     quant: QuantizedResidual | None = None,
 ) -> Tensor:
-    """``x W^T + bias + s (xa A^T) B^T`` (see :class:`AdaptedLinear`); x (..., in) -> (..., out).
+    """``x W^T + bias + s (xa A^T) B^T``; x (..., in) -> (..., out).
 
-    ``xa``: the adapter's input if it differs from x (dropout), else None. ``a_cast``, ``b_cast``:
-    A and B already in x's dtype (values, not differentiated: gradients go to ``a`` and ``b``).
-    ``quant``: ``weight`` holds the NF4 codes of W_res, read as it says."""
-    if quant is None:
-        out: Tensor = AdaptedLinear.apply(x, xa, weight, bias, a, b, scaling, a_cast, b_cast)
-    else:
-        out = AdaptedLinear.apply(x, xa, weight, bias, a, b, scaling, a_cast, b_cast, *quant)
-    return out
+    ``xa``: the adapter's input if it differs from x (dropout), else None. ``weight``: (out, in), any view; or the
+    NF4 codes of W_res, read as ``quant`` says. ``a`` (r, in), ``b`` (out, r): in x's dtype (the model's one cast of
+    every master, casts.py), or masters of another dtype, cast here (differentiably: their gradients come back in
+    the masters' dtype)."""
+    a = a if a.dtype == x.dtype else a.to(x.dtype)
+    b = b if b.dtype == x.dtype else b.to(x.dtype)
+    if quant is not None:
+        out: Tensor = QuantizedAdaptedLinear.apply(x, xa, weight, bias, a, b, scaling, *quant)
+        return out
+    x2 = x.reshape(-1, x.shape[-1])
+    xa2 = x2 if xa is None else xa.reshape(-1, xa.shape[-1])
+    y = F.linear(x2, weight, bias)
+    y.addmm_(torch.mm(xa2, a.mT), b.mT, alpha=scaling)
+    return _unflatten(y, x.shape[:-1])

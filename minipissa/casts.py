@@ -1,16 +1,16 @@
 """The adapters' float32 masters cast to the activation dtype once per model forward, in one launch.
 
 Each adapted layer needs A and B in the activations' dtype (bf16, say). Cast layer by layer, that is
-two kernel launches per adapter per forward: 448 for the 224 adapters of a 7B model, and on a GPU a
-launch costs the host more than these small casts cost the device. Instead, a :class:`SharedCasts`
-object's forward pre-hook on the model casts every master into one fresh buffer with a single
-``torch._foreach_copy_``, and each layer asks it for its views (:meth:`SharedCasts.casts_for`) during
-this forward only (a forward hook takes them back, also on error). A layer called outside that window
-(gradient-checkpoint recomputation, a submodule called alone, a dtype other than its weight's) casts
-for itself, and each copy carries the storage and version of the masters it was made from, checked at
-use (wrappers such as FSDP swap storages in their own hooks; sharded DTensor masters are left to the
-layers): no layer ever reads a stale copy. The buffer is new each forward, never written in place, so
-two forwards before one backward stay valid.
+two kernel launches per adapter per forward and two more in backward: 896 for the 224 adapters of a 7B model,
+and on a GPU a launch costs the host more than these small casts cost the device. Instead, a
+:class:`SharedCasts` object's forward pre-hook on the model casts every master into one fresh buffer with a
+single ``torch._foreach_copy_`` (:class:`CastAll`, differentiable: its backward casts every gradient back in one
+launch too), and each layer asks it for its views (:meth:`SharedCasts.casts_for`) during this forward only (a
+forward hook takes them back, also on error). A layer called outside that window (gradient-checkpoint
+recomputation, a submodule called alone, a dtype other than its weight's) casts for itself, and each copy
+carries the storage and version of the masters it was made from, checked at use (wrappers such as FSDP swap
+storages in their own hooks; sharded DTensor masters are left to the layers): no layer ever reads a stale copy.
+The buffer is new each forward, never written in place, so two forwards before one backward stay valid.
 """
 
 from __future__ import annotations
@@ -50,7 +50,40 @@ class Adapter(Protocol):
     @property
     def merged(self) -> bool: ...
 
-    def masters_key(self) -> MastersKey: ...
+
+class CastAll(torch.autograd.Function):
+    """``masters`` (any number of tensors of one dtype and device) -> views of one new buffer in ``dtype``, in one
+    launch; backward: every gradient cast back to the masters' dtype in one launch (zeros for unused casts)."""
+
+    @staticmethod
+    def forward(ctx: Any, dtype: torch.dtype, *masters: Tensor) -> tuple[Tensor, ...]:
+        casts = _views_of_one_buffer(masters, dtype)
+        torch._foreach_copy_(casts, list(masters))
+        ctx.masters = [(t.shape, t.numel()) for t in masters]
+        ctx.master_dtype = masters[0].dtype
+        return tuple(casts)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        device = next(g.device for g in grads if g is not None)
+        sizes = [n for _, n in ctx.masters]
+        new = torch.empty if all(g is not None for g in grads) else torch.zeros
+        flat = new(sum(sizes), dtype=ctx.master_dtype, device=device)
+        out = [piece.view(shape) for piece, (shape, _) in zip(flat.split(sizes), ctx.masters, strict=True)]
+        given = [(o, g) for o, g in zip(out, grads, strict=True) if g is not None]
+        torch._foreach_copy_([o for o, _ in given], [g for _, g in given])
+        return (None, *out)
+
+
+def _views_of_one_buffer(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    sizes = [t.numel() for t in tensors]
+    flat = torch.empty(sum(sizes), dtype=dtype, device=tensors[0].device)
+    return [piece.view(t.shape) for piece, t in zip(flat.split(sizes), tensors, strict=True)]
+
+
+def masters_key(a: Tensor, b: Tensor) -> MastersKey:
+    """Storage and version of masters A and B: any in-place update or swap of either changes it."""
+    return a.data_ptr(), a._version, b.data_ptr(), b._version
 
 
 def install(model: nn.Module, layers: Sequence[Adapter]) -> None:
@@ -80,10 +113,11 @@ class SharedCasts:
             model.register_forward_hook(self._release, always_call=True),
         )
 
-    def casts_for(self, layer: Adapter, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
-        """A and B of ``layer`` in ``dtype``, cast in this forward from the masters it holds now; or None."""
+    def casts_for(self, layer: Adapter, dtype: torch.dtype, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``layer``'s masters ``a`` (its A) and ``b`` (its B) in ``dtype``, cast in this forward from these very
+        tensors; or None."""
         entry = self._copies.get(id(layer))
-        if entry is None or entry[0].dtype != dtype or entry[2] != layer.masters_key():
+        if entry is None or entry[0].dtype != dtype or entry[2] != masters_key(a, b):
             return None
         return entry[0], entry[1]
 
@@ -95,25 +129,21 @@ class SharedCasts:
     def __getstate__(self) -> dict[str, Any]:  # pickling and deepcopy: copies live only inside a forward
         return self.__dict__ | {"_copies": {}}
 
-    @torch.no_grad()
     def _cast_all(self, module: nn.Module, args: Any) -> None:
         if torch.compiler.is_compiling():  # the compiler fuses the per-layer casts itself
             return
-        groups: dict[tuple[torch.device, torch.dtype], list[Adapter]] = {}
+        # Host time matters here (once per forward for every adapter): each attribute is read once.
+        groups: dict[tuple[torch.device, torch.dtype], list[tuple[Adapter, Tensor, Tensor]]] = {}
         for layer in self.layers:
-            dtype = layer.weight.dtype
-            plain = not (is_dtensor(layer.A) or is_dtensor(layer.B))  # sharded masters: the layer casts its own
-            same = layer.A.dtype == layer.B.dtype != dtype
-            if plain and same and layer.mode == "adapter" and not layer.merged:
-                groups.setdefault((layer.A.device, dtype), []).append(layer)
-        for (device, dtype), members in groups.items():
-            masters: list[Tensor] = [t for layer in members for t in (layer.A, layer.B)]
-            sizes = [t.numel() for t in masters]
-            flat = torch.empty(sum(sizes), dtype=dtype, device=device)
-            views = [piece.view(t.shape) for piece, t in zip(flat.split(sizes), masters, strict=True)]
-            torch._foreach_copy_(views, masters)
-            for i, layer in enumerate(members):
-                self._copies[id(layer)] = (views[2 * i], views[2 * i + 1], layer.masters_key())
+            if layer.mode != "adapter":
+                continue
+            a, b, dtype = layer.A, layer.B, layer.weight.dtype
+            if a.dtype == b.dtype != dtype and not layer.merged and not (is_dtensor(a) or is_dtensor(b)):
+                groups.setdefault((a.device, dtype), []).append((layer, a, b))  # sharded masters cast their own
+        for (_, dtype), members in groups.items():
+            views = CastAll.apply(dtype, *(t for _, a, b in members for t in (a, b)))
+            for i, (layer, a, b) in enumerate(members):
+                self._copies[id(layer)] = (views[2 * i], views[2 * i + 1], masters_key(a, b))
 
     def _release(self, module: nn.Module, args: Any, output: Any) -> None:
         if not torch.compiler.is_compiling():

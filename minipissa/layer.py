@@ -159,13 +159,16 @@ class PiSSALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in) -> (..., out), computed in x's dtype."""
-        if self.merged and self.training and torch.is_grad_enabled():
+        merged = self.residual_while_merged is not None
+        if merged and self.training and torch.is_grad_enabled():
             raise RuntimeError(
                 "minipissa: this layer is merged (its adapter folded into the weight), so training it would update "
                 "nothing and leave the merged weight stale; call minipissa.unmerge(model) before training, or "
                 "model.eval() / torch.no_grad() for inference"
             )
-        return self._fused(x) if self._can_fuse(x) else self._reference(x)
+        if self.mode == "adapter" and not merged and self._can_fuse(x):
+            return self._fused(x)
+        return self._reference(x)
 
     def _reference(self, x: Tensor) -> Tensor:
         """The formula itself: y = W_res x + bias + s * B (A dropout(x)); A0, B0 in mode "original"."""
@@ -180,28 +183,24 @@ class PiSSALinear(nn.Module):
         return y + F.linear(F.linear(x, a.to(x.dtype)) * self.scaling, b.to(x.dtype))
 
     def _can_fuse(self, x: Tensor) -> bool:
-        """The fused function (adapter_fn.py) gives the frozen residual and bias no gradient and picks one
-        dtype for every product: so not for an unfrozen residual or bias, nor under autocast."""
-        frozen_weight = isinstance(self.weight, NF4Weight) or not self.weight.requires_grad
-        frozen = frozen_weight and (self.bias is None or not self.bias.requires_grad)
-        return self.mode == "adapter" and not self.merged and frozen and not torch.is_autocast_enabled(x.device.type)
+        """The fast path (adapter_fn.py) picks one dtype for every product, so not under autocast; and its 4-bit
+        function gives the bias no gradient, so not for an unfrozen bias beside an NF4 residual."""
+        if isinstance(self.weight, NF4Weight) and self.bias is not None and self.bias.requires_grad:
+            return False
+        return not torch.is_autocast_enabled(x.device.type)
 
     def _fused(self, x: Tensor) -> Tensor:
-        """The reference formula as one autograd node (adapter_fn.py), with A and B cast by the model's
-        :class:`SharedCasts` in one launch for all layers where it has them."""
-        xa = None if isinstance(self.dropout, nn.Identity) or not self.training else self.dropout(x)
-        casts = None if self.shared_casts is None else self.shared_casts.casts_for(self, x.dtype)
-        a_cast, b_cast = casts if casts is not None else (None, None)
-        if isinstance(self.weight, NF4Weight):  # dequantized inside, in forward and again in backward
-            nf4 = self.weight
-            quant = QuantizedResidual(nf4.absmax, nf4.table, nf4.shape, self.fan_in_fan_out)
-            return adapted_linear(x, xa, nf4.codes, self.bias, self.A, self.B, self.scaling, a_cast, b_cast, quant)
-        weight = weight_matrix(self.weight, self.fan_in_fan_out)
-        return adapted_linear(x, xa, weight, self.bias, self.A, self.B, self.scaling, a_cast, b_cast)
-
-    def masters_key(self) -> tuple[int, int, int, int]:
-        """Storage and version of A and B: any in-place update or swap of either changes it."""
-        return self.A.data_ptr(), self.A._version, self.B.data_ptr(), self.B._version
+        """The formula in adapter_fn.py's fast form, with A and B cast by the model's :class:`SharedCasts` (one
+        launch for all layers, differentiable) where it has them."""
+        # Host time matters here (every adapter, every step): each module attribute is read once.
+        a, b, weight, dropout = self.A, self.B, self.weight, self.dropout
+        xa = None if isinstance(dropout, nn.Identity) or not self.training else dropout(x)
+        casts = None if self.shared_casts is None else self.shared_casts.casts_for(self, x.dtype, a, b)
+        a_c, b_c = casts if casts is not None else (a, b)
+        if isinstance(weight, NF4Weight):  # dequantized inside, in forward and again in backward
+            quant = QuantizedResidual(weight.absmax, weight.table, weight.shape, self.fan_in_fan_out)
+            return adapted_linear(x, xa, weight.codes, self.bias, a_c, b_c, self.scaling, quant)
+        return adapted_linear(x, xa, weight_matrix(weight, self.fan_in_fan_out), self.bias, a_c, b_c, self.scaling)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -23,7 +23,7 @@ def layers(model: nn.Module) -> list[PiSSALinear]:
 def has_casts(layer: PiSSALinear) -> bool:
     """Whether the model's shared casts hold this layer's A and B for the forward running now."""
     shared = layer.shared_casts
-    return shared is not None and shared.casts_for(layer, layer.weight.dtype) is not None
+    return shared is not None and shared.casts_for(layer, layer.weight.dtype, layer.A, layer.B) is not None
 
 
 def bf16_model(seed: int = 0) -> nn.Module:

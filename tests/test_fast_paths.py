@@ -283,6 +283,26 @@ def test_torch_compile_traces_the_fused_layer(dtype):
         assert torch.allclose(u.float(), v.float(), rtol=tol, atol=tol * v.abs().max().item())
 
 
+def test_compiled_outputs_take_in_place_ops_inside_and_outside_the_graph():
+    """An in-place activation inside the compiled graph and the caller's in-place edit of the compiled model's
+    output (an adapted layer's) give eager's values and gradients. (The eager layer's output, filled through a
+    2-D view, once came out of the compiled graph as a view: 'Output 0 of CompiledFunction is a view'.)"""
+    torch.manual_seed(0)
+    model = minipissa.apply(nn.Sequential(nn.Linear(12, 10), nn.ReLU(inplace=True), nn.Linear(10, 6)), 3, r"re:0|2")
+    x = torch.randn(4, 12, requires_grad=True)
+
+    def loss(run: nn.Module) -> torch.Tensor:
+        y = run(x)
+        y.mul_(2.0)  # the caller's own in-place op on the output
+        return y.square().sum()
+
+    eager = torch.autograd.grad(loss(model), [x, model[0].A, model[2].B])
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(loss(compiled), [x, model[0].A, model[2].B])
+    for u, v in zip(got, eager, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
+
+
 def test_apply_frees_each_original_weight_as_it_goes(monkeypatch):
     # Peak memory must not grow with the model: a replaced weight is released before the next residual is made.
     import minipissa.model
