@@ -161,13 +161,6 @@ def timed_round(c: Contender, steps: int, device: str, clock: GcClock) -> None:
         c.peak_step_gib = max(c.peak_step_gib, (torch.cuda.max_memory_allocated() - before) / 2**30)
 
 
-def reference_path(model: nn.Module) -> nn.Module:
-    """A probe: every PiSSA layer of ``model`` takes its reference formula (``PiSSALinear._reference``)."""
-    for _, layer in minipissa.pissa_layers(model):
-        layer.forward = layer._reference  # type: ignore[method-assign]  # benchmark probe only
-    return model
-
-
 def contenders_of(args: Any, r: int, targets: Any, peft_targets: Any, bf16: bool) -> list[tuple[str, str, Callable]]:
     """(label, label of its frozen peer, make(model) -> model) for the contenders the flags ask for."""
     mini: Callable[[nn.Module], nn.Module] = lambda m: minipissa.apply(m, r, targets, niter=2)  # noqa: E731
@@ -186,17 +179,6 @@ def contenders_of(args: Any, r: int, targets: Any, peft_targets: Any, bf16: bool
         if bf16:
             rows.append((f"PEFT LoRA bf16 + compile ({mode})", peer, lambda m: torch.compile(peft_bf16(m), mode=mode)))
         rows.append((f"minipissa + compile ({mode})", peer, lambda m: torch.compile(mini(m), mode=mode)))
-    if args.reference:  # the layer's plain formula (per-layer casts, autograd's own backward) instead of the fused one
-        rows.append(("minipissa reference path", "frozen base", lambda m: reference_path(mini(m))))
-        if args.compile:
-            rows.append(
-                (f"minipissa reference path + compile ({mode})", compiled_peer,
-                 lambda m: torch.compile(reference_path(mini(m)), mode=mode))
-            )  # fmt: skip
-    if args.native:
-        import native_probe
-
-        rows.append(("minipissa, native-autograd probe", "frozen base", lambda m: native_probe.native(mini(m))))
     if args.qpissa:
         qpissa: Callable[[nn.Module], nn.Module] = lambda m: minipissa.apply(m, r, targets, niter=2, quantize="nf4")  # noqa: E731
         rows.append(("minipissa QPiSSA (nf4)", "frozen base", qpissa))
@@ -228,8 +210,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="batch size instead of the setting's")
     parser.add_argument("--kernels", type=int, default=0, help="list each contender's N longest kernels (time, count)")
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after building, before the timing")
-    parser.add_argument("--native", action="store_true", help="also benchmarks/native_probe.py's layers (a probe)")
-    parser.add_argument("--reference", action="store_true", help="also the layers' reference formula (a probe)")
     parser.add_argument("--qpissa", action="store_true", help="also time QPiSSA (4-bit NF4 residual), eager/compiled")
     args = parser.parse_args()
     if args.threads:  # on a shared machine, 1 thread avoids OpenMP threads spinning for a busy core

@@ -40,6 +40,19 @@ class Result:
     model: nn.Module | None = None
 
 
+def pyplot() -> Any | None:
+    """matplotlib.pyplot on a file-only backend, or None (said once) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipped the PNG (pip install matplotlib to get it)")
+        return None
+    return plt
+
+
 def setup(args: argparse.Namespace) -> None:
     """Seed every RNG, create the output directory; in --smoke mode use one thread (tiny matrices gain nothing
     from more, and on a busy CI machine spare threads only fight over the cores)."""
@@ -184,13 +197,8 @@ def write_curves(results: list[Result], out: str, stem: str, start: dict[str, fl
                 heldout = f"{held[step]:.5f}" if step in held else ""
                 writer.writerow([c.label.rsplit(" lr=", 1)[0], c.lr, step, f"{loss:.5f}", heldout])
     print(f"wrote {path}")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipped the PNG (pip install matplotlib to get it)")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     frozen = results[0].heldout_loss

@@ -167,7 +167,7 @@ class PiSSALinear(nn.Module):
                 "model.eval() / torch.no_grad() for inference"
             )
         if self.mode == "adapter" and not merged and self._can_fuse(x):
-            return self._fused(x)
+            return self._fast(x)
         return self._reference(x)
 
     def _reference(self, x: Tensor) -> Tensor:
@@ -189,7 +189,7 @@ class PiSSALinear(nn.Module):
             return False
         return not torch.is_autocast_enabled(x.device.type)
 
-    def _fused(self, x: Tensor) -> Tensor:
+    def _fast(self, x: Tensor) -> Tensor:
         """The formula in adapter_fn.py's fast form, with A and B cast by the model's :class:`SharedCasts` (one
         launch for all layers, differentiable) where it has them."""
         # Host time matters here (every adapter, every step): each module attribute is read once.

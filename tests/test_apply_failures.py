@@ -153,7 +153,7 @@ def test_bad_options_are_named_and_change_nothing(kwargs, error, pattern):
 
 
 def test_in_place_ops_on_adapted_outputs_train():
-    """The fused function's output is no view, so ReLU(inplace=True), +=, slice assignment and relu_ work, and
+    """The adapted layer's output is no view, so ReLU(inplace=True), +=, slice assignment and relu_ work, and
     the gradients equal those of the same computation on the unadapted model."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(16, 32), nn.ReLU(inplace=True), nn.Linear(32, 8))

