@@ -15,6 +15,7 @@ The buffer is new each forward, never written in place, so two forwards before o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -53,32 +54,34 @@ class Adapter(Protocol):
 
 class CastAll(torch.autograd.Function):
     """``masters`` (any number of tensors of one dtype and device) -> views of one new buffer in ``dtype``, in one
-    launch; backward: every gradient cast back to the masters' dtype in one launch (zeros for unused casts)."""
+    launch; backward: the gradients cast back to the masters' dtype in one launch. A cast no layer used gets no
+    gradient (None, as an unused parameter would), not zeros, so that the optimizer skips its master."""
 
     @staticmethod
     def forward(ctx: Any, dtype: torch.dtype, *masters: Tensor) -> tuple[Tensor, ...]:
-        casts = _views_of_one_buffer(masters, dtype)
+        casts = _views_of_one_buffer([t.shape for t in masters], dtype, masters[0].device)
         torch._foreach_copy_(casts, list(masters))
-        ctx.masters = [(t.shape, t.numel()) for t in masters]
-        ctx.master_dtype = masters[0].dtype
+        ctx.shapes, ctx.master_dtype = [t.shape for t in masters], masters[0].dtype
+        ctx.set_materialize_grads(False)
         return tuple(casts)
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        device = next(g.device for g in grads if g is not None)
-        sizes = [n for _, n in ctx.masters]
-        new = torch.empty if all(g is not None for g in grads) else torch.zeros
-        flat = new(sum(sizes), dtype=ctx.master_dtype, device=device)
-        out = [piece.view(shape) for piece, (shape, _) in zip(flat.split(sizes), ctx.masters, strict=True)]
-        given = [(o, g) for o, g in zip(out, grads, strict=True) if g is not None]
-        torch._foreach_copy_([o for o, _ in given], [g for _, g in given])
+        given = [(i, g) for i, g in enumerate(grads) if g is not None]
+        if not given:
+            return (None,) * (1 + len(grads))
+        out: list[Tensor | None] = [None] * len(grads)
+        pieces = _views_of_one_buffer([ctx.shapes[i] for i, _ in given], ctx.master_dtype, given[0][1].device)
+        for (i, _), piece in zip(given, pieces, strict=True):
+            out[i] = piece
+        torch._foreach_copy_(pieces, [g for _, g in given])
         return (None, *out)
 
 
-def _views_of_one_buffer(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
-    sizes = [t.numel() for t in tensors]
-    flat = torch.empty(sum(sizes), dtype=dtype, device=tensors[0].device)
-    return [piece.view(t.shape) for piece, t in zip(flat.split(sizes), tensors, strict=True)]
+def _views_of_one_buffer(shapes: Sequence[torch.Size], dtype: torch.dtype, device: torch.device) -> list[Tensor]:
+    sizes = [math.prod(shape) for shape in shapes]
+    flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+    return [piece.view(shape) for piece, shape in zip(flat.split(sizes), shapes, strict=True)]
 
 
 def masters_key(a: Tensor, b: Tensor) -> MastersKey:

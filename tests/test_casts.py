@@ -131,3 +131,31 @@ def test_a_copy_made_before_its_master_changed_is_not_used():
         with torch.no_grad():
             plain.layers[0].A.mul_(2)
         assert torch.equal(got, plain(x)), change
+
+
+class Branches(nn.Module):
+    """Two adapted branches, one of which a forward may skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, both: bool = True) -> torch.Tensor:
+        y = self.first(x)
+        return self.second(y) if both else y
+
+
+def test_an_adapter_a_forward_skips_gets_no_gradient_as_an_unused_parameter():
+    """The one cast per forward is differentiable; an adapter whose layer did not run gets grad None (not zeros,
+    which AdamW would step with its momentum), its float32 master's gradient equals the per-layer casts' one."""
+    torch.manual_seed(0)
+    hooked = minipissa.apply(Branches().to(torch.bfloat16), 4, ["first", "second"], niter=2)
+    plain = minipissa.apply(Branches().to(torch.bfloat16), 4, ["first", "second"], niter=2)
+    plain.load_state_dict(hooked.state_dict())
+    casts.remove(layers(plain))
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    for model in (hooked, plain):
+        model(x, both=False).float().square().sum().backward()
+    assert hooked.second.A.grad is None and hooked.second.B.grad is None
+    assert hooked.first.A.grad is not None and hooked.first.A.grad.dtype == torch.float32
+    assert torch.equal(hooked.first.A.grad, plain.first.A.grad) and torch.equal(hooked.first.B.grad, plain.first.B.grad)
