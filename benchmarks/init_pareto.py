@@ -18,7 +18,8 @@ from init_bench import build, contend, references
 
 import minipissa
 
-GRID = [(1, 16), (2, 16), (2, 32), (3, 16), (3, 32), (3, 48), (4, 16), (4, 32), (4, 48), (5, 32), (4, None)]  # (niter, oversample); None: 4r
+# (niter, oversample); None: the default, 4r
+GRID = [(1, 16), (2, 16), (2, 32), (3, 16), (3, 32), (3, 48), (4, 16), (4, 32), (4, 48), (5, 32), (4, None)]
 
 
 def main() -> None:
