@@ -1,7 +1,7 @@
 """GPU probe: where an adapter's time goes, per projection and per group sharing an input.
 
 Times forward + backward (grads of x, A, B) of one Llama-2-7B projection at N = 2048 tokens in
-bf16, for the frozen linear, a plain module-style adapter, and the fused function, each eagerly
+bf16, for the frozen linear, a plain module-style adapter, and the library's adapted_linear, each eagerly
 (CUDA events) and replayed from a CUDA graph (kernel time alone, no launch gaps). The gap between
 the two is host overhead; the gap between the graph time and the frozen graph time is the kernels.
 
@@ -78,14 +78,14 @@ def group(shapes: list[tuple[int, int]]) -> None:
         ys = [plain(x, w, a, b) for w, a, b in zip(ws, As, Bs, strict=True)]
         return torch.autograd.grad(ys, trainable, gys)
 
-    def fused() -> object:
+    def library() -> object:
         ys = [adapted_linear(x, None, w, None, a, b, 1.0) for w, a, b in zip(ws, As, Bs, strict=True)]
         return torch.autograd.grad(ys, trainable, gys)
 
     base_eager, base_graph = timed(frozen)
     label = "+".join(f"{o}x{i}" for o, i in shapes)
     print(f"{label}: frozen eager {base_eager:.3f} ms, graph {base_graph:.3f} ms")
-    for name, fn in [("module", module), ("fused", fused)]:
+    for name, fn in [("module", module), ("library", library)]:
         eager, graph = timed(fn)
         print(
             f"  {name:8s} eager {eager:.3f} ms (+{eager - base_eager:.3f}, x{eager / base_eager:.2f}), "
@@ -94,7 +94,7 @@ def group(shapes: list[tuple[int, int]]) -> None:
 
 
 def kernels(shape: tuple[int, int]) -> None:
-    """The fused function's kernels, one projection, from the profiler."""
+    """The kernels of adapted_linear, one projection, from the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     o, i = shape
@@ -110,12 +110,12 @@ def kernels(shape: tuple[int, int]) -> None:
         for _ in range(10):
             torch.autograd.grad(adapted_linear(x, None, w, None, a, b, 1.0), [x, a, b], gy)
         torch.cuda.synchronize()
-    print(f"kernels of the fused function, {o}x{i}, per call (10 calls):")
+    print(f"kernels of adapted_linear, {o}x{i}, per call (10 calls):")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=70))
 
 
 def check() -> None:
-    """The library's function on CUDA (bf16 activations, fp32 masters, the out_dtype path) against a
+    """The library's function on CUDA (bf16 activations, fp32 masters cast differentiably) against a
     float64 reference, forward and backward, for s = 1 and s != 1, with and without dropout input."""
     g = torch.Generator(device="cuda").manual_seed(1)
     for s, separate in [(1.0, False), (0.37, False), (2.0, True)]:
