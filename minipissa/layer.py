@@ -166,7 +166,7 @@ class PiSSALinear(nn.Module):
                 "nothing and leave the merged weight stale; call minipissa.unmerge(model) before training, or "
                 "model.eval() / torch.no_grad() for inference"
             )
-        if self.mode == "adapter" and not merged and self._can_fuse(x):
+        if self.mode == "adapter" and not merged and self._fast_path_applies(x):
             return self._fast(x)
         return self._reference(x)
 
@@ -182,7 +182,7 @@ class PiSSALinear(nn.Module):
         # Scale the rank-r intermediate, not the (..., out) output: r/out of the multiplications.
         return y + F.linear(F.linear(x, a.to(x.dtype)) * self.scaling, b.to(x.dtype))
 
-    def _can_fuse(self, x: Tensor) -> bool:
+    def _fast_path_applies(self, x: Tensor) -> bool:
         """The fast path (adapter_fn.py) picks one dtype for every product, so not under autocast; and its 4-bit
         function gives the bias no gradient, so not for an unfrozen bias beside an NF4 residual."""
         if isinstance(self.weight, NF4Weight) and self.bias is not None and self.bias.requires_grad:

@@ -267,17 +267,19 @@ def test_layer_uses_the_fused_path_and_frozen_inputs_get_no_gradient():
     assert torch.allclose(layer(x), y_ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("alpha", [3.0, 7.5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_compile_traces_the_fused_layer(dtype):
+def test_torch_compile_traces_the_fused_layer(dtype, alpha):
     """One graph (fullgraph), also in bf16 where eager takes the casts from the model's pre-hook
     and the compiled graph casts per layer: the same values, so the same gradients up to the
-    rounding of a differently ordered sum (a few units of the dtype's eps, relative)."""
+    rounding of a differently ordered sum (a few units of the dtype's eps, relative); s = 1 and s = 2.5."""
     torch.manual_seed(0)
-    model = minipissa.apply(MLP((12, 10, 6)).to(dtype), 3, "all-linear")
-    x = torch.randn(4, 12, dtype=dtype, requires_grad=True)
-    eager = torch.autograd.grad(model(x).float().sum(), [x, model.layers[0].A])
+    model = minipissa.apply(MLP((12, 10, 6)).to(dtype), 3, "all-linear", alpha=alpha)
+    x = torch.randn(2, 4, 12, dtype=dtype, requires_grad=True)
+    wrt = [x, model.layers[0].A, model.layers[0].B, model.layers[1].B]
+    eager = torch.autograd.grad(model(x).float().square().sum(), wrt)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    got = torch.autograd.grad(compiled(x).float().sum(), [x, model.layers[0].A])
+    got = torch.autograd.grad(compiled(x).float().square().sum(), wrt)
     tol = 4 * torch.finfo(dtype).eps
     for u, v in zip(got, eager, strict=True):
         assert torch.allclose(u.float(), v.float(), rtol=tol, atol=tol * v.abs().max().item())

@@ -141,13 +141,15 @@ def test_fused_and_reference_paths_agree_and_only_codes_are_saved(dtype, conv1d)
         assert torch.allclose(u, v, rtol=tol, atol=tol * v.abs().max().item())
 
 
-def test_torch_compile_traces_the_quantized_layer():
+@pytest.mark.parametrize("alpha", [3.0, 7.5])  # s = 1, and s = 2.5: traced, the 4-bit function scales out of place
+def test_torch_compile_traces_the_quantized_layer(alpha):
     torch.manual_seed(0)
-    model = minipissa.apply(MLP((12, 70, 6)), 3, "all-linear", quantize="nf4")
-    x = torch.randn(4, 12, requires_grad=True)
-    eager = torch.autograd.grad(model(x).sum(), [x, model.layers[0].A])
+    model = minipissa.apply(MLP((12, 70, 6)), 3, "all-linear", quantize="nf4", alpha=alpha)
+    x = torch.randn(2, 4, 12, requires_grad=True)  # 3-D: the output is reshaped back inside the function
+    wrt = [x, model.layers[0].A, model.layers[0].B, model.layers[1].B]
+    eager = torch.autograd.grad(model(x).square().sum(), wrt)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    got = torch.autograd.grad(compiled(x).sum(), [x, model.layers[0].A])
+    got = torch.autograd.grad(compiled(x).square().sum(), wrt)
     for u, v in zip(got, eager, strict=True):
         assert torch.allclose(u, v, rtol=1e-5, atol=1e-6 * v.abs().max().item())
 
