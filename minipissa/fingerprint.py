@@ -71,19 +71,23 @@ def fingerprint_later(weight: Tensor) -> Pending:
     matrix = flat.reshape(-1, width)
     bits = matrix.view(_INT_VIEW[matrix.element_size()]) if matrix.is_floating_point() else matrix
     columns, rows = _keys(width, 1, flat.device), _keys(matrix.shape[0], 2, flat.device)
-    digest = torch.zeros((), dtype=torch.int64, device=flat.device)
+    on_cpu = flat.device.type == "cpu"
+    digest = torch.zeros((), dtype=torch.int64, device=flat.device) if not matrix.shape[0] else None
     step = max(1, CHUNK // width)
     for start in range(0, matrix.shape[0], step):
-        chunk = bits[start : start + step]
-        # On a CPU, an int64 GEMV (5x faster there; int64 wraps the same way in any order). Elsewhere (CUDA has no
+        chunk, keys = bits[start : start + step], rows[start : start + step]
+        # On a CPU, int64 GEMVs (5x faster there; int64 wraps the same way in any order). Elsewhere (CUDA has no
         # integer GEMV) int16/int32 bits times int64 keys, promoted inside one kernel: no int64 copy of W first.
-        on_cpu = chunk.device.type == "cpu"
-        row_sums = chunk.to(torch.int64) @ columns if on_cpu else (chunk * columns).sum(dim=1)
-        digest += (row_sums * rows[start : start + step]).sum()
-    # Moments: row sums in float32 (rows of <= ~10^4 elements), accumulated in float64; no float64 copy of W.
+        part = chunk.to(torch.int64) @ columns @ keys if on_cpu else ((chunk * columns).sum(dim=1) * keys).sum()
+        digest = part if digest is None else digest + part
+    # Moments: row sums and row norms in float32 (float64 for float64 weights), accumulated in float64, so that each
+    # reduction reads W once: a float64 norm of a bfloat16 W first copies it to float64 (50 ms of a 7B model's init on
+    # an H200). Rows whose norm exceeds float32's range (entries above ~1e19) read as infinite, as non-finite ones.
     floats = matrix if matrix.is_floating_point() else matrix.to(torch.float64)
-    total = floats.sum(dim=1, dtype=torch.float32).sum(dtype=torch.float64)
-    sumsq = torch.linalg.vector_norm(floats, dtype=torch.float64).square()
+    rows_dtype = torch.float64 if floats.dtype == torch.float64 else torch.float32
+    total = floats.sum(dim=1, dtype=rows_dtype).sum(dtype=torch.float64)
+    sumsq = torch.linalg.vector_norm(floats, dim=1, dtype=rows_dtype).to(torch.float64).square().sum()
+    assert digest is not None
     values = torch.stack([digest, total.view(torch.int64), sumsq.view(torch.int64)])
     return Pending(list(weight.shape), str(weight.dtype).removeprefix("torch."), values)
 
@@ -130,11 +134,12 @@ def same(saved: dict[str, Any], weight: Tensor) -> bool:
     if "hash" in saved:
         return bool(saved["hash"] == fingerprint(weight)["hash"])
     now = fingerprint(weight)
-    scale = math.sqrt(max(saved["sumsq"], now["sumsq"], 1e-300) * max(weight.numel(), 1))
+    sumsq = torch.linalg.vector_norm(weight.detach(), dtype=torch.float64).square().item()  # as version 1 took it
+    scale = math.sqrt(max(saved["sumsq"], sumsq, 1e-300) * max(weight.numel(), 1))
     return (
         saved["sample_sha256"] == _legacy_sample_sha256(weight)
         and abs(saved["sum"] - now["sum"]) <= LEGACY_RTOL * scale
-        and math.isclose(saved["sumsq"], now["sumsq"], rel_tol=LEGACY_RTOL)
+        and math.isclose(saved["sumsq"], sumsq, rel_tol=LEGACY_RTOL)
     )
 
 

@@ -21,7 +21,15 @@ from .sharded.dtensor import is_dtensor, refuse_sharded
 from .sharded.fsdp import FsdpAdoption
 from .sharded.init import check_finite_shards, check_layouts, sharded_factors
 from .targets import Targets
-from .tree import Plan, adapted_layers, build_layer, pissa_layers, replace_module, train_adapters_only
+from .tree import (
+    Plan,
+    adapted_layers,
+    build_layer,
+    module_aliases,
+    pissa_layers,
+    replace_module,
+    train_adapters_only,
+)
 
 
 def apply(
@@ -139,6 +147,7 @@ def adapt(
     base_print = {p.name: fp for p, fp in zip(plain, prints, strict=True)}
     built: list[tuple[PiSSALinear, Factors]] = []
     quant_errors: list[Tensor] = []  # QPiSSA: read back with the fingerprints, after the loop (no sync in it)
+    aliases = module_aliases(model)
     try:
         for item in itertools.chain(sharded_factors(sharded, cfg), items):
             residual = None
@@ -157,7 +166,7 @@ def adapt(
                 weight_is_residual=item.weight_is_residual,
                 residual=residual,
             )
-            replace_module(model, item.plan.name, layer)
+            replace_module(model, item.plan.name, layer, aliases)
             if fsdp is not None:
                 fsdp.adopt(item.plan.module, layer)
             built.append((layer, item))
@@ -226,8 +235,9 @@ def unload(model: nn.Module) -> nn.Module:
     refuse_sharded(model, "unload")
     layers = adapted_layers(model, "unload")
     casts.remove([layer for _, layer in layers])
+    aliases = module_aliases(model)
     for name, layer in layers:
-        replace_module(model, name, layer.unload())
+        replace_module(model, name, layer.unload(), aliases)
     report.record_init_time(model, None)
     return model
 

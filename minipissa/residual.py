@@ -22,7 +22,7 @@ from .nf4 import NF4Weight
 from .nf4_linear import NF4Linear
 from .sharded.dtensor import full_tensor, is_dtensor, refuse_sharded, write_once
 from .targets import is_supported
-from .tree import adapted_layers, pissa_layers, replace_module
+from .tree import adapted_layers, module_aliases, pissa_layers, replace_module
 from .weights import is_conv1d
 
 KIND = "residual"
@@ -160,13 +160,14 @@ def load_residual(model: nn.Module, path: PathLike) -> nn.Module:
     with torch.no_grad():
         for key, value in tensors.items():
             state[key].copy_(value)
+    aliases = module_aliases(model)
     for name, weight in quantized.items():
         module = modules[name]
         bias = cast(Tensor | None, module.bias)
         device = bias.device if bias is not None else cast(Tensor, module.weight).device
         weight = weight.to("cpu" if device.type == "meta" else device)
         replace_module(
-            model, name, NF4Linear(module, weight, None if bias is None else bias.detach(), is_conv1d(module))
+            model, name, NF4Linear(module, weight, None if bias is None else bias.detach(), is_conv1d(module)), aliases
         )
     return model
 

@@ -25,7 +25,15 @@ from .qpissa import residual_nf4
 from .records import ModuleRecord
 from .sharded.dtensor import full_tensor, refuse_sharded, write_once
 from .targets import is_supported
-from .tree import Plan, adapted_layers, build_layer, pissa_layers, replace_module, train_adapters_only
+from .tree import (
+    Plan,
+    adapted_layers,
+    build_layer,
+    module_aliases,
+    pissa_layers,
+    replace_module,
+    train_adapters_only,
+)
 from .weights import is_conv1d, lora_scaling, weight_matrix
 
 KIND = "adapter"
@@ -254,6 +262,7 @@ def load(
         opt_state = optimizer_state.unpack(optimizer, params, opt_tensors, info["optimizer"], str(path))
 
     built = []
+    aliases = module_aliases(model)
     for loading in loadings:  # validated: only an out-of-memory or an interrupt can stop this
         rec = loading.record
         layer = cast(PiSSALinear, loading.module)
@@ -268,7 +277,7 @@ def load(
             a0, b0 = rec.A0.to(device), rec.B0.to(device)
             from_file = base == "residual" and residual is None
             layer = build_layer(plan, a0, b0, dict(rec.info), weight_is_residual=from_file, residual=residual)
-            replace_module(model, rec.name, layer)
+            replace_module(model, rec.name, layer, aliases)
             built.append(layer)
         with torch.no_grad():
             layer.A.copy_(rec.A)

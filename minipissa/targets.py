@@ -148,12 +148,14 @@ def shared_tensors(model: nn.Module, found: Sequence[tuple[str, nn.Module]]) -> 
     """Why each target whose weight or bias another module also holds (tied weights) cannot be adapted: PiSSA
     would replace the tensor for this module only, untying them."""
     holders: dict[int, set[str]] = {}
+    names: dict[int, set[str]] = {}  # one walk of the tree: a walk per target is quadratic (seconds for a 7B model)
     for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), set()).add(name)
         for param in module.parameters(recurse=False):
             holders.setdefault(id(param), set()).add(name)
     problems = []
     for name, module in found:
-        aliases = {n for n, m in model.named_modules(remove_duplicate=False) if m is module}
+        aliases = names[id(module)]
         for kind in ("weight", "bias"):
             tensor = getattr(module, kind, None)
             others = sorted(holders.get(id(tensor), set()) - aliases) if tensor is not None else []

@@ -94,12 +94,22 @@ def adapted_layers(model: nn.Module, what: str) -> list[tuple[str, PiSSALinear]]
     return layers
 
 
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def module_aliases(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of each module (by id) in ``model``, shared modules under all of theirs: one walk of the tree,
+    for :func:`replace_module` calls in a loop (a walk per call is quadratic: seconds for a 7B model)."""
+    aliases: dict[int, list[str]] = {}
+    for alias, module in model.named_modules(remove_duplicate=False):
+        if alias:
+            aliases.setdefault(id(module), []).append(alias)
+    return aliases
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module, aliases: dict[int, list[str]] | None = None) -> None:
     """Put ``new`` where the submodule ``name`` is, and wherever else that same module is registered (a module
-    shared under two names stays shared)."""
+    shared under two names stays shared). ``aliases``: :func:`module_aliases` of the model, taken before a loop of
+    replacements (a replaced module's names then still point at it, which is what this needs)."""
     old = model.get_submodule(name)
-    aliases = [alias for alias, module in model.named_modules(remove_duplicate=False) if module is old and alias]
-    for alias in aliases:
+    for alias in (module_aliases(model) if aliases is None else aliases).get(id(old), [name]):
         parent, _, child = alias.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
 

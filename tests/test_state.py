@@ -315,7 +315,8 @@ def test_metadata_records_the_run(tmp_path: Path) -> None:
     m = info["modules"]["layers.0"]
     weight = mlp().layers[0].weight.double()
     assert (m["out_features"], m["in_features"], m["fan_in_fan_out"]) == (48, 32, False)
-    assert m["info"]["weight_norm"] == pytest.approx(weight.norm().item(), rel=1e-12)
+    # Row norms accumulate in float32 (rows of 32 here): relative error at most 32 * 2**-24.
+    assert m["info"]["weight_norm"] == pytest.approx(weight.norm().item(), rel=32 * 2**-24)
     top = torch.linalg.svdvals(weight)[:4]  # niter 2, oversample 3 on a 48x32 Gaussian: within a few %
     assert torch.allclose(torch.tensor(m["info"]["singular_values"], dtype=torch.float64), top, rtol=0.1)
     json.dumps(info)  # and the whole blob is plain JSON
