@@ -41,9 +41,10 @@ def residual_weight(
     delta = b0 @ a0 if scaling == 1.0 else scaling * (b0 @ a0)  # x 1.0 is exact: skip that pass
     if fan_in_fan_out:
         delta = delta.mT
-    # Type promotion computes in the factors' dtype, as weight.to(a0.dtype) - delta would, without
-    # materialising that copy of W.
-    return torch.sub(weight, delta).to(dtype or weight.dtype).contiguous()
+    # Type promotion computes in the factors' dtype, as weight.to(a0.dtype) - delta would, and `out` rounds each
+    # element once into the result's dtype as it is stored: no copy of W in the factors' dtype, nor of the difference.
+    out = torch.empty(weight.shape, dtype=dtype or weight.dtype, device=weight.device)
+    return torch.sub(weight, delta, out=out)
 
 
 def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
