@@ -44,12 +44,12 @@ def main() -> None:
         return time.perf_counter() - start
 
     seconds = [once() for _ in range(args.rounds)]
-    print(
+    summary = (
         f"apply(niter={args.niter}, oversample={args.oversample}) on {args.setting}/{device}: median "
         f"{statistics.median(seconds):.3f} s (min {min(seconds):.3f}, max {max(seconds):.3f}) over {args.rounds} rounds; "
-        f"{common.environment()}",
-        flush=True,
+        f"{common.environment()}"
     )
+    print(summary, flush=True)
     model = common.fresh(base)
     common.sync(device)
     with cProfile.Profile() as profiler:
@@ -68,6 +68,7 @@ def main() -> None:
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         print(f"kernels launched: {len(kernels)}, kernel time {sum(e.device_time for e in kernels) / 1e3:.1f} ms")
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+    print(summary)
 
 
 if __name__ == "__main__":

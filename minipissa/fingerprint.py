@@ -32,8 +32,9 @@ def raw_bytes(t: Tensor) -> bytes:
     return ctypes.string_at(flat.data_ptr(), flat.numel() * flat.element_size()) if flat.numel() else b""
 
 
-#: Elements hashed per step: bounds the int64 temporaries to 64 MiB, whatever the weight's size.
-CHUNK = 1 << 23
+#: Elements hashed per step: bounds the int64 temporaries to 256 MiB, whatever the weight's size. Fewer, larger steps
+#: launch fewer kernels: a 7B model's 224 weights take ~3,000 launches per pass instead of ~5,400 at 64 MiB.
+CHUNK = 1 << 25
 _K = 0x9E3779B97F4A7C15 - (1 << 64)  # odd 64-bit constants as signed int64 (splitmix64's)
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _M2 = 0x94D049BB133111EB - (1 << 64)
