@@ -5,7 +5,9 @@
 At init A = A0 and B = B0, so the layer computes exactly W x + bias. ``weight`` and ``bias`` keep
 the base layer's names, dtype and layout (an ``nn.Linear`` stores W as (out, in); a GPT-2 style
 ``Conv1D`` stores it as (in, out), "fan_in_fan_out"), so a model's state-dict keys after
-:func:`minipissa.apply` are the original keys plus ``A``, ``B``, ``A0`` and ``B0``.
+:func:`minipissa.apply` are the original keys plus ``A``, ``B``, ``A0`` and ``B0``. A0 and B0 live in host memory
+(they are read only by :meth:`original` forwards, save and conversion), so that they take no device memory in
+training, and are neither buffers nor parameters (DDP does not broadcast them each step); the state dict has them.
 
 QPiSSA: ``weight`` may instead be an :class:`~minipissa.nf4.NF4Weight`, W_res in 4 bits (state-dict keys
 ``weight.codes`` and ``weight.absmax``), dequantized to the activations' dtype at each use:
@@ -15,7 +17,7 @@ QPiSSA: ``weight`` may instead be an :class:`~minipissa.nf4.NF4Weight`, W_res in
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -29,6 +31,25 @@ from .nf4 import NF4Weight
 from .weights import is_conv1d, lora_scaling, residual_weight, weight_matrix
 
 MODES = ("adapter", "original", "disabled")
+
+
+def host_copies(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Copies of ``tensors`` in host memory, each its own storage, with one device-to-host transfer per (device, dtype)
+    (one transfer, one sync, for all of a model's initial factors instead of one per tensor)."""
+    copies: list[Tensor | None] = [None] * len(tensors)
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    for (device, _), members in groups.items():
+        if device.type == "cpu":
+            for i in members:
+                copies[i] = tensors[i].detach().clone()
+            continue
+        flat = torch.cat([tensors[i].detach().reshape(-1) for i in members]).cpu()
+        pieces = flat.split([tensors[i].numel() for i in members])
+        for i, piece in zip(members, pieces, strict=True):
+            copies[i] = piece.view(tensors[i].shape).clone()  # own storage: a state dict of views would share one
+    return [cast(Tensor, c) for c in copies]
 
 
 class PiSSALinear(nn.Module):
@@ -45,8 +66,8 @@ class PiSSALinear(nn.Module):
         bias: the base's bias (or None), frozen.
         A: (r, in) trainable, ``adapter_dtype`` (default: the decomposition dtype).
         B: (out, r) trainable.
-        A0, B0: frozen copies of the initial factors, kept in the decomposition dtype through
-            ``.to()`` so that :meth:`original` and conversion stay exact after ``model.half()``.
+        A0, B0: frozen copies of the initial factors in host memory, in the decomposition dtype whatever ``.to()``
+            does to the module, so that :meth:`original` and conversion stay exact after ``model.half()``.
         info: metadata of the initialisation (init method, singular values, ...), JSON-able.
         mode: "adapter" (the default), "original" (W_res + s B0 A0) or "disabled" (W_res alone).
         shared_casts: the model's :class:`SharedCasts`, asked for A and B in the activations' dtype.
@@ -75,7 +96,9 @@ class PiSSALinear(nn.Module):
         info: dict[str, Any] | None = None,
         base_is_residual: bool = False,
         residual: NF4Weight | None = None,
+        initial: tuple[Tensor, Tensor] | None = None,
     ) -> None:
+        """``initial``: A0 and B0 already copied to host memory (apply() copies all layers' in one transfer)."""
         super().__init__()
         base_weight = cast(Tensor, base.weight)
         self.fan_in_fan_out = is_conv1d(base) if fan_in_fan_out is None else fan_in_fan_out
@@ -119,8 +142,8 @@ class PiSSALinear(nn.Module):
             self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.A = nn.Parameter(a0.clone().to(dtype))
         self.B = nn.Parameter(b0.clone().to(dtype))
-        self.register_buffer("A0", a0.clone())
-        self.register_buffer("B0", b0.clone())
+        self.A0, self.B0 = initial if initial is not None else host_copies([a0, b0])
+        self.initial_on_device: tuple[Tensor, Tensor] | None = None  # set while in original() (model.py)
         # While merged, the exact residual is kept here (one weight's memory) so that unmerge is
         # bit-exact and merge/unmerge cycles never drift. Non-persistent: no state-dict key.
         self.register_buffer("residual_while_merged", None, persistent=False)
@@ -177,10 +200,12 @@ class PiSSALinear(nn.Module):
             raise RuntimeError(f"minipissa.{self.mode}(): the layer is merged; unmerge it first")
         if self.mode == "disabled" or self.merged:
             return y
-        a, b = (self.A0, self.B0) if self.mode == "original" else (self.A, self.B)
-        x = x if self.mode == "original" else self.dropout(x)
+        if self.mode == "original":
+            a, b = self.initial_on_device or (self.A0, self.B0)
+        else:
+            a, b, x = self.A, self.B, self.dropout(x)
         # Scale the rank-r intermediate, not the (..., out) output: r/out of the multiplications.
-        return y + F.linear(F.linear(x, a.to(x.dtype)) * self.scaling, b.to(x.dtype))
+        return y + F.linear(F.linear(x, a.to(x.device, x.dtype)) * self.scaling, b.to(x.device, x.dtype))
 
     def _fast_path_applies(self, x: Tensor) -> bool:
         """The fast path (adapter_fn.py) picks one dtype for every product, so not under autocast; and its 4-bit
@@ -253,10 +278,10 @@ class PiSSALinear(nn.Module):
         return base
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
-        # Module.to(dtype) / .half() would round A0/B0 (and the fp32 master A/B) to the new
-        # dtype, destroying the exactness of original() and of conversion. Adapter tensors
-        # follow device moves only; change their dtype explicitly via `adapter_dtype`.
-        kept = [self.A, self.B, self.A0, self.B0, self.A.grad, self.B.grad]
+        # Module.to(dtype) / .half() would round the fp32 master A/B to the new dtype (A0/B0 are not module tensors:
+        # they stay as they are, on the host). Adapter tensors follow device moves only; change their dtype
+        # explicitly via `adapter_dtype`.
+        kept = [self.A, self.B, self.A.grad, self.B.grad]
         kept_ids = {id(t) for t in kept if t is not None}
 
         def device_only(t: Tensor) -> Tensor:
@@ -266,6 +291,37 @@ class PiSSALinear(nn.Module):
             return t.to(device=target.device)
 
         return super()._apply(device_only, recurse)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "A0"], destination[prefix + "B0"] = self.A0, self.B0
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # A0 and B0 as buffers would load: copied into the host tensors, shapes checked (load_state_dict works on
+        # its own copy of the dict, so taking the two keys out of it is safe).
+        for key, mine in ((prefix + "A0", self.A0), (prefix + "B0", self.B0)):
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            value = state_dict.pop(key)
+            if not isinstance(value, Tensor) or value.shape != mine.shape:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                error_msgs.append(f"size mismatch for {key}: copying {shape}, the layer holds {tuple(mine.shape)}.")
+                continue
+            with torch.no_grad():
+                mine.copy_(value)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         layout = ", fan_in_fan_out" if self.fan_in_fan_out else ""

@@ -15,7 +15,7 @@ from . import casts, report, trained
 from .config import MEMORY_BUDGET, InitConfig
 from .fingerprint import Pending, describe, fingerprint_later, is_finite, read_all
 from .init import Factors, factors, nonfinite_factors, plan_modules, progress_reporter, refuse_nonfinite
-from .layer import PiSSALinear
+from .layer import PiSSALinear, host_copies
 from .qpissa import ERRORS, quantize_residual
 from .sharded.dtensor import is_dtensor, refuse_sharded
 from .sharded.fsdp import FsdpAdoption
@@ -145,7 +145,13 @@ def adapt(
     prints = _refuse_nonfinite_weights(plain, queued)
     refuse_nonfinite(nonfinite_factors(items), "initial factors (weights too large for a float32 Gram?)")
     base_print = {p.name: fp for p, fp in zip(plain, prints, strict=True)}
+    # Every A0 and B0 in host memory at once (one transfer and one sync, not two per layer inside the loop below).
+    on_host = host_copies([t for item in items for t in (item.a0, item.b0)])
+    initial = {id(item): (on_host[2 * i], on_host[2 * i + 1]) for i, item in enumerate(items)}
     built: list[tuple[PiSSALinear, Factors]] = []
+    # The residuals' fingerprints, so that save() can tell whether one was edited since: queued as each layer is
+    # built, so that the device hashes one residual while the host builds the next layer; read back once, after.
+    residual_prints: list[Pending | dict[str, Any]] = []
     quant_errors: list[Tensor] = []  # QPiSSA: read back with the fingerprints, after the loop (no sync in it)
     aliases = module_aliases(model)
     try:
@@ -165,11 +171,13 @@ def adapt(
                 cfg.recorded(),
                 weight_is_residual=item.weight_is_residual,
                 residual=residual,
+                initial=initial.get(id(item)),
             )
             replace_module(model, item.plan.name, layer, aliases)
             if fsdp is not None:
                 fsdp.adopt(item.plan.module, layer)
             built.append((layer, item))
+            residual_prints.append(item.residual_print or fingerprint_later(layer.stored_residual()))
             if item.weight_is_residual:
                 report_progress(len(items) + len(built))
     except BaseException as e:
@@ -183,11 +191,7 @@ def adapt(
                 e.add_note(where)
             raise
         raise RuntimeError(f"{where} ({type(e).__name__}: {e})") from e
-    # The residuals' fingerprints (one read-back), so that save() can tell whether one was edited since.
-    residual_prints = read_all(
-        [item.residual_print or fingerprint_later(layer.stored_residual()) for layer, item in built]
-    )
-    for (layer, item), residual_print in zip(built, residual_prints, strict=True):
+    for (layer, item), residual_print in zip(built, read_all(residual_prints), strict=True):
         layer.info.update(describe(item.sigma, item.base_print or base_print[item.plan.name]))
         layer.info["residual_fingerprint"] = residual_print
     for (layer, _), errors in zip(built, quant_errors, strict=False):  # one per layer when quantized
@@ -247,14 +251,16 @@ def _mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
     layers = [layer for _, layer in adapted_layers(model, mode)]
     if any(layer.merged for layer in layers):
         raise RuntimeError(f"minipissa.{mode}(): the model is merged; call minipissa.unmerge(model) first")
-    before = [layer.mode for layer in layers]
+    before = [(layer.mode, layer.initial_on_device) for layer in layers]
     for layer in layers:
         layer.mode = mode
+        if mode == "original" and layer.A0.device != layer.A.device:  # A0, B0 live on the host: copied once here
+            layer.initial_on_device = (layer.A0.to(layer.A.device), layer.B0.to(layer.A.device))
     try:
         yield model
     finally:
-        for layer, previous in zip(layers, before, strict=True):
-            layer.mode = previous
+        for layer, (previous, initial) in zip(layers, before, strict=True):
+            layer.mode, layer.initial_on_device = previous, initial
 
 
 def original(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:

@@ -276,7 +276,10 @@ def load(
             device = plan.weight.device if residual is None else residual.codes.device
             a0, b0 = rec.A0.to(device), rec.B0.to(device)
             from_file = base == "residual" and residual is None
-            layer = build_layer(plan, a0, b0, dict(rec.info), weight_is_residual=from_file, residual=residual)
+            initial = (rec.A0.clone(), rec.B0.clone())  # in host memory already: no transfer back
+            layer = build_layer(
+                plan, a0, b0, dict(rec.info), weight_is_residual=from_file, residual=residual, initial=initial
+            )
             replace_module(model, rec.name, layer, aliases)
             built.append(layer)
         with torch.no_grad():

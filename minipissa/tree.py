@@ -56,11 +56,13 @@ def build_layer(
     *,
     weight_is_residual: bool = False,
     residual: NF4Weight | None = None,
+    initial: tuple[Tensor, Tensor] | None = None,
 ) -> PiSSALinear:
     """The PiSSALinear for ``plan`` from its initial factors A0 (r, in), B0 (out, r); it takes the module's
     tensors over. ``weight_is_residual``: the module's weight already holds W_res (a residual file, or
     sharded init, which wrote it into the shards): the layer keeps that very Parameter. ``residual``: W_res
-    made already, in 4 bits (QPiSSA: qpissa.py), for a quantizing plan."""
+    made already, in 4 bits (QPiSSA: qpissa.py), for a quantizing plan. ``initial``: A0 and B0 copied to host memory
+    already (:func:`~minipissa.layer.host_copies`)."""
     if bool(plan.quantize) != (residual is not None):
         raise ValueError(f"build_layer: module '{plan.name}': quantize={plan.quantize!r} needs its NF4 residual")
     base = plan.module
@@ -68,6 +70,7 @@ def build_layer(
     layer = PiSSALinear(
         base, a0, b0, alpha=plan.alpha, rslora=plan.rslora, dropout=plan.dropout, fan_in_fan_out=plan.fan_in_fan_out,
         adapter_dtype=plan.adapter_dtype, info=info, base_is_residual=weight_is_residual, residual=residual,
+        initial=initial,
     )  # fmt: skip
     if weight_is_residual:  # the same Parameter objects: a wrapper (FSDP2) may hold them
         layer.weight, layer.bias = cast(nn.Parameter, weight), cast(nn.Parameter | None, bias)

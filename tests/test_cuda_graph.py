@@ -69,5 +69,5 @@ def test_a_graphed_step_trains_as_the_eager_step(dtype: torch.dtype) -> None:
     for (name, layer), (_, twin) in zip(minipissa.pissa_layers(eager), minipissa.pissa_layers(graphed), strict=True):
         torch.testing.assert_close(twin.A, layer.A, **tol, msg=lambda m, n=name: f"{n}.A: {m}")
         torch.testing.assert_close(twin.B, layer.B, **tol, msg=lambda m, n=name: f"{n}.B: {m}")
-        moved = max(moved, (layer.A - layer.A0).abs().max().item())
+        moved = max(moved, (layer.A - layer.A0.to(layer.A.device)).abs().max().item())
     assert moved > 1e-3  # the steps did train

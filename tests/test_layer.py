@@ -264,3 +264,53 @@ def test_unfrozen_bias_and_residual_get_gradients():
     plain(reference[2], torch.tanh(plain(reference[0], x))).square().mean().backward()
     assert torch.allclose(model[0].bias.grad, reference[0].bias.grad, atol=1e-6)
     assert torch.allclose(model[2].weight.grad, reference[2].weight.grad, atol=1e-6)
+
+
+def test_initial_factors_live_on_the_host_outside_the_buffers_and_load_with_the_state_dict():
+    torch.manual_seed(0)
+    model = minipissa.apply(nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 8)), 4, ["0", "2"])
+    layer = model[0]
+    assert layer.A0.device.type == layer.B0.device.type == "cpu"
+    assert not {n for n, _ in model.named_buffers()} & {"0.A0", "0.B0", "2.A0", "2.B0"}  # DDP broadcasts buffers
+    state = model.state_dict()
+    assert torch.equal(state["0.A0"], layer.A0) and torch.equal(state["2.B0"], model[2].B0)
+    a0_before = layer.A0.clone()
+    # Another init (another seed), then the first model's state: A0 and B0 come back exactly, in their own tensors.
+    torch.manual_seed(0)
+    other = minipissa.apply(nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 8)), 4, ["0", "2"], init="lora")
+    assert not torch.equal(other[0].A0, a0_before)
+    other.load_state_dict(state)
+    assert torch.equal(other[0].A0, a0_before) and torch.equal(other[2].B0, model[2].B0)
+    assert other[0].A0.data_ptr() != layer.A0.data_ptr()
+    x = torch.randn(3, 12)
+    with torch.no_grad(), minipissa.original(model), minipissa.original(other):
+        assert torch.equal(other(x), model(x))
+    # strict loading names a missing A0 and a wrong shape, as it does for buffers
+    partial = {k: v for k, v in state.items() if k != "2.A0"}
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*2\.A0"):
+        other.load_state_dict(partial)
+    with pytest.raises(RuntimeError, match=r"size mismatch for 0\.B0"):
+        other.load_state_dict(state | {"0.B0": torch.zeros(3, 3)})
+    assert other.load_state_dict(partial, strict=False).missing_keys == ["2.A0"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_initial_factors_stay_on_the_host_of_a_gpu_model_and_original_still_matches_the_base():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).cuda()
+    x = torch.randn(5, 64, device="cuda")
+    expected = base(x).detach()
+    model = minipissa.apply(copy.deepcopy(base), 8, ["0", "2"], niter=4)
+    layer = model[0]
+    assert layer.A.is_cuda and not layer.A0.is_cuda and not layer.B0.is_cuda
+    for t in (layer.A0, layer.B0, model[2].A0):  # each its own storage (one shared by all would break safetensors)
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    model.cpu().cuda()  # device moves leave them where they are
+    assert not layer.A0.is_cuda
+    with torch.no_grad():
+        model[0].A.add_(1.0)  # training moved A: original() must not use it
+        with minipissa.original(model):
+            assert layer.initial_on_device is not None and layer.initial_on_device[0].is_cuda
+            got = model(x)
+        assert layer.initial_on_device is None
+    assert torch.allclose(got, expected, atol=1e-5)
