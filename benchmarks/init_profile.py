@@ -46,8 +46,8 @@ def main() -> None:
     seconds = [once() for _ in range(args.rounds)]
     summary = (
         f"apply(niter={args.niter}, oversample={args.oversample}) on {args.setting}/{device}: median "
-        f"{statistics.median(seconds):.3f} s (min {min(seconds):.3f}, max {max(seconds):.3f}) over {args.rounds} rounds; "
-        f"{common.environment()}"
+        f"{statistics.median(seconds):.3f} s (min {min(seconds):.3f}, max {max(seconds):.3f}) over {args.rounds} "
+        f"rounds; {common.environment()}"
     )
     print(summary, flush=True)
     model = common.fresh(base)

@@ -172,6 +172,9 @@ def contenders_of(args: Any, r: int, targets: Any, peft_targets: Any, bf16: bool
     if bf16:
         rows.append(("PEFT LoRA bf16 adapters", "frozen base", peft_bf16))
     rows.append(("minipissa (fp32 masters)", "frozen base", mini))
+    if bf16:  # PEFT-bf16's peer in memory: no float32 masters
+        mini_bf16 = lambda m: minipissa.apply(m, r, targets, niter=2, adapter_dtype=torch.bfloat16)  # noqa: E731
+        rows.append(("minipissa bf16 adapters", "frozen base", mini_bf16))
     mode, compiled_peer = args.compile_mode, f"frozen base + compile ({args.compile_mode})"
     if args.compile:  # compiled against compiled: the frozen base gains from the compiler too
         peer = compiled_peer
