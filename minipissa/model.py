@@ -145,8 +145,8 @@ def adapt(
     prints = _refuse_nonfinite_weights(plain, queued)
     refuse_nonfinite(nonfinite_factors(items), "initial factors (weights too large for a float32 Gram?)")
     base_print = {p.name: fp for p, fp in zip(plain, prints, strict=True)}
-    # Every A0 and B0 in host memory at once (one transfer and one sync, not two per layer inside the loop below).
-    on_host = host_copies([t for item in items for t in (item.a0, item.b0)])
+    # Every A0 and B0 to host memory, queued now to run beside the loop below (not two syncs per layer inside it).
+    on_host = host_copies([t for item in items for t in (item.a0, item.b0)], wait=False)
     initial = {id(item): (on_host[2 * i], on_host[2 * i + 1]) for i, item in enumerate(items)}
     built: list[tuple[PiSSALinear, Factors]] = []
     # The residuals' fingerprints, so that save() can tell whether one was edited since: queued as each layer is
@@ -191,6 +191,8 @@ def adapt(
                 e.add_note(where)
             raise
         raise RuntimeError(f"{where} ({type(e).__name__}: {e})") from e
+    for device in {item.a0.device for item in items if item.a0.is_cuda}:  # the host copies of A0 and B0 have landed
+        torch.cuda.current_stream(device).synchronize()
     for (layer, item), residual_print in zip(built, read_all(residual_prints), strict=True):
         layer.info.update(describe(item.sigma, item.base_print or base_print[item.plan.name]))
         layer.info["residual_fingerprint"] = residual_print
@@ -255,7 +257,8 @@ def _mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
     for layer in layers:
         layer.mode = mode
         if mode == "original" and layer.A0.device != layer.A.device:  # A0, B0 live on the host: copied once here
-            layer.initial_on_device = (layer.A0.to(layer.A.device), layer.B0.to(layer.A.device))
+            device = layer.A.device
+            layer.initial_on_device = (layer.A0.to(device, non_blocking=True), layer.B0.to(device, non_blocking=True))
     try:
         yield model
     finally:
