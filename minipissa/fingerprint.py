@@ -73,7 +73,7 @@ def fingerprint_later(weight: Tensor) -> Pending:
     bits = matrix.view(_INT_VIEW[matrix.element_size()]) if matrix.is_floating_point() else matrix
     columns, rows = _keys(width, 1, flat.device), _keys(matrix.shape[0], 2, flat.device)
     on_cpu = flat.device.type == "cpu"
-    digest = torch.zeros((), dtype=torch.int64, device=flat.device) if not matrix.shape[0] else None
+    digest: Tensor | None = None
     step = max(1, CHUNK // width)
     for start in range(0, matrix.shape[0], step):
         chunk, keys = bits[start : start + step], rows[start : start + step]
@@ -88,7 +88,8 @@ def fingerprint_later(weight: Tensor) -> Pending:
     rows_dtype = torch.float64 if floats.dtype == torch.float64 else torch.float32
     total = floats.sum(dim=1, dtype=rows_dtype).sum(dtype=torch.float64)
     sumsq = torch.linalg.vector_norm(floats, dim=1, dtype=rows_dtype).to(torch.float64).square().sum()
-    assert digest is not None
+    if digest is None:  # no rows
+        digest = torch.zeros((), dtype=torch.int64, device=flat.device)
     values = torch.stack([digest, total.view(torch.int64), sumsq.view(torch.int64)])
     return Pending(list(weight.shape), str(weight.dtype).removeprefix("torch."), values)
 
