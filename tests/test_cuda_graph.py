@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import minipissa
-from tests.models import tiny_llama
+from models import tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
