@@ -7,9 +7,9 @@ import copy
 
 import pytest
 import torch
+from models import tiny_llama
 
 import minipissa
-from models import tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
