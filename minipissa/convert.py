@@ -30,7 +30,7 @@ from .errors import PathLike, StateError, as_path
 from .records import ModuleRecord
 from .safefile import write_safetensors
 from .sharded.dtensor import write_once
-from .tree import adapted_layers
+from .tree import adapted_layers, unwrap
 from .weights import lora_scaling
 
 PEFT_PREFIX = "base_model.model."
@@ -134,6 +134,7 @@ def convert_to_lora(
             raise StateError(f"minipissa.convert_to_lora: {name} must be a string or None, got {value!r}")
     meta: Any
     if isinstance(src, nn.Module):
+        src = unwrap(src, "convert_to_lora")
         recs = state.records_of(adapted_layers(src, "convert_to_lora"))
         full_tensors, meta = trained.pack(src)
     else:
