@@ -111,7 +111,7 @@ def unwrap(model: nn.Module, what: str, *, adds_parameters: bool = False) -> nn.
 
 
 def _is_compiled(module: nn.Module) -> bool:
-    """Whether ``module`` is torch.compile's wrapper, torch._dynamo.eval_frame.OptimizedModule (tested on torch 2.11
+    """Whether ``module`` is torch.compile's wrapper, torch._dynamo.eval_frame.OptimizedModule (checked on torch 2.11
     and 2.13): found by isinstance where torch has it (torch.compile loads that module; importing it here would cost
     1.4 s), else by its class name, so that a torch which moved the class still unwraps; either way its
     ``_orig_mod``, the documented way back to the compiled module, must be a module."""

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import minipissa
 from minipissa import StateError
 from minipissa.__main__ import main
+from minipissa.atomic import final_path
 
 
 def base() -> nn.Module:
@@ -53,6 +57,29 @@ def files_of(root: Path) -> dict[str, tuple[str, object, int]]:
         else:
             out[str(path.relative_to(root))] = ("file", path.read_bytes(), stat.S_IMODE(info.st_mode))
     return out
+
+
+@given(
+    hops=st.lists(st.tuples(st.booleans(), st.integers(0, 2)), max_size=5),
+    exists=st.booleans(),
+)
+def test_final_path_is_where_the_os_resolves_the_link(hops: list[tuple[bool, int]], exists: bool) -> None:
+    """A chain of links, each absolute or relative, each in one of three directories, ending at a file or at
+    nothing: final_path is no link, and is where the OS's own resolution (realpath) ends."""
+    with tempfile.TemporaryDirectory() as root:
+        dirs = [Path(root) / d for d in ("a", "b", "a/c")]
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+        end = dirs[len(hops) % 3] / "end"
+        if exists:
+            end.write_text("x")
+        for i, (absolute, where) in enumerate(hops):
+            link = dirs[where] / f"link{i}"
+            link.symlink_to(end if absolute else os.path.relpath(end, link.parent))
+            end = link
+        final = final_path(end)
+        assert not final.is_symlink() and final.exists() == exists
+        assert os.path.realpath(final) == os.path.realpath(end)
 
 
 @pytest.fixture
