@@ -25,12 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from . import linalg, state, trained
-from .atomic import atomic_write_dir
+from .atomic import atomic_write_dir, write_target
 from .errors import PathLike, StateError, as_path
 from .records import ModuleRecord
 from .safefile import write_safetensors
 from .sharded.dtensor import write_once
-from .tree import adapted_layers
+from .tree import adapted_layers, unwrap
 from .weights import lora_scaling
 
 PEFT_PREFIX = "base_model.model."
@@ -134,6 +134,7 @@ def convert_to_lora(
             raise StateError(f"minipissa.convert_to_lora: {name} must be a string or None, got {value!r}")
     meta: Any
     if isinstance(src, nn.Module):
+        src = unwrap(src, "convert_to_lora")
         recs = state.records_of(adapted_layers(src, "convert_to_lora"))
         full_tensors, meta = trained.pack(src)
     else:
@@ -141,8 +142,7 @@ def convert_to_lora(
         meta = info.get("trained")
     full = trained.unpack(meta, dict(full_tensors), f"minipissa.convert_to_lora('{src}')")
     out = as_path(out_dir, "output directory")
-    if out.exists() and not out.is_dir():
-        raise StateError(f"minipissa.convert_to_lora: '{out}' exists and is not a directory; give a directory")
+    write_target(out, "directory")  # checked before the work: a file in the way, the working directory, ...
 
     factors: dict[str, tuple[Tensor, Tensor]] = {}
     errors: dict[str, float] = {}

@@ -29,6 +29,7 @@ from .tree import (
     pissa_layers,
     replace_module,
     train_adapters_only,
+    unwrap,
 )
 
 
@@ -85,9 +86,12 @@ def apply(
         train_modules: patterns (as ``targets``, any module kind) of modules to train in full beside the adapters,
             e.g. a new classification head; saved with the adapter, exported as PEFT's ``modules_to_save``.
 
-    After apply, only the A and B parameters (and ``train_modules``) require gradients.
+    After apply, only the A and B parameters (and ``train_modules``) require gradients. ``model`` may be wrapped
+    (``torch.compile``, DataParallel; not DistributedDataParallel: apply first, then wrap): the model inside is
+    adapted, and ``model`` as given is returned.
     """
     start = time.perf_counter()
+    outer, model = model, unwrap(model, "apply", adds_parameters=True)
     cfg = InitConfig(
         rank, alpha, rslora, init, niter, oversample, seed, components, dropout, adapter_dtype, memory_budget,
         quantize=quantize, quant_iters=quant_iters,
@@ -99,7 +103,7 @@ def apply(
         trained.mark(model, full)
         train_adapters_only(model)
     report.record_init_time(model, time.perf_counter() - start)
-    return model
+    return outer
 
 
 def adapt(
@@ -239,13 +243,14 @@ def unmerge(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module) -> nn.Module:
     """Merge and put the original Linear/Conv1D classes back: the fine-tuned model, no minipissa left."""
     refuse_sharded(model, "unload")
+    outer, model = model, unwrap(model, "unload")
     layers = adapted_layers(model, "unload")
     casts.remove([layer for _, layer in layers])
     aliases = module_aliases(model)
     for name, layer in layers:
         replace_module(model, name, layer.unload(), aliases)
     report.record_init_time(model, None)
-    return model
+    return outer
 
 
 @contextlib.contextmanager

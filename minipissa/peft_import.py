@@ -24,7 +24,7 @@ from .errors import PathLike, StateError, as_path
 from .init import Factors, plan_modules
 from .model import adapt
 from .state import save
-from .tree import pissa_layers
+from .tree import pissa_layers, unwrap
 
 KEY = re.compile(r"base_model\.model\.(?P<name>.+)\.lora_(?P<which>[AB])\.weight")
 
@@ -72,6 +72,7 @@ def import_peft(model: nn.Module, initial: PathLike, trained: PathLike) -> nn.Mo
         StateError: the initial adapter is missing, is not a PiSSA init, or does not fit the trained one or the
             model; nothing is changed then.
     """
+    outer, model = model, unwrap(model, "import_peft", adds_parameters=True)
     try:
         init_config, init = read_peft_adapter(initial)
     except StateError as e:
@@ -131,7 +132,7 @@ def import_peft(model: nn.Module, initial: PathLike, trained: PathLike) -> nn.Mo
             a, b = final[name]
             layers[name].A.copy_(a)
             layers[name].B.copy_(b)
-    return model
+    return outer
 
 
 class Conv1D(nn.Module):

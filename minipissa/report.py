@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .nf4 import BYTES_PER_PARAM as NF4_BYTES_PER_PARAM
-from .tree import pissa_layers
+from .tree import pissa_layers, unwrap
 
 #: Seconds apply() took, per model (weakly held: the record goes with the model).
 _INIT_SECONDS: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
@@ -73,6 +73,7 @@ class Summary:
 
 def summary(model: nn.Module) -> Summary:
     """Adapted modules, parameter counts, init time and per-module explained energy."""
+    model = unwrap(model, "summary")
     result = Summary(seconds=_INIT_SECONDS.get(model))
     for name, layer in pissa_layers(model):
         sigma = torch.tensor(layer.info.get("singular_values", []), dtype=torch.float64)

@@ -22,7 +22,7 @@ from .nf4 import NF4Weight
 from .nf4_linear import NF4Linear
 from .sharded.dtensor import full_tensor, is_dtensor, refuse_sharded, write_once
 from .targets import is_supported
-from .tree import adapted_layers, module_aliases, pissa_layers, replace_module
+from .tree import adapted_layers, module_aliases, pissa_layers, replace_module, unwrap
 from .weights import is_conv1d
 
 KIND = "residual"
@@ -40,6 +40,7 @@ def save_residual(model: nn.Module, path: PathLike) -> None:
     A merged layer contributes its exact residual, not the merged weight.
     """
     safefile.as_path(path)
+    model = unwrap(model, "save_residual")
     layers = dict(adapted_layers(model, "save_residual"))
     adapter_keys = {f"{name}.{k}" for name in layers for k in ("A", "B", "A0", "B0")}
     state = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in adapter_keys}
@@ -121,6 +122,7 @@ def load_residual(model: nn.Module, path: PathLike) -> nn.Module:
     """
     where = f"minipissa.load_residual('{path}')"
     refuse_sharded(model, "load_residual")
+    outer, model = model, unwrap(model, "load_residual")
     tied, _, tensors, quantized = read(path)
     if any(True for _ in pissa_layers(model)):
         raise StateError(f"{where}: the model already has PiSSA layers; load residual weights into a plain model")
@@ -169,7 +171,7 @@ def load_residual(model: nn.Module, path: PathLike) -> nn.Module:
         replace_module(
             model, name, NF4Linear(module, weight, None if bias is None else bias.detach(), is_conv1d(module)), aliases
         )
-    return model
+    return outer
 
 
 def _quantized_module(model: nn.Module, name: str, weight: NF4Weight, where: str) -> nn.Module:

@@ -33,6 +33,7 @@ from .tree import (
     pissa_layers,
     replace_module,
     train_adapters_only,
+    unwrap,
 )
 from .weights import is_conv1d, lora_scaling, weight_matrix
 
@@ -47,6 +48,7 @@ def save(model: nn.Module, path: PathLike, *, optimizer: torch.optim.Optimizer |
             hyperparameters in the metadata), restored by ``load(..., optimizer=)``.
     """
     safefile.as_path(path)
+    model = unwrap(model, "save")
     layers = adapted_layers(model, "save")
     recs = records_of(layers)
     tensors = {f"{r.name}.{k}": getattr(r, k) for r in recs for k in records.FACTORS}
@@ -237,6 +239,7 @@ def load(
         StateError: with the module name and what to do; the model is then unchanged.
     """
     refuse_sharded(model, "load")
+    outer, model = model, unwrap(model, "load")
     if base not in ("original", "residual"):
         raise StateError(f"minipissa.load: base must be 'original' or 'residual', got {base!r}")
     info, recs, opt_tensors = read(path)
@@ -247,6 +250,8 @@ def load(
     stray = [name for name, _ in pissa_layers(model) if name not in in_file]
     if stray:
         raise StateError(f"minipissa: the model has PiSSA layers {stray[:5]} that '{path}' does not have")
+    if not all(loading.existing for loading in loadings):  # new layers: refused under DDP (see unwrap)
+        unwrap(outer, "load", adds_parameters=True)
     opt_state = None
     if optimizer is not None:
         if not all(loading.existing for loading in loadings):
@@ -296,4 +301,4 @@ def load(
     casts.install(model, [layer for _, layer in pissa_layers(model)])
     if optimizer is not None and opt_state is not None:
         optimizer.load_state_dict(opt_state)
-    return model
+    return outer

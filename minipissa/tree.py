@@ -1,8 +1,10 @@
 """The model tree: one module to adapt (:class:`Plan`), the one builder of its layer, and the tree helpers
-that apply(), load() and sharded init share: list the PiSSA layers, put a layer in place, freeze all but A/B."""
+that apply(), load() and sharded init share: the model inside torch's wrappers, list the PiSSA layers, put a layer
+in place, freeze all but A/B."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
@@ -80,9 +82,50 @@ def build_layer(
     return layer
 
 
+def unwrap(model: nn.Module, what: str, *, adds_parameters: bool = False) -> nn.Module:
+    """The model inside the wrappers torch puts around one, however nested: ``torch.compile``'s OptimizedModule
+    (``._orig_mod``), DistributedDataParallel and DataParallel (``.module``); ``model`` itself if it is none of these
+    (FSDP2's ``fully_shard`` changes the class in place and adds no name). Every public function taking a model starts
+    here, so that the names it reads and writes (files, patterns, :func:`pissa_layers`) are the bare model's.
+
+    ``adds_parameters``: the call ``what`` puts new parameters (A, B) into the model. Refused under DDP, whose reducer
+    took the parameter list when it was built: the new ones would never be all-reduced, each rank training its own
+    adapter. (DataParallel replicates ``.module`` at every forward, and compiled code re-traces a changed module.)
+    """
+    inner = model
+    while True:
+        if isinstance(inner, nn.parallel.DistributedDataParallel):
+            if adds_parameters:
+                raise StateError(
+                    f"minipissa.{what}: the model is wrapped in DistributedDataParallel, which keeps the parameter "
+                    "list it was built with: the adapters' A and B would not be synchronised across ranks. Call it "
+                    f"on the bare model before wrapping: model = DistributedDataParallel(minipissa.{what}(model, ...))"
+                )
+            inner = cast(nn.Module, inner.module)
+        elif isinstance(inner, nn.DataParallel):
+            inner = cast(nn.Module, inner.module)
+        elif _is_compiled(inner):
+            inner = cast(nn.Module, inner._orig_mod)
+        else:
+            return inner
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is torch.compile's wrapper, torch._dynamo.eval_frame.OptimizedModule (checked on torch 2.11
+    and 2.13): found by isinstance where torch has it (torch.compile loads that module; importing it here would cost
+    1.4 s), else by its class name, so that a torch which moved the class still unwraps; either way its
+    ``_orig_mod``, the documented way back to the compiled module, must be a module."""
+    if not isinstance(getattr(module, "_orig_mod", None), nn.Module):
+        return False
+    known = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    if isinstance(known, type) and isinstance(module, known):
+        return True
+    return any(cls.__name__ == "OptimizedModule" for cls in type(module).__mro__)
+
+
 def pissa_layers(model: nn.Module) -> Iterator[tuple[str, PiSSALinear]]:
-    """(full name, layer) for every PiSSALinear in ``model``."""
-    for name, module in model.named_modules():
+    """(full name, layer) for every PiSSALinear in ``model`` (inside torch's wrappers: :func:`unwrap`)."""
+    for name, module in unwrap(model, "pissa_layers").named_modules():
         if isinstance(module, PiSSALinear):
             yield name, module
 

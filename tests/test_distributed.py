@@ -43,7 +43,7 @@ from minipissa.config import InitConfig
 from minipissa.init import initial_factors
 from minipissa.sharded.dtensor import is_dtensor
 from minipissa.sharded.init import assign_owners
-from minipissa.tree import Plan
+from minipissa.tree import Plan, unwrap
 from minipissa.weights import residual_weight, weight_matrix
 
 LORA_APPLY = dict(LAYOUTS_APPLY, init="lora")
@@ -183,6 +183,10 @@ def save_worker(rank: int, out: Path) -> None:
     save_all(model, opt, out, "fsdp")  # collective: every rank calls, rank 0 writes, all wait
     # Every rank may read the file as soon as save() returns.
     result: dict[str, Any] = {"readable": (out / "fsdp.safetensors").is_file(), "writes": writes}
+    # fully_shard changes the class in place and adds no name: every name is the bare model's (files: the test).
+    result["bare"] = unwrap(model, "save") is model
+    names = [n for n, _ in minipissa.pissa_layers(model)]
+    result["names"] = [names, [m.name for m in minipissa.summary(model).modules]]
     # Rank 0 fails to write (no such directory): every rank raises, none hangs.
     result["failure"] = error_of(lambda: minipissa.save(model, out / "missing" / "x.safetensors"))
 
@@ -361,8 +365,9 @@ def test_save_after_fsdp2_training_gives_the_single_process_files(tmp_path: Path
     assert results[1]["writes"] == []
     assert results[0]["failure"][0] == "StateError"
     assert results[1]["failure"][0] == "RuntimeError" and "StateError" in results[1]["failure"][1]
+    names = [n for n, _ in minipissa.pissa_layers(single)]
     for result in results:
-        assert result["readable"]
+        assert result["readable"] and result["bare"] and result["names"] == [names, names]
     for name in ("fsdp.safetensors", "fsdp_residual.safetensors", "fsdp_lora/adapter_model.safetensors"):
         assert_same_file(tmp_path / name, tmp_path / "one" / name)
     config = "fsdp_lora/adapter_config.json"
