@@ -141,6 +141,13 @@ def convert_to_lora(
         info, recs, full_tensors = state.read(src)
         meta = info.get("trained")
     full = trained.unpack(meta, dict(full_tensors), f"minipissa.convert_to_lora('{src}')")
+    edited = [rec.name for rec in recs if rec.info.get("residual_edited")]
+    if edited:
+        raise StateError(
+            f"minipissa.convert_to_lora: the residual of module(s) {edited[:5]} was edited after apply() (in place, by "
+            "a cast a reload cannot repeat, or by replacing A0/B0), so no LoRA on the original weights gives the "
+            "trained model; nothing was written. Serve the PiSSA model itself (save_residual + the adapter)"
+        )
     out = as_path(out_dir, "output directory")
     write_target(out, "directory")  # checked before the work: a file in the way, the working directory, ...
 

@@ -64,23 +64,41 @@ def _keys(n: int, salt: int, device: torch.device) -> Tensor:
     return z | 1
 
 
+def _matrix(t: Tensor) -> Tensor:
+    """``t`` seen as the matrix its hash covers: (rows, last dim); a scalar or an empty tensor as one row."""
+    flat = t.detach().reshape(-1)
+    return flat.reshape(-1, t.shape[-1] if t.ndim and flat.numel() else max(flat.numel(), 1))
+
+
+def rows_per_step(n: int, width: int) -> int:
+    """Rows of each of n matrices hashed per step: at most CHUNK elements of int64 temporaries (one row each, at
+    least)."""
+    return max(1, CHUNK // (width * n))
+
+
+def _digests(matrices: Tensor) -> Tensor | None:
+    """(n,) int64: the hash of each of n matrices (n, rows, width) of one dtype; None for matrices without rows."""
+    n, height, width = matrices.shape
+    bits = matrices.view(_INT_VIEW[matrices.element_size()]) if matrices.is_floating_point() else matrices
+    columns, rows = _keys(width, 1, matrices.device), _keys(height, 2, matrices.device)
+    on_cpu = matrices.device.type == "cpu"
+    digest: Tensor | None = None
+    step = rows_per_step(n, width)
+    for start in range(0, height, step):
+        chunk, keys = bits[:, start : start + step], rows[start : start + step]
+        # On a CPU, int64 GEMVs (5x faster there; int64 wraps the same way in any order). Elsewhere (CUDA has no
+        # integer GEMV) int16/int32 bits times int64 keys, promoted inside one kernel: no int64 copy of W first.
+        part = chunk.to(torch.int64) @ columns @ keys if on_cpu else ((chunk * columns).sum(dim=-1) * keys).sum(-1)
+        digest = part if digest is None else digest + part
+    return digest
+
+
 @torch.no_grad()
 def fingerprint_later(weight: Tensor) -> Pending:
     """Queue a fingerprint's device work (no host sync), to be read back later by :func:`read_all`."""
-    flat = weight.detach().reshape(-1)
-    width = weight.shape[-1] if weight.ndim and flat.numel() else max(flat.numel(), 1)
-    matrix = flat.reshape(-1, width)
-    bits = matrix.view(_INT_VIEW[matrix.element_size()]) if matrix.is_floating_point() else matrix
-    columns, rows = _keys(width, 1, flat.device), _keys(matrix.shape[0], 2, flat.device)
-    on_cpu = flat.device.type == "cpu"
-    digest: Tensor | None = None
-    step = max(1, CHUNK // width)
-    for start in range(0, matrix.shape[0], step):
-        chunk, keys = bits[start : start + step], rows[start : start + step]
-        # On a CPU, int64 GEMVs (5x faster there; int64 wraps the same way in any order). Elsewhere (CUDA has no
-        # integer GEMV) int16/int32 bits times int64 keys, promoted inside one kernel: no int64 copy of W first.
-        part = chunk.to(torch.int64) @ columns @ keys if on_cpu else ((chunk * columns).sum(dim=1) * keys).sum()
-        digest = part if digest is None else digest + part
+    matrix = _matrix(weight)
+    digests = _digests(matrix.unsqueeze(0))
+    digest = None if digests is None else digests[0]
     # Moments: row sums and row norms in float32 (float64 for float64 weights), accumulated in float64, so that each
     # reduction reads W once: a float64 norm of a bfloat16 W first copies it to float64 (50 ms of a 7B model's init on
     # an H200). Rows whose norm exceeds float32's range (entries above ~1e19) read as infinite, as non-finite ones.
@@ -89,7 +107,7 @@ def fingerprint_later(weight: Tensor) -> Pending:
     total = floats.sum(dim=1, dtype=rows_dtype).sum(dtype=torch.float64)
     sumsq = torch.linalg.vector_norm(floats, dim=1, dtype=rows_dtype).to(torch.float64).square().sum()
     if digest is None:  # no rows
-        digest = torch.zeros((), dtype=torch.int64, device=flat.device)
+        digest = torch.zeros((), dtype=torch.int64, device=matrix.device)
     values = torch.stack([digest, total.view(torch.int64), sumsq.view(torch.int64)])
     return Pending(list(weight.shape), str(weight.dtype).removeprefix("torch."), values)
 
@@ -116,6 +134,28 @@ def read_all(queued: Sequence[Pending | dict[str, Any]]) -> list[dict[str, Any]]
         for p, (digest, total, sumsq) in zip(pending, values, strict=True)
     )
     return [next(read) if isinstance(p, Pending) else p for p in queued]
+
+
+@torch.no_grad()
+def hashes(tensors: Sequence[Tensor]) -> list[str]:
+    """The hash of each tensor (its fingerprint's ``"hash"``), those of one shape, dtype and device hashed
+    together: a few launches for a group, where a fingerprint costs ~11 for each tensor (a 7B model has 448
+    small initial factors), and one read-back per device."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((tuple(t.shape), t.dtype, t.device), []).append(i)
+    digests: dict[torch.device, list[tuple[list[int], Tensor]]] = {}
+    for (_, _, device), members in groups.items():
+        stacked = torch.stack([_matrix(tensors[i]) for i in members])
+        digest = _digests(stacked)
+        digest = torch.zeros(len(members), dtype=torch.int64, device=device) if digest is None else digest
+        digests.setdefault(device, []).append((members, digest))
+    out = [""] * len(tensors)
+    for parts in digests.values():
+        read = torch.cat([d for _, d in parts]).cpu().tolist()
+        for i, value in zip([i for members, _ in parts for i in members], read, strict=True):
+            out[i] = f"{value & (2**64 - 1):016x}"
+    return out
 
 
 def fingerprint(weight: Tensor) -> dict[str, Any]:

@@ -27,7 +27,10 @@ from torch import Tensor, nn
 from .adapter_fn import QuantizedResidual, adapted_linear
 from .casts import SharedCasts
 from .decompose import compute_dtype
+from .fingerprint import fingerprint
+from .made import Made
 from .nf4 import NF4Weight
+from .sharded.dtensor import full_tensor
 from .weights import is_conv1d, lora_scaling, residual_weight, weight_matrix
 
 MODES = ("adapter", "original", "disabled")
@@ -68,6 +71,8 @@ class PiSSALinear(nn.Module):
             does to the module, so that :meth:`original` and conversion stay exact after ``model.half()``.
         info: metadata of the initialisation (init method, singular values, ...), JSON-able.
         mode: "adapter" (the default), "original" (W_res + s B0 A0) or "disabled" (W_res alone).
+        made: what the layer was made with (:class:`~minipissa.made.Made`), set by apply() and load(); what save()
+            compares against to tell an edited residual or A0/B0. None for a layer built otherwise.
         shared_casts: the model's :class:`SharedCasts`, asked for A and B in the activations' dtype.
     """
 
@@ -79,6 +84,7 @@ class PiSSALinear(nn.Module):
     B0: Tensor
     residual_while_merged: Tensor | None
     shared_casts: SharedCasts | None
+    made: Made | None
 
     def __init__(
         self,
@@ -114,6 +120,7 @@ class PiSSALinear(nn.Module):
         self.info: dict[str, Any] = dict(info or {})
         self.mode = "adapter"
         self.shared_casts = None
+        self.made = None
         self.trainable_before_merge = (True, True)
         # Kept off the module tree (its tensors are dropped below, so no memory, no state-dict
         # keys): unload() puts the merged weight back into it, so Linear, Conv1D and their
@@ -288,7 +295,18 @@ class PiSSALinear(nn.Module):
             target = fn(torch.empty(0, dtype=t.dtype, device=t.device))
             return t.to(device=target.device)
 
-        return super()._apply(device_only, recurse)
+        # A cast of the residual (not a move: that changes no bit) is followed by `made`, so that save() can tell
+        # whether load() then the same cast gives it back: two fingerprints per cast, as apply() takes. (An NF4
+        # residual is not cast: NF4Weight follows device moves only.)
+        residual = self.weight if self.residual_while_merged is None else self.residual_while_merged
+        before = None
+        if self.made is not None and isinstance(residual, Tensor):
+            probe = fn(torch.empty(0, dtype=residual.dtype, device=residual.device))
+            before = fingerprint(full_tensor(residual)) if probe.dtype != residual.dtype else None
+        module = super()._apply(device_only, recurse)
+        if before is not None and self.made is not None:
+            self.made.cast(before, fingerprint(full_tensor(self.stored_residual())))
+        return module
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)

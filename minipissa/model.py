@@ -13,9 +13,10 @@ from torch import Tensor, nn
 
 from . import casts, report, trained
 from .config import MEMORY_BUDGET, InitConfig
-from .fingerprint import Pending, describe, fingerprint_later, is_finite, read_all
+from .fingerprint import Pending, describe, fingerprint_later, hashes, is_finite, read_all
 from .init import Factors, factors, nonfinite_factors, plan_modules, progress_reporter, refuse_nonfinite
 from .layer import PiSSALinear, host_copies
+from .made import Made
 from .qpissa import ERRORS, quantize_residual
 from .sharded.dtensor import is_dtensor, refuse_sharded
 from .sharded.fsdp import FsdpAdoption
@@ -197,9 +198,11 @@ def adapt(
         raise RuntimeError(f"{where} ({type(e).__name__}: {e})") from e
     for device in {item.a0.device for item in items if item.a0.is_cuda}:  # the host copies of A0 and B0 have landed
         torch.cuda.current_stream(device).synchronize()
-    for (layer, item), residual_print in zip(built, read_all(residual_prints), strict=True):
+    digests = hashes([t for _, item in built for t in (item.a0, item.b0)])  # what the host copies hold
+    for i, ((layer, item), residual_print) in enumerate(zip(built, read_all(residual_prints), strict=True)):
         layer.info.update(describe(item.sigma, item.base_print or base_print[item.plan.name]))
         layer.info["residual_fingerprint"] = residual_print
+        layer.made = Made.of(residual_print, (digests[2 * i], digests[2 * i + 1]))
     for (layer, _), errors in zip(built, quant_errors, strict=False):  # one per layer when quantized
         layer.info.update(zip(ERRORS, errors.tolist(), strict=True))
     train_adapters_only(model)

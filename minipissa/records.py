@@ -68,17 +68,18 @@ class ModuleRecord:
         return {k: getattr(self, k) for k in FIELDS} | {"info": self.info}
 
 
-def from_layer(name: str, layer: PiSSALinear, residual_print: dict[str, Any]) -> ModuleRecord:
+def from_layer(
+    name: str, layer: PiSSALinear, residual_print: dict[str, Any], factor_hashes: tuple[str, str]
+) -> ModuleRecord:
     """The record of a live layer (tensors gathered to plain CPU tensors, not copied where they already are:
-    treat them as read-only). ``residual_print``: the residual's fingerprint now; if it is not the one taken
-    when the layer was made, the residual was edited since and the record says so (``residual_edited``)."""
+    treat them as read-only). ``residual_print``: the residual's fingerprint now; ``factor_hashes``: the hashes of
+    its A0 and B0 now. If they are not what the layer was made with (``layer.made``; a cast the layer followed is
+    no edit, see :mod:`minipissa.made`), load(base="original") would rebuild another residual, and the record says
+    so (``residual_edited``)."""
     info = dict(layer.info)
     if isinstance(layer.weight, NF4Weight):
         info["nf4_sha256"] = layer.weight.sha256()
-    made = info.get("residual_fingerprint")
-    # Edited in place (a cast to another dtype is not an edit: load, then cast, reproduces it); load(base=
-    # "original") would rebuild the unedited residual, so it refuses such a record.
-    if made is not None and made["dtype"] == residual_print["dtype"] and made.get("hash") != residual_print["hash"]:
+    if layer.made is not None and layer.made.edits(residual_print, factor_hashes):
         info["residual_edited"] = True
     info["residual_fingerprint"] = residual_print
     dropout = layer.dropout.p if isinstance(layer.dropout, torch.nn.Dropout) else 0.0

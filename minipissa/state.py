@@ -17,8 +17,9 @@ from torch import Tensor, nn
 from . import casts, optimizer_state, records, safefile, trained
 from .decompose import compute_dtype
 from .errors import PathLike, StateError
-from .fingerprint import fingerprint_later, read_all, same
+from .fingerprint import fingerprint_later, hashes, read_all, same
 from .layer import PiSSALinear
+from .made import Made
 from .nf4 import NF4Weight
 from .nf4_linear import NF4Linear
 from .qpissa import residual_nf4
@@ -78,9 +79,17 @@ def _trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def records_of(layers: list[tuple[str, PiSSALinear]]) -> list[ModuleRecord]:
-    """The records of live layers, each with its residual's fingerprint as it is now (one read-back)."""
-    prints = read_all([fingerprint_later(full_tensor(layer.stored_residual())) for _, layer in layers])
-    return [records.from_layer(name, layer, p) for (name, layer), p in zip(layers, prints, strict=True)]
+    """The records of live layers, each with its residual's fingerprint and the hashes of its A0 and B0 as they are
+    now (hashed on the residual's device; one read-back per device)."""
+    residuals = [full_tensor(layer.stored_residual()) for _, layer in layers]
+    prints = read_all([fingerprint_later(r) for r in residuals])
+    factors = [t.to(r.device, non_blocking=True) for (_, layer), r in zip(layers, residuals, strict=True)
+               for t in (layer.A0, layer.B0)]  # fmt: skip
+    digests = hashes(factors)
+    return [
+        records.from_layer(name, layer, p, (digests[2 * i], digests[2 * i + 1]))
+        for i, ((name, layer), p) in enumerate(zip(layers, prints, strict=True))
+    ]
 
 
 def library_version() -> str:
@@ -144,18 +153,22 @@ def _check(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike) -> _L
             f"{where} has a {type(module).__name__} weight of shape {tuple(weight.shape)}; the adapter was saved "
             f"for (out, in) = ({rec.out_features}, {rec.in_features}) with fan_in_fan_out={rec.fan_in_fan_out}"
         )
-    if str(weight.dtype).removeprefix("torch.") != rec.base_dtype:
+    # The original weight has the base's dtype; a residual saved after a cast of the model (model.half()), its own.
+    dense_residual = base == "residual" and rec.info["quantize"] is None
+    dtype = rec.info["residual_fingerprint"]["dtype"] if dense_residual else rec.base_dtype
+    if str(weight.dtype).removeprefix("torch.") != dtype:
         raise StateError(
-            f"{where} has a {weight.dtype} weight; the adapter was saved on a {rec.base_dtype} base. Cast the model "
-            f"to {rec.base_dtype} before loading (exact reload needs the same dtype)"
+            f"{where} has a {weight.dtype} weight; the adapter was saved on a {dtype} {base} weight. Cast the model "
+            f"to {dtype} before loading (exact reload needs the same dtype)"
         )
     if compute_dtype(weight.dtype) != rec.A0.dtype:
         raise StateError(f"{where}: the file's A0 is {rec.A0.dtype}, expected {compute_dtype(weight.dtype)}")
     if base == "original" and rec.info.get("residual_edited"):
         raise StateError(
-            f"{where}: its residual was edited after apply() (quantized, say) before it was saved, so rebuilding "
-            "it from the original weight would not give the trained model. Load with base='residual' onto the "
-            "residual weights saved by minipissa.save_residual()"
+            f"{where}: its residual was edited after apply() before it was saved (in place, quantized say; by a cast "
+            "a reload cannot repeat; or its A0/B0 replaced, by load_state_dict say), so rebuilding it from the "
+            "original weight would not give the saved model. Load with base='residual' onto the residual weights "
+            "saved by minipissa.save_residual() from that model"
         )
     if rec.info["quantize"] is not None and base == "residual":
         raise StateError(
@@ -266,7 +279,7 @@ def load(
         params |= {f"{trained.PREFIX}{name}.{p}": t for name, ps in full.items() for p, t in _named(model, name, ps)}
         opt_state = optimizer_state.unpack(optimizer, params, opt_tensors, info["optimizer"], str(path))
 
-    built = []
+    built: list[tuple[PiSSALinear, Tensor, Tensor]] = []  # with the A0 and B0 it was built from, to hash them
     aliases = module_aliases(model)
     for loading in loadings:  # validated: only an out-of-memory or an interrupt can stop this
         rec = loading.record
@@ -286,16 +299,17 @@ def load(
                 plan, a0, b0, dict(rec.info), weight_is_residual=from_file, residual=residual, initial=initial
             )
             replace_module(model, rec.name, layer, aliases)
-            built.append(layer)
+            built.append((layer, a0, b0))
         with torch.no_grad():
             layer.A.copy_(rec.A)
             layer.B.copy_(rec.B)
-    # The residuals as rebuilt here (another device may round them differently from the saving one): what a
-    # later save() compares against to tell an edited residual.
-    for layer, residual_print in zip(
-        built, read_all([fingerprint_later(layer.stored_residual()) for layer in built]), strict=True
-    ):
+    # The residuals as rebuilt here (another device may round them differently from the saving one), and A0 and
+    # B0: what a later save() compares against to tell an edited residual.
+    prints = read_all([fingerprint_later(layer.stored_residual()) for layer, _, _ in built])
+    digests = hashes([t for _, a0, b0 in built for t in (a0, b0)])
+    for i, ((layer, _, _), residual_print) in enumerate(zip(built, prints, strict=True)):
         layer.info["residual_fingerprint"] = residual_print
+        layer.made = Made.of(residual_print, (digests[2 * i], digests[2 * i + 1]))
     trained.restore(model, full)
     train_adapters_only(model)
     casts.install(model, [layer for _, layer in pissa_layers(model)])

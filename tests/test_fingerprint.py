@@ -66,6 +66,7 @@ def test_fingerprinting_never_changes_the_tensor():
 def test_the_gpu_and_the_cpu_give_the_same_hash(dtype):
     w = torch.randn(1000, 777, generator=torch.Generator().manual_seed(0)).to(dtype)
     assert fp.fingerprint(w.cuda())["hash"] == fp.fingerprint(w)["hash"]
+    assert fp.hashes([w.cuda(), w[:16].cuda(), w[16:32].cuda(), w]) == fp.hashes([w, w[:16], w[16:32], w.cuda()])
     assert fp.same(fp.fingerprint(w), w.cuda())
 
 
@@ -78,3 +79,30 @@ def test_version_1_fingerprints_compare_by_moments_and_samples():
     other = w.clone()
     other[0, 0] += 1.0  # a sampled element
     assert not fp.same(legacy, other)
+
+
+@given(
+    shapes=st.lists(st.sampled_from([(3, 5), (5, 3), (7,), (0,), (), (2, 3, 4)]), min_size=1, max_size=8),
+    dtypes=st.lists(st.sampled_from(DTYPES), min_size=8, max_size=8),
+    seed=st.integers(0, 2**16),
+    chunk=st.sampled_from([1, 7, fp.CHUNK]),
+)
+def test_hashes_of_many_tensors_at_once_are_their_fingerprints_hashes(shapes, dtypes, seed, chunk):
+    """hashes() hashes tensors of one shape and dtype together (the initial factors): each is its own fingerprint's
+    hash, however the group is chunked."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(shape, generator=g).to(dtype) for shape, dtype in zip(shapes, dtypes, strict=False)]
+    expected = [fp.fingerprint(t)["hash"] for t in tensors]
+    original = fp.CHUNK
+    try:
+        fp.CHUNK = chunk
+        assert fp.hashes(tensors) == expected
+    finally:
+        fp.CHUNK = original
+
+
+@given(n=st.integers(1, 300), width=st.integers(1, 5000))
+def test_a_group_of_tensors_is_hashed_within_the_chunk_of_temporaries(n, width):
+    """hashes() stacks many tensors: a step covers at most CHUNK elements of all of them (or one row of each)."""
+    step = fp.rows_per_step(n, width)
+    assert step >= 1 and (n * step * width <= fp.CHUNK or step == 1)
