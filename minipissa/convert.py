@@ -139,7 +139,7 @@ def convert_to_lora(
     else:
         info, recs, full_tensors = state.read(src)
         meta = info.get("trained")
-    full = trained.unpack(meta, dict(full_tensors), f"minipissa.convert_to_lora('{src}')")
+    full, _ = trained.unpack(meta, dict(full_tensors), f"minipissa.convert_to_lora('{src}')")
     out = as_path(out_dir, "output directory")
     if out.exists() and not out.is_dir():
         raise StateError(f"minipissa.convert_to_lora: '{out}' exists and is not a directory; give a directory")
