@@ -74,7 +74,7 @@ def _inspect(args: argparse.Namespace) -> int:
             )
         return 0
     info, recs, other = state.read(args.file)  # every field checked
-    full = trained.unpack(info.get("trained"), dict(other), f"minipissa: '{args.file}'")
+    full, _ = trained.unpack(info.get("trained"), dict(other), f"minipissa: '{args.file}'")
     print("config: " + ", ".join(f"{k}={v}" for k, v in records.config_summary(recs).items()))
     print(f"optimizer state: {'yes, ' + info['optimizer']['class'] if info.get('optimizer') else 'no'}")
     print(f"modules trained in full: {', '.join(sorted(full)) or 'none'}")

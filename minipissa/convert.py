@@ -140,7 +140,7 @@ def convert_to_lora(
     else:
         info, recs, full_tensors = state.read(src)
         meta = info.get("trained")
-    full = trained.unpack(meta, dict(full_tensors), f"minipissa.convert_to_lora('{src}')")
+    full, _ = trained.unpack(meta, dict(full_tensors), f"minipissa.convert_to_lora('{src}')")
     edited = [rec.name for rec in recs if rec.info.get("residual_edited")]
     if edited:
         raise StateError(

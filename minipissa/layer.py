@@ -149,6 +149,9 @@ class PiSSALinear(nn.Module):
         self.B = nn.Parameter(b0.clone().to(dtype))
         self.A0, self.B0 = initial if initial is not None else host_copies([a0, b0])
         self.initial_on_device: tuple[Tensor, Tensor] | None = None  # set while in original() (model.py)
+        # trained.Origin, set by apply()/load(): the run that made this layer (its modules trained in full, init
+        # time) and this layer's name then. On the layer, so that every copy and wrapper of the model keeps it.
+        self.origin: Any = None
         # While merged, the exact residual is kept here (one weight's memory) so that unmerge is
         # bit-exact and merge/unmerge cycles never drift. Non-persistent: no state-dict key.
         self.register_buffer("residual_while_merged", None, persistent=False)

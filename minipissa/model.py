@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import casts, report, trained
+from . import casts, trained
 from .config import MEMORY_BUDGET, InitConfig
 from .fingerprint import Pending, describe, fingerprint_later, hashes, is_finite, read_all
 from .init import Factors, factors, nonfinite_factors, plan_modules, progress_reporter, refuse_nonfinite
@@ -99,11 +99,9 @@ def apply(
     )  # fmt: skip
     plans = plan_modules(model, cfg, targets, exclude, fan_in_fan_out)
     full = trained.select(model, train_modules, [p.name for p in plans])
-    adapt(model, plans, cfg, progress)
-    if full:
-        trained.mark(model, full)
-        train_adapters_only(model)
-    report.record_init_time(model, time.perf_counter() - start)
+    run = trained.Run(tuple(full), trained.initial_values(model, full))  # held by the layers it makes
+    adapt(model, plans, cfg, progress, run=run)
+    run.seconds = time.perf_counter() - start
     return outer
 
 
@@ -113,6 +111,7 @@ def adapt(
     cfg: InitConfig,
     progress: bool | Callable[[int, int], None] = False,
     given: Sequence[Factors] | None = None,
+    run: trained.Run | None = None,
 ) -> None:
     """apply() after planning, in steps such that an error before the last leaves the model as it was:
 
@@ -124,7 +123,9 @@ def adapt(
     already adapted (each an exact PiSSA layer) and those left as they were. Sharded weights (FSDP2) are
     checked in steps 1-2 alike, but their residuals are written into the shards as their factors come.
     ``given``: the initial factors made elsewhere (an imported PEFT adapter), one per plan, in place of the stream.
+    ``run``: what each new layer records of this run (:class:`~minipissa.trained.Run`: modules trained in full...).
     """
+    run = trained.Run() if run is None else run
     sharded = [p for p in plans if is_dtensor(p.weight)]
     plain = [p for p in plans if not is_dtensor(p.weight)]
     fsdp = None
@@ -178,6 +179,7 @@ def adapt(
                 residual=residual,
                 initial=initial.get(id(item)),
             )
+            layer.origin = trained.Origin(item.plan.name, run)
             replace_module(model, item.plan.name, layer, aliases)
             if fsdp is not None:
                 fsdp.adopt(item.plan.module, layer)
@@ -252,7 +254,6 @@ def unload(model: nn.Module) -> nn.Module:
     aliases = module_aliases(model)
     for name, layer in layers:
         replace_module(model, name, layer.unload(), aliases)
-    report.record_init_time(model, None)
     return outer
 
 
@@ -261,6 +262,9 @@ def _mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
     layers = [layer for _, layer in adapted_layers(model, mode)]
     if any(layer.merged for layer in layers):
         raise RuntimeError(f"minipissa.{mode}(): the model is merged; call minipissa.unmerge(model) first")
+    # Both modes turn off everything training changed: the modules trained in full compute with their values before
+    # training too (as PEFT's disable_adapter() with modules_to_save). Checked here, before anything changes.
+    with_initial = trained.computing_with_initial(model, mode)
     before = [(layer.mode, layer.initial_on_device) for layer in layers]
     for layer in layers:
         layer.mode = mode
@@ -268,7 +272,8 @@ def _mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
             device = layer.A.device
             layer.initial_on_device = (layer.A0.to(device, non_blocking=True), layer.B0.to(device, non_blocking=True))
     try:
-        yield model
+        with with_initial:
+            yield model
     finally:
         for layer, (previous, initial) in zip(layers, before, strict=True):
             layer.mode, layer.initial_on_device = previous, initial
@@ -276,10 +281,12 @@ def _mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
 
 def original(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
     """Inside ``with minipissa.original(model):`` the model computes the exact pre-PiSSA function
-    (W_res + s·B0·A0), e.g. as a DPO/KL reference, whatever training did to A and B."""
+    (W_res + s·B0·A0, and the modules trained in full with their values before training), e.g. as a DPO/KL
+    reference, whatever training did to A, B and those modules."""
     return _mode(model, "original")
 
 
 def disabled(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
-    """Inside ``with minipissa.disabled(model):`` the adapters are off: the residual model alone."""
+    """Inside ``with minipissa.disabled(model):`` the adapters are off: the residual model alone (the modules
+    trained in full with their values before training, as in :func:`original`)."""
     return _mode(model, "disabled")

@@ -116,7 +116,7 @@ def parse(info: dict[str, Any], tensors: dict[str, Tensor], where: str) -> tuple
         optimizer_state.check_meta(check.mapping(info["optimizer"], "optimizer"), where)
     tensors = dict(tensors)
     recs = [_record(check, name, meta, tensors) for name, meta in modules.items()]
-    extra = [k for k in tensors if not k.startswith((optimizer_state.PREFIX, trained.PREFIX))]
+    extra = [k for k in tensors if not k.startswith((optimizer_state.PREFIX, trained.PREFIX, trained.INITIAL))]
     if extra:
         raise StateError(f"{where} holds tensors no module accounts for: {extra[:5]}")
     return recs, tensors

@@ -3,25 +3,14 @@ the residual's bits per parameter and quantization error."""
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .nf4 import BYTES_PER_PARAM as NF4_BYTES_PER_PARAM
+from .trained import init_seconds
 from .tree import pissa_layers, unwrap
-
-#: Seconds apply() took, per model (weakly held: the record goes with the model).
-_INIT_SECONDS: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
-
-
-def record_init_time(model: nn.Module, seconds: float | None) -> None:
-    """Remember (or, with None, forget) how long ``model``'s initialisation took, for :func:`summary`."""
-    if seconds is None:
-        _INIT_SECONDS.pop(model, None)
-    else:
-        _INIT_SECONDS[model] = seconds
 
 
 def explained_energy(singular_values: list[float], weight_norm: float) -> float | None:
@@ -74,7 +63,7 @@ class Summary:
 def summary(model: nn.Module) -> Summary:
     """Adapted modules, parameter counts, init time and per-module explained energy."""
     model = unwrap(model, "summary")
-    result = Summary(seconds=_INIT_SECONDS.get(model))
+    result = Summary(seconds=init_seconds(model))  # held by the layers (trained.Run): copies keep it
     for name, layer in pissa_layers(model):
         sigma = torch.tensor(layer.info.get("singular_values", []), dtype=torch.float64)
         norm = layer.info.get("weight_norm", 0.0)

@@ -256,8 +256,8 @@ def load(
     if base not in ("original", "residual"):
         raise StateError(f"minipissa.load: base must be 'original' or 'residual', got {base!r}")
     info, recs, opt_tensors = read(path)
-    full = trained.unpack(info.get("trained"), opt_tensors, f"minipissa: '{path}'")
-    trained.check(model, full, f"minipissa: '{path}'")
+    full, before_training = trained.unpack(info.get("trained"), opt_tensors, f"minipissa: '{path}'")
+    trained.check(model, full, [rec.name for rec in recs], f"minipissa: '{path}'")
     loadings = [_check(model, rec, base, path) for rec in recs]
     in_file = {rec.name for rec in recs}
     stray = [name for name, _ in pissa_layers(model) if name not in in_file]
@@ -281,6 +281,9 @@ def load(
 
     built: list[tuple[PiSSALinear, Tensor, Tensor]] = []  # with the A0 and B0 it was built from, to hash them
     aliases = module_aliases(model)
+    # What every layer of the model records from now on: the file's modules trained in full (the model's own
+    # were checked to be among them) with their values before training, and the init time of the layers kept.
+    run = trained.Run(tuple(sorted(full)), before_training, trained.init_seconds(model))
     for loading in loadings:  # validated: only an out-of-memory or an interrupt can stop this
         rec = loading.record
         layer = cast(PiSSALinear, loading.module)
@@ -300,6 +303,7 @@ def load(
             )
             replace_module(model, rec.name, layer, aliases)
             built.append((layer, a0, b0))
+        layer.origin = trained.Origin(rec.name, run)
         with torch.no_grad():
             layer.A.copy_(rec.A)
             layer.B.copy_(rec.B)
@@ -311,7 +315,7 @@ def load(
         layer.info["residual_fingerprint"] = residual_print
         layer.made = Made.of(residual_print, (digests[2 * i], digests[2 * i + 1]))
     trained.restore(model, full)
-    train_adapters_only(model)
+    train_adapters_only(model, "load")
     casts.install(model, [layer for _, layer in pissa_layers(model)])
     if optimizer is not None and opt_state is not None:
         optimizer.load_state_dict(opt_state)

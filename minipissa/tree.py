@@ -160,12 +160,12 @@ def replace_module(model: nn.Module, name: str, new: nn.Module, aliases: dict[in
         setattr(model.get_submodule(parent), child, new)
 
 
-def train_adapters_only(model: nn.Module) -> None:
+def train_adapters_only(model: nn.Module, what: str = "apply") -> None:
     """Only the A and B of every PiSSA layer, and the modules trained in full (trained.py), require gradients."""
     for param in model.parameters():
         param.requires_grad_(False)
     for _, layer in pissa_layers(model):
         layer.A.requires_grad_(True)
         layer.B.requires_grad_(True)
-    for name in trained.names(model):
+    for name in trained.names(model, what):
         model.get_submodule(name).requires_grad_(True)
