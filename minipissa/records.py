@@ -11,6 +11,7 @@ residual its errors and the sha256 of its codes and absmax, :data:`NF4_INFO`); a
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -122,6 +123,16 @@ def parse(
     if extra:
         raise StateError(f"{where} holds tensors no module accounts for: {extra[:5]}")
     return recs, tensors
+
+
+def check_readable(payload: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    """A StateError unless :func:`parse` takes what save() is about to write: the reader's own checks, run on the
+    metadata as the reader will see it (through JSON: tuples turn into lists, and so on)."""
+    try:
+        seen = json.loads(json.dumps(payload, sort_keys=True))
+    except (TypeError, ValueError) as e:
+        raise StateError(f"minipissa.save: the metadata is not JSON-able ({e}); was a layer's info edited?") from None
+    parse(seen, tensors, "minipissa.save", saving=True)
 
 
 _NAME = re.compile(r"[^.\s]+(\.[^.\s]+)*")

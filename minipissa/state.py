@@ -8,7 +8,6 @@ loaded model's outputs equal the saved model's bit for bit on the same device an
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -64,18 +63,8 @@ def save(model: nn.Module, path: PathLike, *, optimizer: torch.optim.Optimizer |
         params |= {id(p): name for name, p in _trained_parameters(model).items()}
         opt_tensors, payload["optimizer"] = optimizer_state.pack(optimizer, params)
         tensors.update(opt_tensors)
-    _readable(payload, tensors)
+    records.check_readable(payload, tensors)  # what load() refuses, save() does not write
     write_once(model, lambda: safefile.write(path, tensors, KIND, payload))  # rank 0 if sharded
-
-
-def _readable(payload: dict[str, Any], tensors: dict[str, Tensor]) -> None:
-    """A StateError unless load() would read what save() is about to write: the reader's own checks, run on the
-    metadata as the reader will see it (through JSON: tuples turn into lists, and so on)."""
-    try:
-        seen = json.loads(json.dumps(payload, sort_keys=True))
-    except (TypeError, ValueError) as e:
-        raise StateError(f"minipissa.save: the metadata is not JSON-able ({e}); was a layer's info edited?") from None
-    records.parse(seen, tensors, "minipissa.save", saving=True)
 
 
 def _trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
