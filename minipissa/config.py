@@ -37,6 +37,50 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+#: Seeds, power iterations, sketch columns and QPiSSA iterations are recorded in adapter files as JSON integers,
+#: which the reader takes in the int64 range (records.py): what apply() accepts is what a file can hold.
+INT64 = (-(2**63), 2**63)
+
+
+def _is_count(value: object, low: int) -> bool:
+    return _is_int(value) and low <= value < INT64[1]  # type: ignore[operator]
+
+
+def check_recorded(options: Mapping[str, Any]) -> None:
+    """A ValueError unless ``options`` (the :data:`RECORDED` keys) make a valid init: the one check of these options,
+    run by :class:`InitConfig` on apply()'s arguments and by records.py on every module of a file."""
+    init, components, niter, oversample = (options[k] for k in ("init", "components", "niter", "oversample"))
+    seed, quantize, quant_iters = options["seed"], options["quantize"], options["quant_iters"]
+    if init not in INITS:
+        raise ValueError(f"minipissa: init must be one of {INITS}, got {init!r}")
+    if components not in COMPONENTS:
+        raise ValueError(f"minipissa: components must be 'principal' or 'minor', got {components!r}")
+    if niter is not None and not _is_count(niter, 0):
+        raise ValueError(f"minipissa: niter must be None (exact SVD) or an int in [0, 2**63), got {niter!r}")
+    if niter is not None and components == "minor":
+        raise ValueError(
+            "minipissa: components='minor' needs the exact SVD (niter=None): a randomized range finder "
+            "captures the top of the spectrum, never the bottom"
+        )
+    if oversample is not None and not _is_count(oversample, 0):
+        raise ValueError(f"minipissa: oversample must be >= 0 and < 2**63, got {oversample!r}")
+    if not _is_count(seed, INT64[0]):
+        raise ValueError(f"minipissa: seed must be an int in [-2**63, 2**63) (int64), got {seed!r}")
+    if quantize not in QUANTIZERS:
+        raise ValueError(f"minipissa: quantize must be None or 'nf4', got {quantize!r}")
+    if not _is_count(quant_iters, 1):
+        raise ValueError(f"minipissa: quant_iters must be an int in [1, 2**63), got {quant_iters!r}")
+    if quantize is None and (init == "loftq" or quant_iters != 1):
+        raise ValueError(
+            "minipissa: init='loftq' and quant_iters > 1 choose the adapter against a quantizer: pass "
+            "quantize='nf4' too"
+        )
+    if init == "lora" and quant_iters != 1:
+        raise ValueError("minipissa: init='lora' (QLoRA with quantize='nf4') has nothing to iterate: quant_iters=1")
+    if quantize is not None and components == "minor":
+        raise ValueError("minipissa: quantize='nf4' keeps the principal part out of the 4 bits: not with 'minor'")
+
+
 @dataclass(frozen=True)
 class InitConfig:
     """How :func:`minipissa.apply` initialises adapters (see its docstring for each option).
@@ -69,21 +113,7 @@ class InitConfig:
             value = getattr(self, name)
             if isinstance(value, Mapping):
                 object.__setattr__(self, name, dict(value))
-        if self.init not in INITS:
-            raise ValueError(f"minipissa: init must be one of {INITS}, got {self.init!r}")
-        if self.components not in COMPONENTS:
-            raise ValueError(f"minipissa: components must be 'principal' or 'minor', got {self.components!r}")
-        if self.niter is not None and not (_is_int(self.niter) and self.niter >= 0):
-            raise ValueError(f"minipissa: niter must be None (exact SVD) or an int >= 0, got {self.niter!r}")
-        if self.niter is not None and self.components == "minor":
-            raise ValueError(
-                "minipissa: components='minor' needs the exact SVD (niter=None): a randomized range finder "
-                "captures the top of the spectrum, never the bottom"
-            )
-        if self.oversample is not None and not (_is_int(self.oversample) and self.oversample >= 0):
-            raise ValueError(f"minipissa: oversample must be >= 0, got {self.oversample!r}")
-        if not _is_int(self.seed):
-            raise ValueError(f"minipissa: seed must be an int, got {self.seed!r}")
+        check_recorded(self.recorded())
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"minipissa: dropout must be in [0, 1), got {self.dropout!r}")
         if self.adapter_dtype is not None and not (
@@ -94,19 +124,6 @@ class InitConfig:
             )
         if not (_is_int(self.memory_budget) and self.memory_budget > 0):
             raise ValueError(f"minipissa: memory_budget must be a positive int (bytes), got {self.memory_budget!r}")
-        if self.quantize not in QUANTIZERS:
-            raise ValueError(f"minipissa: quantize must be None or 'nf4', got {self.quantize!r}")
-        if not (_is_int(self.quant_iters) and self.quant_iters >= 1):
-            raise ValueError(f"minipissa: quant_iters must be an int >= 1, got {self.quant_iters!r}")
-        if self.quantize is None and (self.init == "loftq" or self.quant_iters != 1):
-            raise ValueError(
-                "minipissa: init='loftq' and quant_iters > 1 choose the adapter against a quantizer: pass "
-                "quantize='nf4' too"
-            )
-        if self.init == "lora" and self.quant_iters != 1:
-            raise ValueError("minipissa: init='lora' (QLoRA with quantize='nf4') has nothing to iterate: quant_iters=1")
-        if self.quantize is not None and self.components == "minor":
-            raise ValueError("minipissa: quantize='nf4' keeps the principal part out of the 4 bits: not with 'minor'")
         if not isinstance(self.rslora, bool) or self.stack not in (None, True, False):
             raise ValueError(f"minipissa: rslora and stack must be bools, got {self.rslora!r}, {self.stack!r}")
 

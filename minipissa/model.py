@@ -14,7 +14,15 @@ from torch import Tensor, nn
 from . import casts, trained
 from .config import MEMORY_BUDGET, InitConfig
 from .fingerprint import Pending, describe, fingerprint_later, hashes, is_finite, read_all
-from .init import Factors, factors, nonfinite_factors, plan_modules, progress_reporter, refuse_nonfinite
+from .init import (
+    Factors,
+    factors,
+    nonfinite_factors,
+    overflowing_residuals,
+    plan_modules,
+    progress_reporter,
+    refuse_nonfinite,
+)
 from .layer import PiSSALinear, host_copies
 from .made import Made
 from .qpissa import ERRORS, quantize_residual
@@ -151,6 +159,7 @@ def adapt(
     prints = _refuse_nonfinite_weights(plain, queued)
     refuse_nonfinite(nonfinite_factors(items), "initial factors (weights too large for a float32 Gram?)")
     base_print = {p.name: fp for p, fp in zip(plain, prints, strict=True)}
+    _refuse_overflow(overflowing_residuals(items, base_print))
     # Every A0 and B0 to host memory, queued now to run beside the loop below (not two syncs per layer inside it).
     on_host = host_copies([t for item in items for t in (item.a0, item.b0)], wait=False)
     initial = {id(item): (on_host[2 * i], on_host[2 * i + 1]) for i, item in enumerate(items)}
@@ -216,6 +225,16 @@ def _refuse_nonfinite_weights(plans: Sequence[Plan], queued: list[Pending]) -> l
     prints = read_all(queued)
     refuse_nonfinite([p.name for p, fp in zip(plans, prints, strict=True) if not is_finite(fp)], "weights")
     return prints
+
+
+def _refuse_overflow(names: Sequence[str]) -> None:
+    """A named error for the modules whose residual would be infinite; nothing has been changed yet."""
+    if names:
+        raise ValueError(
+            f"minipissa.apply: module(s) {list(names)[:5]}: the residual W - s·B0·A0 leaves the weight dtype's range "
+            "(float16 weights near its largest value, 65504) and would be infinite; nothing was changed. Cast the "
+            "model to bfloat16 or float32 before apply(), or exclude these modules"
+        )
 
 
 def merge(model: nn.Module) -> nn.Module:

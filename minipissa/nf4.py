@@ -112,7 +112,8 @@ class NF4Weight(nn.Module):
 
     Attributes:
         shape: the weight's stored shape, e.g. (out, in) for ``nn.Linear``.
-        dtype: the dtype it was quantized from (what :meth:`dequantize` gives by default).
+        dtype: the dtype it was quantized from (what :meth:`dequantize` gives by default), or the module's dtype
+            after a cast (``.half()``, ``.to(torch.bfloat16)``), which changes nothing stored.
     """
 
     codes: Tensor
@@ -158,7 +159,13 @@ class NF4Weight(nn.Module):
         return self.codes.numel() + 4 * self.absmax.numel()
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
-        # .half() / .to(dtype) must not round absmax or the table: they follow device moves only.
+        # .half() / .to(dtype) must not round absmax or the table: they follow device moves only. The dtype the weight
+        # stands for follows the cast, as a dense weight's would, so that a QPiSSA model cast to float16 unloads (and
+        # saves its residual, and is loaded into) a float16 model, not a mix of float16 biases and float32 weights.
+        cast = fn(torch.empty(0, dtype=self.dtype, device=self.codes.device))
+        if cast.is_floating_point():
+            self.dtype = cast.dtype
+
         def device_only(t: Tensor) -> Tensor:
             return t.to(device=fn(torch.empty(0, dtype=t.dtype, device=t.device)).device)
 

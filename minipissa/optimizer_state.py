@@ -1,7 +1,10 @@
 """An optimizer's state for the adapter parameters as tensors + JSON, so training resumes without pickle.
 
 Tensor state (e.g. AdamW's ``exp_avg``, ``exp_avg_sq``, ``step``) goes into the file under
-``optimizer:<param name>:<key>``; scalars and the param groups' hyperparameters into the metadata.
+``optimizer:<param name>:<key>``; scalars and the param groups' hyperparameters into the metadata, but for tensor
+hyperparameters (a capturable optimizer's ``lr=torch.tensor(1e-4)``; format version 4), which go into the file as
+``optimizer:param_groups:<group>:<n>``, bit for bit, their places in the metadata listed under the group's
+``"tensors"``. Tuples (``betas``) come back as tuples, lists as lists.
 Parameters are identified by name (``<module path>.A`` / ``.B``), never by position, so a
 resumed optimizer may list them in another order.
 """
@@ -20,6 +23,7 @@ from .sharded.dtensor import full_tensor
 
 PREFIX = "optimizer:"
 SCALARS = (bool, int, float, str, type(None))
+GROUP_KEYS = ("params", "hyper", "tuples", "tensors")
 
 
 def pack(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -27,7 +31,7 @@ def pack(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict[
     saved = optimizer.state_dict()
     tensors: dict[str, Tensor] = {}
     state: dict[str, Any] = {}
-    groups = []
+    groups: list[dict[str, Any]] = []
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"], strict=True):
         group_names = []
         for param, index in zip(group["params"], saved_group["params"], strict=True):
@@ -50,15 +54,37 @@ def pack(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict[
                     raise StateError(f"minipissa.save(optimizer=): state '{key}' of '{name}' is a {type(value)}")
             state[name] = entry
         hyper = {k: v for k, v in saved_group.items() if k not in ("params", "param_names")}
-        try:
-            json.dumps(hyper)
-        except TypeError as e:
-            raise StateError(
-                f"minipissa.save(optimizer=): a param-group hyperparameter is not JSON-able ({e})"
-            ) from None
+        encoded, places = _encode(hyper, len(groups), tensors)
         tuples = sorted(k for k, v in hyper.items() if isinstance(v, tuple))
-        groups.append({"params": group_names, "hyper": hyper, "tuples": tuples})
+        groups.append({"params": group_names, "hyper": encoded, "tuples": tuples, "tensors": places})
     return tensors, {"class": type(optimizer).__name__, "param_groups": groups, "state": state}
+
+
+def _encode(hyper: dict[str, Any], group: int, tensors: dict[str, Tensor]) -> tuple[dict[str, Any], list[list[Any]]]:
+    """The JSON of one param group's hyperparameters, and the places ([key] or [key, index]) of its tensors, which
+    go into ``tensors`` as ``optimizer:param_groups:<group>:<n>`` (null in the JSON); a named error for any value
+    that is not a finite number, str, bool, None or tensor, or a tuple or list of them."""
+    places: list[list[Any]] = []
+
+    def one(value: Any, place: list[Any]) -> Any:
+        if isinstance(value, Tensor):
+            tensors[f"{PREFIX}param_groups:{group}:{len(places)}"] = full_tensor(value.detach()).cpu()
+            places.append(place)
+            return None
+        if (isinstance(value, float) and not math.isfinite(value)) or not isinstance(value, SCALARS):
+            raise StateError(
+                f"minipissa.save(optimizer=): param group {group}'s hyperparameter {place[0]!r} holds {value!r:.60}; "
+                "the file stores finite numbers, strings, bools, None and tensors, or tuples and lists of them"
+            )
+        return value
+
+    encoded = {}
+    for key, value in hyper.items():
+        if not isinstance(key, str):
+            raise StateError(f"minipissa.save(optimizer=): param group {group} has a hyperparameter named {key!r}")
+        many = isinstance(value, (tuple, list))
+        encoded[key] = [one(v, [key, j]) for j, v in enumerate(value)] if many else one(value, [key])
+    return encoded, places
 
 
 def check_meta(meta: dict[str, Any], where: str) -> None:
@@ -73,7 +99,8 @@ def check_meta(meta: dict[str, Any], where: str) -> None:
     if not isinstance(groups, list) or not isinstance(state, dict):
         fail("layout")
     for group in groups:
-        if not (isinstance(group, dict) and set(group) == {"params", "hyper", "tuples"}):
+        # "tensors": format version 4; older files have none.
+        if not (isinstance(group, dict) and {"params", "hyper", "tuples"} <= set(group) <= {*GROUP_KEYS}):
             fail("param group")
         if not (_strings(group["params"]) and _strings(group["tuples"]) and isinstance(group["hyper"], dict)):
             fail("param group")
@@ -81,8 +108,13 @@ def check_meta(meta: dict[str, Any], where: str) -> None:
             fail("param group's tuples")
         for key, value in group["hyper"].items():
             ok = isinstance(value, SCALARS) or (isinstance(value, list) and all(isinstance(v, SCALARS) for v in value))
-            if not ok or (key in group["tuples"]) != isinstance(value, list):
+            if not ok or (key in group["tuples"] and not isinstance(value, list)):
                 fail(f"hyperparameter '{key}'")
+        places = group.get("tensors", [])
+        if not (isinstance(places, list) and all(_place(group["hyper"], p) for p in places)):
+            fail("param group's tensors")
+        if len({json.dumps(p) for p in places}) != len(places):
+            fail("param group's tensors")
     for name, entry in state.items():
         if not (isinstance(entry, dict) and set(entry) == {"scalars", "tensors"} and _strings(entry["tensors"])):
             fail(f"state of '{name}'")
@@ -90,21 +122,74 @@ def check_meta(meta: dict[str, Any], where: str) -> None:
             fail(f"state of '{name}'")
 
 
+def _place(hyper: dict[str, Any], place: Any) -> bool:
+    """Whether ``place`` is [key] or [key, index] of a null in ``hyper`` (where :func:`_encode` put a tensor)."""
+    if not (isinstance(place, list) and place and isinstance(place[0], str) and place[0] in hyper):
+        return False
+    value = hyper[place[0]]
+    if len(place) == 1:
+        return value is None
+    index = place[1]
+    ok = len(place) == 2 and isinstance(value, list) and type(index) is int and 0 <= index < len(value)
+    return ok and value[index] is None
+
+
 def _strings(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
-def _same_kind(saved: Any, live: Any) -> bool:
-    """Whether a saved hyperparameter can stand where the optimizer has ``live`` (a number for a number...)."""
+_MISFIT = object()
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fit(saved: Any, live: Any) -> Any:
+    """The file's value of a hyperparameter in the kind the optimizer has (``live``): a tensor lr (capturable
+    optimizers) stays a tensor on its device, a number a number...; :data:`_MISFIT` where it cannot stand there."""
+    if isinstance(live, Tensor):
+        if isinstance(saved, Tensor) and saved.shape == live.shape or _number(saved) and live.ndim == 0:
+            value = saved if isinstance(saved, Tensor) else torch.tensor(saved, dtype=live.dtype)
+            return value.to(device=live.device, dtype=live.dtype)
+        return _MISFIT
+    if isinstance(saved, Tensor):  # a tensor saved where the optimizer now has a number
+        if saved.ndim != 0 or not saved.is_floating_point() or not _number(live):
+            return _MISFIT
+        saved = saved.item()
     if isinstance(live, bool) or live is None:  # flags such as foreach, fused: None means "default"
-        return saved is None or isinstance(saved, bool)
+        return saved if saved is None or isinstance(saved, bool) else _MISFIT
     if isinstance(live, str):
-        return isinstance(saved, str)
-    if isinstance(live, (int, float)):
-        return isinstance(saved, (int, float)) and not isinstance(saved, bool) and math.isfinite(saved)
+        return saved if isinstance(saved, str) else _MISFIT
+    if _number(live):
+        return saved if _number(saved) and math.isfinite(saved) else _MISFIT
     if isinstance(live, (tuple, list)):
-        return isinstance(saved, tuple) and len(saved) == len(live) and all(map(_same_kind, saved, live))
-    return True  # a Tensor lr (capturable optimizers) or anything else: load_state_dict handles it
+        if not (isinstance(saved, (tuple, list)) and len(saved) == len(live)):
+            return _MISFIT
+        values = [_fit(s, v) for s, v in zip(saved, live, strict=True)]
+        return _MISFIT if any(v is _MISFIT for v in values) else type(saved)(values)
+    return saved  # anything else: load_state_dict handles it
+
+
+def _hyper(saved: dict[str, Any], group: int, tensors: dict[str, Tensor], used: set[str], where: str) -> dict[str, Any]:
+    """One saved param group's hyperparameters with their tensors put back in place (checked finite) and its tuples
+    made tuples again; the tensors' names go into ``used``."""
+    hyper = {k: list(v) if isinstance(v, list) else v for k, v in saved["hyper"].items()}
+    for n, place in enumerate(saved.get("tensors", [])):
+        key = f"{PREFIX}param_groups:{group}:{n}"
+        if key not in tensors:
+            raise StateError(
+                f"{where}: the tensor of param group {group}'s {place[0]!r} is missing; the file is incomplete"
+            )
+        value = tensors[key]
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise StateError(f"{where}: '{key}' holds NaN or infinite values; the file is corrupted")
+        used.add(key)
+        if len(place) == 1:
+            hyper[place[0]] = value
+        else:
+            hyper[place[0]][place[1]] = value
+    return hyper | {k: tuple(hyper[k]) for k in saved["tuples"]}
 
 
 def unpack(
@@ -128,9 +213,9 @@ def unpack(
             f"{where}: the file has {len(saved_groups)} param groups, the optimizer {len(optimizer.param_groups)}"
         )
     by_id = {id(p): name for name, p in params.items()}
-    used = set()
+    used: set[str] = set()
     state: dict[int, dict[str, Any]] = {}
-    groups = []
+    groups: list[dict[str, Any]] = []
     index = 0
     for i, (group, saved) in enumerate(zip(optimizer.param_groups, saved_groups, strict=True)):
         found = [by_id.get(id(p)) for p in group["params"]]
@@ -139,10 +224,14 @@ def unpack(
             raise StateError(f"{where}: param group {i} holds parameters that are not the model's PiSSA A/B")
         if sorted(names) != sorted(saved["params"]):
             raise StateError(f"{where}: param group {i} holds {sorted(names)}, the file {saved['params']}")
-        hyper = dict(saved["hyper"]) | {k: tuple(saved["hyper"][k]) for k in saved["tuples"]}
-        wrong = [k for k, v in hyper.items() if k in group and not _same_kind(v, group[k])]
+        hyper = _hyper(saved, i, tensors, used, where)
+        hyper |= {k: _fit(v, group[k]) for k, v in hyper.items() if k in group}
+        wrong = [k for k, v in hyper.items() if v is _MISFIT]
         if wrong:
-            raise StateError(f"{where}: param group {i}'s {wrong[:3]} do not fit the optimizer's (e.g. a str lr)")
+            raise StateError(
+                f"{where}: param group {i}'s {wrong[:3]} do not fit the optimizer's (e.g. a str lr, or a tensor lr "
+                "of another shape); create the optimizer as it was when saved"
+            )
         ids = []
         for name in names:
             entry = meta["state"].get(name)

@@ -11,6 +11,7 @@ residual its errors and the sha256 of its codes and absmax, :data:`NF4_INFO`); a
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import optimizer_state, trained
-from .config import COMPONENTS, INITS, RECORDED, scaling_error
+from .config import RECORDED, check_recorded, scaling_error
 from .decompose import compute_dtype
 from .errors import StateError
 from .layer import PiSSALinear
@@ -104,9 +105,12 @@ def config_summary(recs: list[ModuleRecord]) -> dict[str, Any]:
     }
 
 
-def parse(info: dict[str, Any], tensors: dict[str, Tensor], where: str) -> tuple[list[ModuleRecord], dict[str, Tensor]]:
-    """The module records of an adapter file's verified blob and tensors, and its optimizer tensors."""
-    check = _Check(where)
+def parse(
+    info: dict[str, Any], tensors: dict[str, Tensor], where: str, *, saving: bool = False
+) -> tuple[list[ModuleRecord], dict[str, Tensor]]:
+    """The module records of an adapter file's verified blob and tensors, and its optimizer tensors. ``saving``:
+    save() runs these checks on what it is about to write (the errors then say that load() would refuse it)."""
+    check = _Check(where, SAVING if saving else CRAFTED)
     check.text(info.get("minipissa_version"), "minipissa_version")
     modules = check.mapping(info.get("modules"), "modules")
     if not modules:
@@ -120,6 +124,16 @@ def parse(info: dict[str, Any], tensors: dict[str, Tensor], where: str) -> tuple
     if extra:
         raise StateError(f"{where} holds tensors no module accounts for: {extra[:5]}")
     return recs, tensors
+
+
+def check_readable(payload: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    """A StateError unless :func:`parse` takes what save() is about to write: the reader's own checks, run on the
+    metadata as the reader will see it (through JSON: tuples turn into lists, and so on)."""
+    try:
+        seen = json.loads(json.dumps(payload, sort_keys=True))
+    except (TypeError, ValueError) as e:
+        raise StateError(f"minipissa.save: the metadata is not JSON-able ({e}); was a layer's info edited?") from None
+    parse(seen, tensors, "minipissa.save", saving=True)
 
 
 _NAME = re.compile(r"[^.\s]+(\.[^.\s]+)*")
@@ -165,10 +179,12 @@ def _info(check: _Check, field: str, value: Any, rank: int, shape: tuple[int, in
         value, f"{field} info", keys=required, optional=("residual_edited", *DENSE_DEFAULTS, *NF4_INFO)
     )
     info = DENSE_DEFAULTS | info
-    check.text(info["init"], f"{field} init", choices=INITS)
+    try:  # the very checks apply() runs on its arguments: what apply() accepts, a file holds, and nothing else
+        check_recorded(info)
+    except ValueError as e:
+        raise StateError(f"{check.where}: {field} {str(e).removeprefix('minipissa: ')}; {check.tail}") from None
     quantized = info["quantize"] is not None
     if quantized:
-        check.text(info["quantize"], f"{field} quantize", choices=("nf4",))
         for key in NF4_INFO:
             if key not in info:
                 check.fail(f"{field} info", f"an object with '{key}' (an NF4 residual)", sorted(info))
@@ -178,12 +194,6 @@ def _info(check: _Check, field: str, value: Any, rank: int, shape: tuple[int, in
             check.fail(f"{field} nf4_sha256", "64 hex digits", info["nf4_sha256"])
     elif any(k in info for k in NF4_INFO):
         check.fail(f"{field} info", "no NF4 fields for a dense residual", sorted(info))
-    check.integer(info["quant_iters"], f"{field} quant_iters", low=1)
-    check.text(info["components"], f"{field} components", choices=COMPONENTS)
-    for key in ("niter", "oversample"):
-        if info[key] is not None:
-            check.integer(info[key], f"{field} {key}", low=0)
-    check.integer(info["seed"], f"{field} seed", low=-(2**63))
     sigma = check.array(info["singular_values"], f"{field} singular_values")
     if len(sigma) not in (0, rank):
         check.fail(f"{field} singular_values", f"{rank} values (or none, for init='lora')", sigma)
@@ -217,16 +227,20 @@ def _fingerprint(check: _Check, value: Any, field: str) -> dict[str, Any]:
     return print_
 
 
+CRAFTED = "the file is corrupted or crafted"
+SAVING = "load() would refuse such a file, so save() wrote nothing (training diverged, or a layer edited by hand?)"
+
+
 class _Check:
     """Field checks of one file's metadata; each failure is a StateError naming the file, field and value."""
 
-    def __init__(self, where: str) -> None:
-        self.where = where
+    def __init__(self, where: str, tail: str) -> None:
+        self.where, self.tail = where, tail
 
     def fail(self, field: str, expected: str, value: Any) -> NoReturn:
         shown = repr(value)
         shown = shown if len(shown) <= 80 else shown[:77] + "..."
-        raise StateError(f"{self.where}: {field} must be {expected}, got {shown}; the file is corrupted or crafted")
+        raise StateError(f"{self.where}: {field} must be {expected}, got {shown}; {self.tail}")
 
     def integer(self, value: Any, field: str, low: int = 0) -> int:
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value < 2**63:

@@ -109,7 +109,7 @@ def _nf4_weight(name: str, meta: dict[str, Any], tensors: dict[str, Tensor], pat
     return weight
 
 
-_FLOAT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_FLOAT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def load_residual(model: nn.Module, path: PathLike) -> nn.Module:

@@ -66,6 +66,7 @@ def save(model: nn.Module, path: PathLike, *, optimizer: torch.optim.Optimizer |
         params |= {id(p): name for name, p in _trained_parameters(model).items()}
         opt_tensors, payload["optimizer"] = optimizer_state.pack(optimizer, params)
         tensors.update(opt_tensors)
+    records.check_readable(payload, tensors)  # what load() refuses, save() does not write
     write_once(model, lambda: safefile.write(path, tensors, KIND, payload))  # rank 0 if sharded
 
 
@@ -122,10 +123,37 @@ def _check_existing(layer: PiSSALinear, rec: ModuleRecord, where: str) -> None:
             f"{where} already is a PiSSA layer with a different adapter (rank, alpha, layout or initial "
             "factors differ); load onto the plain base model instead"
         )
+    _check_same_residual(layer, rec, where)
     if layer.merged:
         raise StateError(f"{where} is merged; call minipissa.unmerge(model) before loading A and B into it")
     if layer.A.dtype != rec.A.dtype:
         raise StateError(f"{where} has adapter dtype {layer.A.dtype}, the file {rec.A.dtype}; they must match")
+
+
+def _check_same_residual(layer: PiSSALinear, rec: ModuleRecord, where: str) -> None:
+    """A and B go into an existing layer only if it holds the residual they were trained on: the same kind (4-bit or
+    dense), made from the same base weight (its fingerprint: shape, dtype, digest), and for NF4 the same codes. The
+    initial factors alone do not tell: QPiSSA and PiSSA of one weight share them, as LoRA inits of any two bases do."""
+    kinds = ("a 4-bit (QPiSSA)", "a full-precision")
+    mine, saved = kinds[not layer.quantized], kinds[rec.info["quantize"] is None]
+    if mine != saved:
+        raise StateError(
+            f"{where} already is a PiSSA layer with {mine} residual; the file's adapter was trained on {saved} one. "
+            "Load onto the plain base model instead (the residual is then rebuilt as the file says)"
+        )
+    made, want = layer.info.get("base_fingerprint"), rec.info["base_fingerprint"]
+    made = made if isinstance(made, dict) else {}
+    # Fingerprints of two format versions (an exact hash, a sampled digest) share only the shape and dtype.
+    shared = ["shape", "dtype", *(k for k in ("hash", "sample_sha256") if k in made and k in want)]
+    if any(made.get(k) != want[k] for k in shared):
+        raise StateError(
+            f"{where} already is a PiSSA layer made from another base weight than the file's adapter (their "
+            "fingerprints differ: another checkpoint or dtype); load onto the plain base model it was trained on"
+        )
+    if isinstance(layer.weight, NF4Weight) and layer.weight.sha256() != rec.info["nf4_sha256"]:
+        raise StateError(
+            f"{where}: its 4-bit residual is not the one the file's adapter was trained on (sha256 differs)"
+        )
 
 
 def _check(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike) -> _Loading:
@@ -153,16 +181,23 @@ def _check(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike) -> _L
             f"{where} has a {type(module).__name__} weight of shape {tuple(weight.shape)}; the adapter was saved "
             f"for (out, in) = ({rec.out_features}, {rec.in_features}) with fan_in_fan_out={rec.fan_in_fan_out}"
         )
-    # The original weight has the base's dtype; a residual saved after a cast of the model (model.half()), its own.
+    # The original weight is in the base's dtype; a dense residual file holds the residual as it was when saved
+    # (after a model.half(), in float16).
     dense_residual = base == "residual" and rec.info["quantize"] is None
-    dtype = rec.info["residual_fingerprint"]["dtype"] if dense_residual else rec.base_dtype
+    dtype, what = (
+        (rec.info["residual_fingerprint"]["dtype"], "residual") if dense_residual else (rec.base_dtype, "base")
+    )
     if str(weight.dtype).removeprefix("torch.") != dtype:
         raise StateError(
-            f"{where} has a {weight.dtype} weight; the adapter was saved on a {dtype} {base} weight. Cast the model "
+            f"{where} has a {weight.dtype} weight; the adapter was saved on a {dtype} {what}. Cast the model "
             f"to {dtype} before loading (exact reload needs the same dtype)"
         )
     if compute_dtype(weight.dtype) != rec.A0.dtype:
-        raise StateError(f"{where}: the file's A0 is {rec.A0.dtype}, expected {compute_dtype(weight.dtype)}")
+        raise StateError(
+            f"{where}: the file's A0 is {rec.A0.dtype}, but a PiSSA layer on a {weight.dtype} weight holds "
+            f"{compute_dtype(weight.dtype)} factors; load onto the original {rec.base_dtype} weights (base='original') "
+            "and cast the model after loading, as it was cast after apply()"
+        )
     if base == "original" and rec.info.get("residual_edited"):
         raise StateError(
             f"{where}: its residual was edited after apply() before it was saved (in place, quantized say; by a cast "

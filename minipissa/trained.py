@@ -246,9 +246,12 @@ def check(model: nn.Module, saved: dict[str, Params], adapted: Sequence[str], wh
             module = model.get_submodule(name)
         except AttributeError:
             raise StateError(f"{where}: module '{name}' (trained in full) is not in the model") from None
-        have = {p: (tuple(t.shape), t.dtype) for p, t in module.named_parameters()}
+        own = dict(module.named_parameters())
+        have = {p: (tuple(t.shape), t.dtype) for p, t in own.items()}
         want = {p: (tuple(t.shape), t.dtype) for p, t in params.items()}
-        if have != want:
+        if {p: v[0] for p, v in have.items()} != {p: v[0] for p, v in want.items()} or not all(
+            _fits(t, own[p]) for p, t in params.items()
+        ):
             raise StateError(
                 f"{where}: module '{name}' (trained in full) has parameters {have} in the model, {want} in the file"
             )
@@ -258,6 +261,12 @@ def check(model: nn.Module, saved: dict[str, Params], adapted: Sequence[str], wh
             f"{where}: the model trains {dropped[:5]} in full (train_modules), which the file does not; load onto "
             "the model the adapter was saved from, or onto the plain base model"
         )
+
+
+def _fits(saved: Tensor, param: Tensor) -> bool:
+    """Whether ``saved`` goes into ``param`` exactly: the same dtype, or one that holds each of its values (a float16
+    head saved after model.half(), loaded onto the float32 model it was applied to and cast to float16 after)."""
+    return saved.dtype == param.dtype or torch.equal(saved.to(param.dtype).to(saved.dtype), saved)
 
 
 def restore(model: nn.Module, saved: dict[str, Params]) -> None:

@@ -43,6 +43,71 @@ def test_a_nonfinite_weight_in_the_last_target_leaves_the_model_bit_identical(ba
     assert not list(minipissa.pissa_layers(model))
 
 
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_a_float16_residual_that_would_overflow_is_refused_before_anything_changes(quantize, conv1d):
+    """Finite float16 weights near 65504, with no low-rank structure: W - s·B0·A0 leaves float16's range."""
+    from transformers.pytorch_utils import Conv1D
+
+    model = stack(dtype=torch.float16)
+    if conv1d:
+        model[4] = Conv1D(8, 24).half()
+    with torch.no_grad():
+        model[4].weight.copy_(
+            65000 * torch.randn(model[4].weight.shape, generator=torch.Generator().manual_seed(0)).sign()
+        )
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"\['4'\]: the residual W - s·B0·A0 leaves the weight dtype's range"):
+        minipissa.apply(model, 4, TARGETS, quantize=quantize)
+    assert_unchanged(model, before)
+    assert not list(minipissa.pissa_layers(model))
+
+
+def test_a_float16_residual_that_overflows_by_a_small_minor_part_is_refused():
+    """MiLoRA keeps the bottom triplets, here of singular values ~500 (s·||A0||·||B0|| far below 65504): entries of W
+    just under 65504 leave the range by that small part, which only the weight's own term of the bound sees."""
+    g = torch.Generator().manual_seed(0)
+    signs = torch.randn(8, 1, generator=g).sign() * torch.randn(1, 24, generator=g).sign()
+    model = nn.Sequential(nn.Linear(24, 8)).half()
+    with torch.no_grad():
+        model[0].weight.copy_(signs * (65504 - 200 * torch.randn(8, 24, generator=g).abs()))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"\['0'\]: the residual W - s·B0·A0 leaves the weight dtype's range"):
+        minipissa.apply(model, 4, ["0"], components="minor")
+    assert_unchanged(model, before)
+
+
+def test_the_overflow_bound_counts_the_scaling():
+    """Factors made elsewhere (an imported adapter) with s = 64: s·B0·A0 = 64 * 2000 overflows a zero weight."""
+    from minipissa.init import Factors, overflowing_residuals
+    from minipissa.tree import Plan
+
+    module = nn.Linear(6, 5).half()
+    with torch.no_grad():
+        module.weight.zero_()
+    plan = Plan("head", module, rank=1, alpha=64.0, rslora=False, fan_in_fan_out=False)
+    a0, b0 = torch.full((1, 6), 2000**0.5), torch.full((5, 1), 2000**0.5)
+    prints = {"head": {"sumsq": 0.0}}
+    assert overflowing_residuals([Factors(plan, a0, b0, torch.ones(1))], prints) == ["head"]
+    assert overflowing_residuals([Factors(plan, a0 / 2, b0 / 2, torch.ones(1))], prints) == []  # 32000 fits
+
+
+def test_float16_weights_near_the_range_edge_whose_residual_fits_are_adapted(tmp_path):
+    """A weight whose bound reaches 65504 but whose residual fits (a rank-1 matrix of 60000s: W_res ~ 0) is adapted,
+    the bound only chooses which residuals are computed before the layers are put in place."""
+    model = stack(dtype=torch.float16)
+    with torch.no_grad():
+        model[4].weight.fill_(60000.0)
+    minipissa.apply(model, 4, TARGETS)
+    assert bool(torch.isfinite(model[4].weight).all())
+    minipissa.save(model, tmp_path / "a.safetensors")
+    base = stack(dtype=torch.float16)
+    with torch.no_grad():
+        base[4].weight.fill_(60000.0)
+    x = torch.randn(2, 16).half()
+    assert torch.equal(minipissa.load(base, tmp_path / "a.safetensors")(x), model(x))
+
+
 @pytest.mark.parametrize("error", [torch.linalg.LinAlgError("did not converge"), KeyboardInterrupt(), MemoryError()])
 def test_a_decomposition_that_fails_on_the_last_module_leaves_the_model_and_a_retry_works(monkeypatch, error):
     model = stack()
@@ -137,6 +202,12 @@ def test_scalings_whose_factors_would_overflow_are_refused(alpha, rslora):
         ({"oversample": 2.5, "niter": 1}, ValueError, "oversample must be >= 0"),
         ({"niter": True}, ValueError, "niter must be None"),
         ({"seed": 1.5}, ValueError, "seed must be an int"),
+        # What an adapter file holds (int64), no more: save() could not write what load() reads back.
+        ({"seed": 2**63}, ValueError, r"seed must be an int in \[-2\*\*63, 2\*\*63\)"),
+        ({"seed": -(2**63) - 1}, ValueError, r"seed must be an int in \[-2\*\*63"),
+        ({"niter": 2**63, "init": "lora"}, ValueError, r"niter must be None \(exact SVD\) or an int in \[0, 2\*\*63\)"),
+        ({"niter": 1, "oversample": 2**63}, ValueError, r"oversample must be >= 0 and < 2\*\*63"),
+        ({"quantize": "nf4", "quant_iters": 2**63}, ValueError, r"quant_iters must be an int in \[1, 2\*\*63\)"),
         ({"memory_budget": 0}, ValueError, "memory_budget must be a positive int"),
         ({"fan_in_fan_out": True}, ValueError, r"fan_in_fan_out=True contradicts module '0', a Linear"),
     ],

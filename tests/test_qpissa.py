@@ -235,6 +235,30 @@ def test_merge_is_refused_whole_and_unload_gives_the_full_precision_weight():
         assert torch.allclose(model(x), y, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("cast", [torch.float16, torch.bfloat16, torch.float64])
+def test_a_cast_qpissa_model_unloads_and_saves_its_residual_in_the_dtype_it_was_cast_to(tmp_path: Path, cast):
+    """After model.half() (or .to(bfloat16), .double()), the 4-bit residual stands for a weight of that dtype, as a
+    dense one would be: unload gives one dtype throughout, and save_residual writes a file the cast model loads."""
+    torch.manual_seed(0)
+    model = minipissa.apply(MLP((16, 24, 8)), 2, "layers.0", quantize="nf4").to(cast)
+    q = model.layers[0]
+    with torch.no_grad():
+        q.B.add_(0.1)
+    minipissa.save_residual(model, tmp_path / "r.safetensors")
+    before = snapshot(plain := MLP((16, 24, 8)))
+    with pytest.raises(StateError, match=f"torch.float32 weight; the file's 4-bit residual stands for .* {cast}"):
+        minipissa.load_residual(plain, tmp_path / "r.safetensors")  # the file is the cast model's
+    assert_unchanged(plain, before)
+    frozen = minipissa.load_residual(MLP((16, 24, 8)).to(cast), tmp_path / "r.safetensors").layers[0]
+    assert isinstance(frozen, minipissa.NF4Linear) and frozen.weight.dtype == cast
+    assert torch.equal(frozen.weight.codes, q.weight.codes)
+    with torch.no_grad():
+        weight = (q.weight.dequantize(torch.float32) + q.scaling * (q.B @ q.A)).to(cast)
+    minipissa.unload(model)
+    assert {t.dtype for t in model.state_dict().values()} == {cast}
+    assert torch.equal(model.layers[0].weight, weight)
+
+
 def test_residual_storage_and_summary():
     model = minipissa.apply(MLP((64, 130, 32)), 4, "all-linear", quantize="nf4")
     state = model.state_dict()

@@ -115,6 +115,34 @@ def test_crafted_metadata_and_tensors_are_refused(good, tmp_path, edit, match):
     refused(bad, match)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("seed", 2**63, r"module '2' seed must be an int in \[-2\*\*63, 2\*\*63\)"),
+        ("niter", 2**63, "module '2' niter must be None"),
+        ("oversample", -1, "module '2' oversample must be >= 0"),
+        ("quant_iters", 2, "module '2' init='loftq' and quant_iters > 1 choose the adapter against a quantizer"),
+        ("components", "minor", "module '2' components='minor' needs the exact SVD"),  # the file's niter is 2
+        ("init", "gaussian", "module '2' init must be one of"),
+    ],
+)
+def test_a_file_s_init_settings_pass_the_checks_apply_runs(tmp_path, key, value, match):
+    """One validator (config.check_recorded) for apply()'s options and every module of a file."""
+    good = tmp_path / "good.safetensors"
+    minipissa.save(minipissa.apply(base(), 4, ["0", "2"], niter=2), good)
+    bad = tmp_path / "bad.safetensors"
+    rewrite(good, bad, lambda info, tensors: info["modules"]["2"]["info"].__setitem__(key, value))
+    refused(bad, match)
+
+
+@pytest.mark.parametrize("seed", [-(2**63), 2**63 - 1])
+def test_the_extreme_int64_seeds_save_and_load(tmp_path, seed):
+    model = minipissa.apply(base(), 4, ["0", "2"], niter=1, oversample=2**63 - 1, seed=seed)
+    minipissa.save(model, tmp_path / "a.safetensors")
+    x = torch.randn(3, 16)
+    assert torch.equal(minipissa.load(base(), tmp_path / "a.safetensors")(x), model(x))
+
+
 def test_optimizer_state_of_the_wrong_kind_is_refused_before_any_step(good, tmp_path):
     def opt_for(model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01, weight_decay=0.0)
