@@ -106,8 +106,8 @@ def test_apply_stores_nf4_of_the_residual_and_computes_with_it(shape, rank, alph
                 with getattr(minipissa, mode)(model):
                     got = model(x)
             tol = dot_bound(x, eff, dtype) + dot_bound(x, deq, dtype) + torch.finfo(dtype).eps * bias.abs()
-            if a is not None:  # the layer multiplies by the factors, s * (x A^T) B^T: its rounding scales with |x||A||B|,
-                # which exceeds |x||s B A| where B A cancels (a residual near zero: rank = min(out, in))
+            if a is not None:  # the layer multiplies by the factors, s * (x A^T) B^T: its rounding scales with
+                # |x||A||B|, which exceeds |x||s B A| where B A cancels (a residual near zero: rank = min(out, in))
                 tol = tol + factored_bound(x, a.double(), b.double(), layer.scaling, dtype)
             assert ((got.double() - want).abs() <= tol + 1e-30).all(), mode
 
