@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .targets import value_for
+from .targets import check_pattern, value_for
 from .weights import lora_scaling
 
 INITS = ("pissa", "lora", "loftq")
@@ -68,6 +68,8 @@ class InitConfig:
         for name in ("rank", "alpha"):  # a private copy: the user's dict may change after apply()
             value = getattr(self, name)
             if isinstance(value, Mapping):
+                for key in value:  # patterns, as targets are ("*": every other module); values: rank_for/alpha_for
+                    check_pattern(key, f"`{name}` key")
                 object.__setattr__(self, name, dict(value))
         if self.init not in INITS:
             raise ValueError(f"minipissa: init must be one of {INITS}, got {self.init!r}")

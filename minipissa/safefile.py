@@ -39,8 +39,9 @@ __all__ = [
 
 #: Version 2: weights fingerprinted by an exact hash of every element (version 1: sampled elements). Version 3:
 #: QPiSSA records (a 4-bit residual); readers of versions 1-2 refuse it, so none loads it as a dense adapter.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+#: Version 4: the base's biases fingerprinted, and biases trained since apply saved (records.py).
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 BLOB_KEY = "minipissa"
 BLOB_SHA_FIELD = "blob_sha256"
 

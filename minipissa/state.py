@@ -14,7 +14,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from . import casts, optimizer_state, records, safefile, trained
+from . import biases, casts, optimizer_state, records, safefile, trained
 from .decompose import compute_dtype
 from .errors import PathLike, StateError
 from .fingerprint import fingerprint_later, read_all, same
@@ -24,7 +24,7 @@ from .nf4_linear import NF4Linear
 from .qpissa import residual_nf4
 from .records import ModuleRecord
 from .sharded.dtensor import full_tensor, refuse_sharded, write_once
-from .targets import is_supported
+from .targets import is_supported, refusal
 from .tree import (
     Plan,
     adapted_layers,
@@ -47,9 +47,11 @@ def save(model: nn.Module, path: PathLike, *, optimizer: torch.optim.Optimizer |
             hyperparameters in the metadata), restored by ``load(..., optimizer=)``.
     """
     safefile.as_path(path)
+    _check_optimizer(optimizer, "save")
     layers = adapted_layers(model, "save")
     recs = records_of(layers)
     tensors = {f"{r.name}.{k}": getattr(r, k) for r in recs for k in records.FACTORS}
+    tensors |= {f"{r.name}.bias": r.bias for r in recs if r.bias is not None}
     payload: dict[str, Any] = {
         "minipissa_version": library_version(),
         "config": records.config_summary(recs),
@@ -60,6 +62,9 @@ def save(model: nn.Module, path: PathLike, *, optimizer: torch.optim.Optimizer |
     tensors.update(full_tensors)
     if optimizer is not None:
         params = {id(p): f"{name}.{k}" for name, layer in layers for k, p in (("A", layer.A), ("B", layer.B))}
+        params |= {
+            id(layer.bias): f"{r.name}.bias" for (_, layer), r in zip(layers, recs, strict=True) if r.bias is not None
+        }
         params |= {id(p): name for name, p in _trained_parameters(model).items()}
         opt_tensors, payload["optimizer"] = optimizer_state.pack(optimizer, params)
         tensors.update(opt_tensors)
@@ -75,10 +80,20 @@ def _trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     }
 
 
+def _check_optimizer(optimizer: object, what: str) -> None:
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"minipissa.{what}: optimizer must be a torch.optim.Optimizer or None, got {optimizer!r:.60}")
+
+
 def records_of(layers: list[tuple[str, PiSSALinear]]) -> list[ModuleRecord]:
-    """The records of live layers, each with its residual's fingerprint as it is now (one read-back)."""
-    prints = read_all([fingerprint_later(full_tensor(layer.stored_residual())) for _, layer in layers])
-    return [records.from_layer(name, layer, p) for (name, layer), p in zip(layers, prints, strict=True)]
+    """The records of live layers, each with its residual's fingerprint as it is now, and its bias if it was trained
+    since apply (biases.py); one read-back."""
+    queued = [fingerprint_later(full_tensor(layer.stored_residual())) for _, layer in layers]
+    queued += [fingerprint_later(full_tensor(layer.bias)) for _, layer in layers if layer.bias is not None]
+    prints = read_all(queued)
+    recs = [records.from_layer(name, layer, p) for (name, layer), p in zip(layers, prints[: len(layers)], strict=True)]
+    biases.keep_trained(layers, recs, prints[len(layers) :])
+    return recs
 
 
 def library_version() -> str:
@@ -128,7 +143,11 @@ def _check(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike) -> _L
         ) from None
     if isinstance(module, PiSSALinear):
         _check_existing(module, rec, where)
+        biases.check(module.bias, rec, where, module)
         return _Loading(rec, module, existing=True)
+    problem = refusal(rec.name, module)  # what a PiSSA layer in its place would drop: hooks, its own forward...
+    if problem:
+        raise StateError(problem)
     if isinstance(module, NF4Linear):
         return _check_nf4_base(module, rec, base, where)
     if not is_supported(module):
@@ -161,6 +180,7 @@ def _check(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike) -> _L
             "minipissa.load_residual() first, or load onto the original weights with base='original'"
         )
     _check_fingerprint(weight, rec, base, where)
+    biases.check(cast(Tensor | None, module.bias), rec, where)
     if rec.info["quantize"] is None:
         return _Loading(rec, module, existing=False)
     with torch.no_grad():
@@ -193,6 +213,7 @@ def _check_nf4_base(module: NF4Linear, rec: ModuleRecord, base: str, where: str)
         raise StateError(f"{where}: its 4-bit residual is {module.weight.shape}, the adapter's {stored}")
     if module.weight.sha256() != rec.info["nf4_sha256"]:
         raise StateError(f"{where}: its 4-bit residual is not the one the adapter was saved with (sha256 differs)")
+    biases.check(module.bias, rec, where)
     return _Loading(rec, module, existing=False, residual=module.weight)
 
 
@@ -237,6 +258,7 @@ def load(
         StateError: with the module name and what to do; the model is then unchanged.
     """
     refuse_sharded(model, "load")
+    _check_optimizer(optimizer, "load")
     if base not in ("original", "residual"):
         raise StateError(f"minipissa.load: base must be 'original' or 'residual', got {base!r}")
     info, recs, opt_tensors = read(path)
@@ -258,6 +280,7 @@ def load(
         if info.get("optimizer") is None:
             raise StateError(f"minipissa: '{path}' has no optimizer state; it was saved without save(..., optimizer=)")
         params = {f"{x.record.name}.{k}": getattr(x.module, k) for x in loadings for k in ("A", "B")}
+        params |= {f"{x.record.name}.bias": x.module.bias for x in loadings if x.record.bias is not None}
         params |= {f"{trained.PREFIX}{name}.{p}": t for name, ps in full.items() for p, t in _named(model, name, ps)}
         opt_state = optimizer_state.unpack(optimizer, params, opt_tensors, info["optimizer"], str(path))
 
@@ -285,6 +308,7 @@ def load(
         with torch.no_grad():
             layer.A.copy_(rec.A)
             layer.B.copy_(rec.B)
+        biases.restore(layer, rec)
     # The residuals as rebuilt here (another device may round them differently from the saving one): what a
     # later save() compares against to tell an edited residual.
     for layer, residual_print in zip(
@@ -293,6 +317,9 @@ def load(
         layer.info["residual_fingerprint"] = residual_print
     trained.restore(model, full)
     train_adapters_only(model)
+    for loading in loadings:  # a bias trained when saved trains on, as the adapter does
+        if loading.record.bias is not None:
+            cast(PiSSALinear, model.get_submodule(loading.record.name)).bias.requires_grad_(True)  # type: ignore[union-attr]
     casts.install(model, [layer for _, layer in pissa_layers(model)])
     if optimizer is not None and opt_state is not None:
         optimizer.load_state_dict(opt_state)

@@ -62,7 +62,13 @@ def pack(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, list[str]]]:
     full, for the adapter file."""
     tensors, meta = {}, {}
     for name in names(model):
-        params = dict(model.get_submodule(name).named_parameters())
+        try:
+            params = dict(model.get_submodule(name).named_parameters())
+        except AttributeError:
+            raise StateError(
+                f"minipissa: module '{name}' was trained in full (train_modules) but is no longer in the model; put "
+                "it back before saving or converting: the file must hold what was trained"
+            ) from None
         meta[name] = sorted(params)
         tensors.update({f"{PREFIX}{name}.{p}": full_tensor(t.detach()).cpu() for p, t in params.items()})
     return tensors, meta

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import trained
-from .errors import StateError
+from .errors import StateError, as_module
 from .layer import PiSSALinear
 from .nf4 import NF4Weight
 from .weights import lora_scaling, weight_matrix
@@ -82,14 +82,14 @@ def build_layer(
 
 def pissa_layers(model: nn.Module) -> Iterator[tuple[str, PiSSALinear]]:
     """(full name, layer) for every PiSSALinear in ``model``."""
-    for name, module in model.named_modules():
+    for name, module in as_module(model, "pissa_layers").named_modules():
         if isinstance(module, PiSSALinear):
             yield name, module
 
 
 def adapted_layers(model: nn.Module, what: str) -> list[tuple[str, PiSSALinear]]:
     """The model's PiSSA layers, for the operation ``what``; a StateError if it has none."""
-    layers = list(pissa_layers(model))
+    layers = list(pissa_layers(as_module(model, what)))
     if not layers:
         raise StateError(
             f"minipissa.{what}: the model has no PiSSA layers; call minipissa.apply() or minipissa.load() first"
@@ -124,5 +124,7 @@ def train_adapters_only(model: nn.Module) -> None:
     for _, layer in pissa_layers(model):
         layer.A.requires_grad_(True)
         layer.B.requires_grad_(True)
+    modules = dict(model.named_modules())
     for name in trained.names(model):
-        model.get_submodule(name).requires_grad_(True)
+        if name in modules:  # one deleted since has nothing to train (save refuses to lose it: trained.pack)
+            modules[name].requires_grad_(True)

@@ -167,7 +167,7 @@ def test_save_load_is_bit_exact_and_checks_the_codes(tmp_path: Path, monkeypatch
         opt.zero_grad()
     minipissa.save(model, tmp_path / "q.safetensors")
     info, recs, _ = minipissa.state.read(tmp_path / "q.safetensors")
-    assert info["format_version"] == 3 and all(r.info["quantize"] == "nf4" and r.info["quant_iters"] == 2 for r in recs)
+    assert info["format_version"] >= 3 and all(r.info["quantize"] == "nf4" and r.info["quant_iters"] == 2 for r in recs)
     loaded = minipissa.load(base(), tmp_path / "q.safetensors")
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
@@ -194,7 +194,7 @@ def test_save_load_is_bit_exact_and_checks_the_codes(tmp_path: Path, monkeypatch
     assert_unchanged(fresh, before)
     # A reader of versions 1-2 never takes it for a dense adapter.
     monkeypatch.setattr(safefile, "READABLE_VERSIONS", (1, 2))
-    with pytest.raises(StateError, match="format version 3"):
+    with pytest.raises(StateError, match=f"format version {safefile.FORMAT_VERSION}"):
         minipissa.load(fresh, tmp_path / "q.safetensors")
     assert_unchanged(fresh, before)
 
