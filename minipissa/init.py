@@ -79,18 +79,22 @@ def plan_modules(
         plans.append(
             Plan(name, module, rank, alpha, cfg.rslora, flip, float(cfg.dropout), cfg.adapter_dtype, cfg.quantize)
         )
-    for what, spec in (("rank", cfg.rank), ("alpha", cfg.alpha)):  # a pattern that sets nothing: a typo?
-        unused = (
-            [k for k in spec if k != "*" and not any(matches(p.name, k) for p in plans)]
-            if isinstance(spec, dict)
-            else []
-        )
+    _refuse_unused_patterns(cfg, plans)
+    return plans
+
+
+def _refuse_unused_patterns(cfg: InitConfig, plans: Sequence[Plan]) -> None:
+    """A named error for a pattern of a ``rank`` or ``alpha`` mapping that matches no adapted module: it sets
+    nothing (a typo?)."""
+    for what, spec in (("rank", cfg.rank), ("alpha", cfg.alpha)):
+        if not isinstance(spec, dict):
+            continue
+        unused = [k for k in spec if k != "*" and not any(matches(p.name, k) for p in plans)]
         if unused:
             raise ValueError(
                 f"minipissa: `{what}` pattern(s) {unused} match no adapted module (a typo?); the adapted modules "
                 f"are {[p.name for p in plans][:8]}"
             )
-    return plans
 
 
 @dataclass

@@ -17,10 +17,11 @@ from .fingerprint import Pending, describe, fingerprint_later, is_finite, read_a
 from .init import Factors, factors, nonfinite_factors, plan_modules, progress_reporter, refuse_overflow
 from .layer import PiSSALinear, host_copies
 from .qpissa import ERRORS, quantize_residual
+from .replaceable import hooks_on
 from .sharded.dtensor import full_tensor, is_dtensor, refuse_sharded
 from .sharded.fsdp import FsdpAdoption
 from .sharded.init import check_finite_shards, check_layouts, sharded_factors
-from .targets import Targets, hooks_on
+from .targets import Targets
 from .tree import (
     Plan,
     adapted_layers,

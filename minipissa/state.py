@@ -23,8 +23,9 @@ from .nf4 import NF4Weight
 from .nf4_linear import NF4Linear
 from .qpissa import residual_nf4
 from .records import ModuleRecord
+from .replaceable import refusal
 from .sharded.dtensor import full_tensor, refuse_sharded, write_once
-from .targets import is_supported, refusal
+from .targets import is_supported
 from .tree import (
     Plan,
     adapted_layers,
@@ -130,6 +131,7 @@ def _check_existing(layer: PiSSALinear, rec: ModuleRecord, where: str) -> None:
         raise StateError(f"{where} is merged; call minipissa.unmerge(model) before loading A and B into it")
     if layer.A.dtype != rec.A.dtype:
         raise StateError(f"{where} has adapter dtype {layer.A.dtype}, the file {rec.A.dtype}; they must match")
+    biases.check(layer.bias, rec, where, layer)
 
 
 def _check(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike) -> _Loading:
@@ -143,10 +145,8 @@ def _check(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike) -> _L
         ) from None
     if isinstance(module, PiSSALinear):
         _check_existing(module, rec, where)
-        biases.check(module.bias, rec, where, module)
         return _Loading(rec, module, existing=True)
-    problem = refusal(rec.name, module)  # what a PiSSA layer in its place would drop: hooks, its own forward...
-    if problem:
+    if problem := refusal(rec.name, module):  # what a PiSSA layer in its place would drop: hooks, own forward...
         raise StateError(problem)
     if isinstance(module, NF4Linear):
         return _check_nf4_base(module, rec, base, where)

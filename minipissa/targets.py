@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import TypeVar, cast
+from typing import TypeVar
 
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .layer import PiSSALinear
+from .replaceable import refusal
 from .weights import is_conv1d
 
 Pattern = str | re.Pattern[str]
@@ -36,94 +37,6 @@ def matches(name: str, pattern: Pattern) -> bool:
 
 def is_supported(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-#: The hook tables of an nn.Module (torch 2.x), with what they hold; a table a torch version lacks reads as empty.
-HOOK_TABLES = {
-    "_forward_pre_hooks": "forward pre-hooks",
-    "_forward_hooks": "forward hooks",
-    "_backward_pre_hooks": "backward pre-hooks",
-    "_backward_hooks": "backward hooks",
-    "_state_dict_pre_hooks": "state-dict pre-hooks",
-    "_state_dict_hooks": "state-dict hooks",
-    "_load_state_dict_pre_hooks": "load_state_dict pre-hooks",
-    "_load_state_dict_post_hooks": "load_state_dict post-hooks",
-}
-
-
-def hooks_on(module: nn.Module) -> list[str]:
-    """The hooks registered on ``module`` itself, e.g. ``["forward hooks (log_output)"]``, but those that
-    torch.nn.utils leaves behind when a weight_norm or spectral_norm is removed (they only rename the keys of old
-    checkpoints in load_state_dict, and come with no handle to remove them)."""
-    found = []
-    for table, what in HOOK_TABLES.items():
-        unwrapped = [getattr(h, "hook", h) for h in (getattr(module, table, None) or {}).values()]  # _WrappedHook
-        names = sorted(
-            {
-                getattr(fn, "__qualname__", type(fn).__name__)
-                for fn in unwrapped
-                if not getattr(fn, "__module__", "").startswith("torch.nn.utils.")
-            }
-        )
-        if names:
-            found.append(f"{what} ({', '.join(names)})")
-    return found
-
-
-def replacement_losses(module: nn.Module) -> list[str]:
-    """What putting a PiSSALinear in place of ``module`` would drop, each with what to do; empty when nothing.
-
-    A PiSSA layer computes W_res x + s·B·A x + bias from the module's stored tensors and nothing else: a weight
-    computed from other parameters (weight_norm, spectral_norm, any parametrization) would be frozen at its current
-    value and those parameters dropped; a subclass's own forward would not run; hooks registered on the module stay
-    on the discarded module. Moving hooks over is not exact either: a hook would see the residual as ``.weight`` and
-    other state-dict keys, and its handle would no longer remove it.
-    """
-    lost = []
-    if parametrize.is_parametrized(module):  # checked first: reading a parametrized weight may change it
-        names = sorted(cast(nn.ModuleDict, module.parametrizations).keys())
-        lost.append(
-            f"parametrized tensors {names} (torch.nn.utils.parametrize: parametrizations.weight_norm, spectral_norm, "
-            "orthogonal, ...): remove them first, torch.nn.utils.parametrize.remove_parametrizations(module, name)"
-        )
-    elif computed := _computed(module):
-        lost.append(
-            f"a {' and '.join(computed)} computed by a hook rather than stored (torch.nn.utils.weight_norm or "
-            "spectral_norm): remove it first (torch.nn.utils.remove_weight_norm / remove_spectral_norm)"
-        )
-    if "forward" in vars(module):
-        lost.append("a forward of its own (an instance attribute, set e.g. by accelerate's hooks): remove it")
-    elif isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward:
-        lost.append(
-            f"its own forward ({type(module).__qualname__}.forward overrides nn.Linear's), which a PiSSA layer would "
-            "not run: adapt a plain nn.Linear (dequantize or convert it first)"
-        )
-    hooks = hooks_on(module)
-    if hooks and not lost:  # weight_norm's and spectral_norm's own hooks go with them
-        lost.append(
-            f"{'; '.join(hooks)}: remove them (handle.remove()), and register them on the PiSSA layer after apply() "
-            "or load()"
-        )
-    return lost
-
-
-def _computed(module: nn.Module) -> list[str]:
-    """Which of the weight and bias of an unparametrized ``module`` are neither parameters, buffers nor submodules
-    of it (NF4Linear's weight is an NF4Weight module): computed, by a hook."""
-    own = {n for n, _ in module.named_parameters(recurse=False)} | {n for n, _ in module.named_buffers(recurse=False)}
-    own |= {n for n, _ in module.named_children()}
-    return [k for k in ("weight", "bias") if getattr(module, k, None) is not None and k not in own]
-
-
-def refusal(name: str, module: nn.Module) -> str | None:
-    """Why ``module`` (at ``name``) cannot be replaced by a PiSSA layer without losing something, or None."""
-    lost = replacement_losses(module)
-    if not lost:
-        return None
-    return (
-        f"minipissa: module '{name}' has {'; and '.join(lost)}; or `exclude` the module. A PiSSA layer in its place "
-        "would silently drop this, so nothing was changed"
-    )
 
 
 def check_pattern(pattern: object, what: str) -> Pattern:
@@ -193,14 +106,7 @@ def find_targets(model: nn.Module, targets: Targets, exclude: Targets | None = N
     patterns, excluded = _as_list(targets, "targets"), _as_list(exclude, "exclude")
     if not patterns:
         raise ValueError("minipissa: `targets` is empty; name modules, e.g. ['q_proj', 'v_proj'], or 'all-linear'")
-    # Never targets: a PiSSA layer's own children, and the modules of torch's parametrizations (they compute a
-    # tensor of their parent, which is refused itself, with what to do)
-    inside = {f"{n}." for n, m in model.named_modules() if isinstance(m, PiSSALinear)} | {
-        f"{n}.parametrizations." if n else "parametrizations."
-        for n, m in model.named_modules()
-        if parametrize.is_parametrized(m)
-    }
-    named = [(n, m) for n, m in model.named_modules() if n and not any(n.startswith(p) for p in inside)]
+    named = _candidate_modules(model)
     all_linear = ALL_LINEAR in patterns
     patterns = [p for p in patterns if p != ALL_LINEAR]
     heads = output_heads(model) if all_linear else set()
@@ -217,25 +123,9 @@ def find_targets(model: nn.Module, targets: Targets, exclude: Targets | None = N
             continue
         if all_linear and is_supported(module) and name not in heads and name not in bypassed:
             hit.append(ALL_LINEAR)
-        if not hit:
-            continue
-        if isinstance(module, PiSSALinear):
-            raise ValueError(f"minipissa: module '{name}' already is a PiSSALinear; apply() runs once per module")
-        if not is_supported(module):
-            raise TypeError(
-                f"minipissa: module '{name}' matched target {hit[0]!r} but is a {type(module).__name__}; "
-                f"supported are {SUPPORTED}. Use a more specific pattern or `exclude`."
-            )
-        problem = refusal(name, module)
-        if problem:
-            raise ValueError(problem)
-        if name in bypassed:
-            raise ValueError(
-                f"minipissa: module '{name}' is the out_proj of an nn.MultiheadAttention, which reads its weight "
-                "directly and never calls it, so an adapter there would never run. `exclude` it (all-linear "
-                "skips it), or adapt a model whose attention calls its projections (e.g. Hugging Face models)"
-            )
-        found.append((name, module))
+        if hit:
+            _check_target(name, module, hit[0], name in bypassed)
+            found.append((name, module))
 
     unmatched = [p for p in patterns if hits[id(p)] == 0]
     if unmatched:
@@ -255,6 +145,37 @@ def find_targets(model: nn.Module, targets: Targets, exclude: Targets | None = N
     if not found:
         raise ValueError(f"minipissa: no module left to adapt after `exclude`; candidates: {_candidates(named)}")
     return found
+
+
+def _check_target(name: str, module: nn.Module, pattern: Pattern, bypassed: bool) -> None:
+    """A named error if the module ``pattern`` matched cannot be adapted."""
+    if isinstance(module, PiSSALinear):
+        raise ValueError(f"minipissa: module '{name}' already is a PiSSALinear; apply() runs once per module")
+    if not is_supported(module):
+        raise TypeError(
+            f"minipissa: module '{name}' matched target {pattern!r} but is a {type(module).__name__}; "
+            f"supported are {SUPPORTED}. Use a more specific pattern or `exclude`."
+        )
+    problem = refusal(name, module)
+    if problem:
+        raise ValueError(problem)
+    if bypassed:
+        raise ValueError(
+            f"minipissa: module '{name}' is the out_proj of an nn.MultiheadAttention, which reads its weight "
+            "directly and never calls it, so an adapter there would never run. `exclude` it (all-linear "
+            "skips it), or adapt a model whose attention calls its projections (e.g. Hugging Face models)"
+        )
+
+
+def _candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs a pattern may match: all but the root, a PiSSA layer's own children, and the modules
+    of torch's parametrizations (they compute a tensor of their parent, which is refused itself, with what to do)."""
+    inside = {f"{n}." for n, m in model.named_modules() if isinstance(m, PiSSALinear)} | {
+        f"{n}.parametrizations." if n else "parametrizations."
+        for n, m in model.named_modules()
+        if parametrize.is_parametrized(m)
+    }
+    return [(n, m) for n, m in model.named_modules() if n and not any(n.startswith(p) for p in inside)]
 
 
 def shared_tensors(model: nn.Module, found: Sequence[tuple[str, nn.Module]]) -> list[str]:

@@ -229,3 +229,36 @@ def test_an_adapted_model_whose_base_had_another_bias_is_refused(tmp_path: Path)
     assert_refused(
         other, lambda m: minipissa.load(m, tmp_path / "a.safetensors"), "adapted on a base with another bias"
     )
+
+
+def test_a_4bit_residual_base_with_another_bias_is_refused(tmp_path: Path) -> None:
+    model = minipissa.apply(base(), 4, TARGETS, quantize="nf4")
+    minipissa.save(model, tmp_path / "q.safetensors")
+    minipissa.save_residual(model, tmp_path / "r.safetensors")
+    residual = minipissa.load_residual(base(), tmp_path / "r.safetensors")
+    with torch.no_grad():
+        residual[2].bias[0] += 1.0
+    path = tmp_path / "q.safetensors"
+    assert_refused(residual, lambda m: minipissa.load(m, path, base="residual"), "module '2': its bias does not match")
+
+
+def test_the_cli_warns_of_trained_biases_in_a_conversion(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from minipissa.__main__ import main
+
+    minipissa.save(bias_trained(steps=1)[0], tmp_path / "a.safetensors")
+    assert main(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "lora")]) == 0
+    assert (
+        "warning: the biases of ['2'] were trained and are written as PEFT's bias='lora_only'"
+        in capsys.readouterr().err
+    )
+
+
+def test_a_bias_unfrozen_but_not_yet_stepped_is_saved_and_trains_after_load(tmp_path: Path) -> None:
+    """Which parameters train is part of the trained state: a bias that requires grad is saved even unchanged (the
+    optimizer holds it), and requires grad again after load."""
+    model = minipissa.apply(base(), 4, TARGETS)
+    model[2].bias.requires_grad_(True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    minipissa.save(model, tmp_path / "a.safetensors", optimizer=opt)
+    loaded = minipissa.load(base(), tmp_path / "a.safetensors")
+    assert loaded[2].bias.requires_grad and not loaded[0].bias.requires_grad
