@@ -86,7 +86,10 @@ def apply(
         train_modules: patterns (as ``targets``, any module kind) of modules to train in full beside the adapters,
             e.g. a new classification head; saved with the adapter, exported as PEFT's ``modules_to_save``.
 
-    After apply, only the A and B parameters (and ``train_modules``) require gradients.
+    After apply, only the A and B parameters (and ``train_modules``) require gradients; a target's bias unfrozen
+    afterwards trains with them and is saved with the adapter (biases.py). A target whose replacement would drop
+    something (hooks on it, its class's own forward, a parametrized weight) is refused, with what to do
+    (replaceable.py).
     """
     start = time.perf_counter()
     cfg = InitConfig(

@@ -41,7 +41,8 @@ KIND = "adapter"
 
 
 def save(model: nn.Module, path: PathLike, *, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Write every adapter of ``model`` (A, B, A0, B0 + metadata) to one safetensors file, atomically.
+    """Write every adapter of ``model`` (A, B, A0, B0 + metadata) to one safetensors file, atomically; with it, the
+    modules trained in full and each adapted layer's bias trained since apply (biases.py).
 
     Args:
         optimizer: optionally also store its state for the A/B parameters (tensors in the file,
