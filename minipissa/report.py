@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import as_module
 from .nf4 import BYTES_PER_PARAM as NF4_BYTES_PER_PARAM
 from .tree import pissa_layers
 
@@ -73,6 +74,7 @@ class Summary:
 
 def summary(model: nn.Module) -> Summary:
     """Adapted modules, parameter counts, init time and per-module explained energy."""
+    as_module(model, "summary")
     result = Summary(seconds=_INIT_SECONDS.get(model))
     for name, layer in pissa_layers(model):
         sigma = torch.tensor(layer.info.get("singular_values", []), dtype=torch.float64)

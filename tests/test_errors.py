@@ -89,6 +89,7 @@ CASES: dict[str, tuple[Callable[[nn.Module, nn.Module, Path], Any], type[Excepti
     "pissa_layers None": (lambda m, a, d: list(minipissa.pissa_layers(None)), TypeError, "pissa_layers: the model"),
     "import_peft model None": (
         lambda m, a, d: minipissa.import_peft(None, d, d), TypeError, "import_peft: the model must be a torch.nn"),
+    "summary None": (lambda m, a, d: minipissa.summary(None), TypeError, "summary: the model must be a torch.nn"),
     "snap_rank 0": (lambda m, a, d: snap_rank(0), ValueError, "a rank to snap must be an int >= 1, got 0"),
     "snap_rank True": (lambda m, a, d: snap_rank(True), ValueError, "got True"),
 }  # fmt: skip
