@@ -51,6 +51,12 @@ def _convert(args: argparse.Namespace) -> int:
             "this adapter, vLLM refuses it (serve the merged model instead)",
             file=sys.stderr,
         )
+    if report.trained_biases:
+        print(
+            f"warning: the biases of {report.trained_biases} were trained and are written as PEFT's bias='lora_only': "
+            "PEFT loads them; a loader that reads only lora_A/lora_B leaves them out (serve the merged model instead)",
+            file=sys.stderr,
+        )
     if report.quantization_errors:
         mean = sum(report.quantization_errors.values()) / len(report.quantization_errors)
         print(
@@ -104,6 +110,17 @@ def _import_peft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank(text: str) -> int:
+    """``--rank``: an integer >= 1 (argparse turns the error into a usage message and exit status 2)."""
+    try:
+        rank = int(text)
+    except ValueError:
+        rank = 0
+    if rank < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return rank
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m minipissa", description="minipissa adapter files")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -112,7 +129,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("adapter", help="file written by minipissa.save()")
     convert.add_argument("out_dir", help="directory for adapter_model.safetensors, adapter_config.json, README.md")
-    convert.add_argument("--rank", type=int, default=None, help="re-compress each update to at most this rank")
+    convert.add_argument(
+        "--rank", type=_rank, default=None, help="re-compress each update to at most this rank (an integer >= 1)"
+    )
     convert.add_argument("--snap", action="store_true", help="round --rank down to a max_lora_rank vLLM accepts")
     convert.add_argument("--prefix", default=PEFT_PREFIX, help=f"tensor key prefix (default {PEFT_PREFIX!r})")
     convert.add_argument("--base-model", default=None, help="base_model_name_or_path for the config and model card")

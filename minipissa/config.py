@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .targets import value_for
+from .targets import check_pattern, value_for
 from .weights import lora_scaling
 
 INITS = ("pissa", "lora", "loftq")
@@ -112,6 +112,8 @@ class InitConfig:
         for name in ("rank", "alpha"):  # a private copy: the user's dict may change after apply()
             value = getattr(self, name)
             if isinstance(value, Mapping):
+                for key in value:  # patterns, as targets are ("*": every other module); values: rank_for/alpha_for
+                    check_pattern(key, f"`{name}` key")
                 object.__setattr__(self, name, dict(value))
         check_recorded(self.recorded())
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:

@@ -36,6 +36,8 @@ from .weights import lora_scaling
 PEFT_PREFIX = "base_model.model."
 #: vLLM's default ``max_lora_rank``: adapters of higher rank need server flags or ``rank=``.
 SERVING_RANK_LIMIT = 16
+#: PEFT's task types (peft.TaskType), for ``task_type``.
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 #: The values vLLM accepts for ``max_lora_rank``.
 SERVING_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -46,8 +48,10 @@ def serving_rank(rank: int) -> int | None:
 
 
 def snap_rank(rank: int) -> int:
-    """The largest ``max_lora_rank`` value vLLM accepts that is <= ``rank`` (>= 1)."""
-    return max(k for k in SERVING_RANKS if k <= max(rank, 1))
+    """The largest ``max_lora_rank`` value vLLM accepts that is <= ``rank`` (an int >= 1)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"minipissa: a rank to snap must be an int >= 1, got {rank!r:.40}")
+    return max(k for k in SERVING_RANKS if k <= rank)
 
 
 @dataclass
@@ -74,6 +78,7 @@ class ConversionReport:
     module_errors: dict[str, float] = field(default_factory=dict)
     quantization_errors: dict[str, float] = field(default_factory=dict)
     modules_to_save: list[str] = field(default_factory=list)  # trained in full: PEFT loads them, vLLM refuses them
+    trained_biases: list[str] = field(default_factory=list)  # modules whose bias was trained: PEFT's bias="lora_only"
 
 
 def lora_factors(rec: ModuleRecord) -> tuple[Tensor, Tensor]:
@@ -129,9 +134,16 @@ def convert_to_lora(
     """
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise StateError(f"minipissa.convert_to_lora: rank must be an int >= 1, got {rank!r}")
+    if not isinstance(prefix, str) or not (prefix == "" or prefix.endswith(".")):
+        raise StateError(
+            f"minipissa.convert_to_lora: prefix must be a str ending in '.' (prepended to module paths, e.g. "
+            f"{PEFT_PREFIX!r}) or '', got {prefix!r:.60}"
+        )
     for name, value in (("base_model_name_or_path", base_model_name_or_path), ("task_type", task_type)):
         if value is not None and not isinstance(value, str):
             raise StateError(f"minipissa.convert_to_lora: {name} must be a string or None, got {value!r}")
+    if task_type is not None and task_type not in TASK_TYPES:  # PEFT fails to load a task type it does not know
+        raise StateError(f"minipissa.convert_to_lora: task_type must be None or one of {TASK_TYPES}, got {task_type!r}")
     meta: Any
     if isinstance(src, nn.Module):
         src = unwrap(src, "convert_to_lora")
@@ -170,6 +182,8 @@ def convert_to_lora(
         tensors[f"{prefix}{name}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], pad)], 1).contiguous()
     for name, params in full.items():  # PEFT's modules_to_save: saved under the module's own keys
         tensors.update({f"{prefix}{name}.{p}": t for p, t in params.items()})
+    biases = {rec.name: rec.bias for rec in recs if rec.bias is not None}  # PEFT's bias="lora_only" keys
+    tensors.update({f"{prefix}{name}.base_layer.bias": bias for name, bias in biases.items()})
     config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -180,7 +194,7 @@ def convert_to_lora(
         "use_rslora": False,
         "init_lora_weights": True,  # the weights are in the file: loading must run no SVD
         "lora_dropout": max(rec.dropout for rec in recs),
-        "bias": "none",
+        "bias": "lora_only" if biases else "none",
         "rank_pattern": {},
         "alpha_pattern": {},
         "modules_to_save": sorted((prefix + name).removeprefix(PEFT_PREFIX) for name in full) or None,
@@ -192,7 +206,9 @@ def convert_to_lora(
     text = json.dumps(config, indent=2) + "\n"
     overall = math.sqrt(tail_total[0] / tail_total[1]) if tail_total[1] > 0 else 0.0
     quantized = {rec.name: float(rec.info["nf4_error"]) for rec in recs if rec.info["quantize"] is not None}
-    report = ConversionReport(out, r, float(r), serving_rank(r), len(recs), overall, errors, quantized, sorted(full))
+    report = ConversionReport(
+        out, r, float(r), serving_rank(r), len(recs), overall, errors, quantized, sorted(full), sorted(biases)
+    )
     card = model_card(report, recs, base_model_name_or_path, rank)
 
     files = {
@@ -236,6 +252,11 @@ def model_card(report: ConversionReport, recs: list[ModuleRecord], base: str | N
         lines.append(
             f"- Modules trained in full (`modules_to_save`): {', '.join(report.modules_to_save)}. PEFT loads them; "
             "vLLM refuses adapters with modules_to_save."
+        )
+    if report.trained_biases:
+        lines.append(
+            f"- Biases trained beside the adapter (PEFT's `bias: lora_only`): {', '.join(report.trained_biases)}. PEFT "
+            "loads them; a loader that reads only lora_A and lora_B leaves them out."
         )
     if report.quantization_errors:
         mean = sum(report.quantization_errors.values()) / len(report.quantization_errors)

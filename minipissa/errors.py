@@ -1,9 +1,11 @@
-"""The one error type of minipissa's files, and the check that a path is a path."""
+"""The one error type of minipissa's files, and the checks that a path is a path and a model a model."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from torch import nn
 
 PathLike = str | os.PathLike[str]
 
@@ -20,3 +22,10 @@ def as_path(path: object, what: str = "path") -> Path:
     if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str) or not os.fspath(path):
         raise StateError(f"minipissa: the {what} must be a non-empty str or pathlib.Path, got {path!r:.80}")
     return Path(path)
+
+
+def as_module(model: object, what: str) -> nn.Module:
+    """``model`` itself if it is an ``nn.Module``; a named TypeError for anything else (None, a path, a dict...)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"minipissa.{what}: the model must be a torch.nn.Module, got {type(model).__name__}")
+    return model

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from . import batching, decompose, qpissa
 from .config import InitConfig
-from .targets import Targets, find_targets, shared_tensors
+from .errors import as_module
+from .targets import Targets, find_targets, matches, shared_tensors
 from .tree import Plan
 from .weights import is_conv1d, residual_weight, weight_matrix
 
@@ -36,7 +37,9 @@ def plan_modules(
     fan_in_fan_out: bool | None = None,
 ) -> list[Plan]:
     """One :class:`Plan` per matched module, every setting checked before anything is changed."""
-    found = find_targets(model, targets, exclude)
+    if fan_in_fan_out is not None and not isinstance(fan_in_fan_out, bool):
+        raise TypeError(f"minipissa: fan_in_fan_out must be None (detect) or a bool, got {fan_in_fan_out!r:.40}")
+    found = find_targets(as_module(model, "apply"), targets, exclude)
     shared = shared_tensors(model, found)
     if shared:
         raise ValueError(
@@ -76,7 +79,22 @@ def plan_modules(
         plans.append(
             Plan(name, module, rank, alpha, cfg.rslora, flip, float(cfg.dropout), cfg.adapter_dtype, cfg.quantize)
         )
+    _refuse_unused_patterns(cfg, plans)
     return plans
+
+
+def _refuse_unused_patterns(cfg: InitConfig, plans: Sequence[Plan]) -> None:
+    """A named error for a pattern of a ``rank`` or ``alpha`` mapping that matches no adapted module: it sets
+    nothing (a typo?)."""
+    for what, spec in (("rank", cfg.rank), ("alpha", cfg.alpha)):
+        if not isinstance(spec, dict):
+            continue
+        unused = [k for k in spec if k != "*" and not any(matches(p.name, k) for p in plans)]
+        if unused:
+            raise ValueError(
+                f"minipissa: `{what}` pattern(s) {unused} match no adapted module (a typo?); the adapted modules "
+                f"are {[p.name for p in plans][:8]}"
+            )
 
 
 @dataclass
@@ -186,6 +204,39 @@ def refuse_nonfinite(names: Sequence[str], what: str) -> None:
         )
 
 
+def refuse_overflow(named: Sequence[tuple[str, Tensor]], kind: str, where: str) -> None:
+    """A named error for tensors (``kind``: "weights" or "biases", by module name) whose fingerprint or initial
+    factors (``where``) came out NaN or infinite; nothing has been changed yet. Tensors that hold NaN or inf are
+    refused as such; finite ones as too large, with their largest |value|: the fingerprint sums squares in float32
+    (float64 for float64 tensors), and the decomposition forms W^T W, products of up to max(m, n) squares, and in
+    its randomized form W Ω and its Gram, up to m·n of them."""
+    if not named:
+        return
+    with torch.no_grad():
+        refuse_nonfinite([n for n, t in named if not bool(torch.isfinite(t).all())], kind)
+        largest = [(n, t, t.detach().abs().max().item() if t.numel() else 0.0) for n, t in named]
+    in_factors = where == "initial factors"
+    big = [
+        (n, m)
+        for n, t, m in largest
+        if not in_factors or m * m * t.numel() > torch.finfo(decompose.compute_dtype(t.dtype)).max
+    ]
+    if not big:  # factors not finite for moderate weights: not their size
+        refuse_nonfinite([n for n, _, _ in largest], f"{where} (is alpha so small or large that S / s overflows?)")
+    shown = ", ".join(f"'{n}' (max |value| = {m:.3g})" for n, m in big[:5]) + (" ..." if len(big) > 5 else "")
+    dtype = decompose.compute_dtype(named[0][1].dtype)
+    name = str(dtype).removeprefix("torch.")
+    wider = " cast the model to float64 first (model.double(): PiSSA then computes in float64)," * (
+        dtype != torch.float64
+    )
+    raise ValueError(
+        f"minipissa: module(s) {shown} have finite {kind} too large for PiSSA's {name} arithmetic: sums of their "
+        f"squares (in the decomposition's W^T W, and in the fingerprint that identifies the base) pass {name}'s max, "
+        f"{torch.finfo(dtype).max:.3g}, and its {where} overflowed; nothing was changed. Rescale them,{wider} or "
+        "exclude these modules"
+    )
+
+
 def _one_at_a_time(plans: Sequence[Plan], cfg: InitConfig) -> Iterator[tuple[Plan, Tensor, Tensor, Tensor]]:
     """Each weight factored on its own, in plan order. On the CPU, where each decomposition runs on one
     thread (thread-count independent factors, see linalg.one_thread), as many weights at once as torch
@@ -225,6 +276,10 @@ def _workspace(p: Plan, cfg: InitConfig) -> int:
 
 def progress_reporter(progress: bool | Callable[[int, int], None], total: int) -> Callable[[int], None]:
     """A ``report(done)`` for apply's loop: the user's callback, a tqdm bar, or nothing."""
+    if not (isinstance(progress, bool) or callable(progress)):
+        raise TypeError(
+            f"minipissa: progress must be True/False or a callable progress(done, total), got {progress!r:.40}"
+        )
     if callable(progress):
         return lambda done: progress(done, total)
     if not progress:

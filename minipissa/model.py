@@ -6,7 +6,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -21,12 +21,13 @@ from .init import (
     overflowing_residuals,
     plan_modules,
     progress_reporter,
-    refuse_nonfinite,
+    refuse_overflow,
 )
 from .layer import PiSSALinear, host_copies
 from .made import Made
 from .qpissa import ERRORS, quantize_residual
-from .sharded.dtensor import is_dtensor, refuse_sharded
+from .replaceable import hooks_on
+from .sharded.dtensor import full_tensor, is_dtensor, refuse_sharded
 from .sharded.fsdp import FsdpAdoption
 from .sharded.init import check_finite_shards, check_layouts, sharded_factors
 from .targets import Targets
@@ -95,9 +96,11 @@ def apply(
         train_modules: patterns (as ``targets``, any module kind) of modules to train in full beside the adapters,
             e.g. a new classification head; saved with the adapter, exported as PEFT's ``modules_to_save``.
 
-    After apply, only the A and B parameters (and ``train_modules``) require gradients. ``model`` may be wrapped
-    (``torch.compile``, DataParallel; not DistributedDataParallel: apply first, then wrap): the model inside is
-    adapted, and ``model`` as given is returned.
+    After apply, only the A and B parameters (and ``train_modules``) require gradients; a target's bias unfrozen
+    afterwards trains with them and is saved with the adapter (biases.py). A target whose replacement would drop
+    something (hooks on it, its class's own forward, a parametrized weight) is refused, with what to do
+    (replaceable.py). ``model`` may be wrapped (``torch.compile``, DataParallel; not DistributedDataParallel: apply
+    first, then wrap): the model inside is adapted, and ``model`` as given is returned.
     """
     start = time.perf_counter()
     outer, model = model, unwrap(model, "apply", adds_parameters=True)
@@ -147,6 +150,10 @@ def adapt(
         fsdp = FsdpAdoption(model, sharded)
         check_finite_shards(sharded)
     queued = [fingerprint_later(p.weight) for p in plain]  # read back once the factors are queued too
+    # The biases are part of the base: fingerprinted (every rank alike, in plan order), so that load() can tell a
+    # base with other biases and save() a bias trained since
+    biased = [p for p in plans if p.module.bias is not None]
+    queued += [fingerprint_later(full_tensor(cast(Tensor, p.module.bias))) for p in biased]
     report_progress = progress_reporter(progress, len(plans))
     items = []
     try:
@@ -154,10 +161,11 @@ def adapt(
             items.append(item)
             report_progress(len(items))
     except Exception:
-        _refuse_nonfinite_weights(plain, queued)  # the cause, if the weights were not finite
+        _refuse_unusable(plain, biased, queued)  # the cause, if the weights were not finite or too large
         raise
-    prints = _refuse_nonfinite_weights(plain, queued)
-    refuse_nonfinite(nonfinite_factors(items), "initial factors (weights too large for a float32 Gram?)")
+    prints, bias_prints = _refuse_unusable(plain, biased, queued)
+    bad = set(nonfinite_factors(items))
+    refuse_overflow([(i.plan.name, i.plan.weight) for i in items if i.plan.name in bad], "weights", "initial factors")
     base_print = {p.name: fp for p, fp in zip(plain, prints, strict=True)}
     _refuse_overflow(overflowing_residuals(items, base_print))
     # Every A0 and B0 to host memory, queued now to run beside the loop below (not two syncs per layer inside it).
@@ -214,17 +222,25 @@ def adapt(
         layer.info.update(describe(item.sigma, item.base_print or base_print[item.plan.name]))
         layer.info["residual_fingerprint"] = residual_print
         layer.made = Made.of(residual_print, (digests[2 * i], digests[2 * i + 1]))
+        layer.info["bias_fingerprint"] = bias_prints.get(item.plan.name)
     for (layer, _), errors in zip(built, quant_errors, strict=False):  # one per layer when quantized
         layer.info.update(zip(ERRORS, errors.tolist(), strict=True))
     train_adapters_only(model)
     casts.install(model, [layer for _, layer in pissa_layers(model)])
 
 
-def _refuse_nonfinite_weights(plans: Sequence[Plan], queued: list[Pending]) -> list[dict[str, Any]]:
-    """The weights' fingerprints; a named error if any weight holds NaN or inf."""
+def _refuse_unusable(
+    plans: Sequence[Plan], biased: Sequence[Plan], queued: list[Pending]
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The fingerprints of the weights of ``plans`` and of the biases of ``biased`` (queued in that order), read
+    back at once; a named error if a weight or bias holds NaN or inf, or is too large for them (init.py)."""
     prints = read_all(queued)
-    refuse_nonfinite([p.name for p, fp in zip(plans, prints, strict=True) if not is_finite(fp)], "weights")
-    return prints
+    weights, biases = prints[: len(plans)], prints[len(plans) :]
+    bad = [(p.name, p.weight) for p, fp in zip(plans, weights, strict=True) if not is_finite(fp)]
+    refuse_overflow(bad, "weights", "fingerprint")
+    bad = [(p.name, cast(Tensor, p.module.bias)) for p, fp in zip(biased, biases, strict=True) if not is_finite(fp)]
+    refuse_overflow(bad, "biases", "fingerprint")
+    return weights, {p.name: fp for p, fp in zip(biased, biases, strict=True)}
 
 
 def _refuse_overflow(names: Sequence[str]) -> None:
@@ -269,6 +285,12 @@ def unload(model: nn.Module) -> nn.Module:
     refuse_sharded(model, "unload")
     outer, model = model, unwrap(model, "unload")
     layers = adapted_layers(model, "unload")
+    hooked = [(name, hooks) for name, layer in layers if (hooks := hooks_on(layer))]
+    if hooked:  # they would stay on the PiSSA layer, which leaves the model
+        raise ValueError(
+            f"minipissa.unload: the PiSSA layer '{hooked[0][0]}' has {'; '.join(hooked[0][1])}, which the plain layer "
+            "put back would not have; remove them (handle.remove()) first, and register them on it after unload"
+        )
     casts.remove([layer for _, layer in layers])
     aliases = module_aliases(model)
     for name, layer in layers:

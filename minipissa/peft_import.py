@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .config import InitConfig
-from .errors import PathLike, StateError, as_path
+from .errors import PathLike, StateError, as_module, as_path
 from .init import Factors, plan_modules
 from .model import adapt
 from .state import save
@@ -72,6 +72,7 @@ def import_peft(model: nn.Module, initial: PathLike, trained: PathLike) -> nn.Mo
         StateError: the initial adapter is missing, is not a PiSSA init, or does not fit the trained one or the
             model; nothing is changed then.
     """
+    as_module(model, "import_peft")
     outer, model = model, unwrap(model, "import_peft", adds_parameters=True)
     try:
         init_config, init = read_peft_adapter(initial)

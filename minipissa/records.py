@@ -7,6 +7,8 @@ Per module, the file holds ``<module path>.A`` (r, in) and ``.B`` (out, r) in th
 init ``info`` (:data:`INFO`). Format version 2 fingerprints weights with an exact full hash; version 1's
 sampled fingerprints are still read. Version 3 adds QPiSSA (``quantize``, ``quant_iters``, and for an NF4
 residual its errors and the sha256 of its codes and absmax, :data:`NF4_INFO`); a file without them is dense.
+Version 4 fingerprints the base's bias too (``bias_fingerprint``, None for a layer without one) and holds
+``<module path>.bias`` for a bias trained since apply (:attr:`ModuleRecord.bias`); older files have neither.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class ModuleRecord:
     B: Tensor  # (out, r)
     A0: Tensor  # (r, in)
     B0: Tensor  # (out, r)
+    bias: Tensor | None = None  # (out,): the bias as trained, when it was unfrozen or changed since apply
 
     def meta(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in FIELDS} | {"info": self.info}
@@ -170,13 +173,34 @@ def _record(check: _Check, name: str, meta: Any, tensors: dict[str, Tensor]) -> 
                    [str(t.dtype) for t in (a, b, a0, b0)])  # fmt: skip
     if not all(bool(torch.isfinite(t).all()) for t in (a, b, a0, b0)):
         check.fail(f"{field} A, B, A0, B0", "finite", "NaN or infinite values")
-    return ModuleRecord(name, rank, alpha, rslora, flip, in_f, out_f, dropout, base_dtype, info, a, b, a0, b0)
+    bias = _bias(check, field, info, tensors.pop(f"{name}.bias", None), out_f)
+    return ModuleRecord(name, rank, alpha, rslora, flip, in_f, out_f, dropout, base_dtype, info, a, b, a0, b0, bias)
+
+
+def _bias(check: _Check, field: str, info: dict[str, Any], bias: Tensor | None, out_f: int) -> Tensor | None:
+    """The module's bias as trained (version 4; None: not trained), and its base's fingerprint, checked."""
+    if info.get("bias_fingerprint") is not None:  # None: the base layer has no bias; absent: a file of version <= 3
+        base = _fingerprint(check, info["bias_fingerprint"], f"{field} bias_fingerprint")
+        if list(base["shape"]) != [out_f] or "hash" not in base:
+            check.fail(f"{field} bias_fingerprint", f"an exact fingerprint of a bias of shape [{out_f}]", base)
+    if bias is None:
+        return None
+    if info.get("bias_fingerprint") is None:
+        check.fail(f"{field} info", "a bias_fingerprint (the file holds a trained bias)", sorted(info))
+    if tuple(bias.shape) != (out_f,) or not bias.is_floating_point():
+        check.fail(f"{field} bias", f"floating-point, of shape ({out_f},)", f"{bias.dtype} {tuple(bias.shape)}")
+    if not bool(torch.isfinite(bias).all()):
+        check.fail(f"{field} bias", "finite", "NaN or infinite values")
+    return bias
 
 
 def _info(check: _Check, field: str, value: Any, rank: int, shape: tuple[int, int], dtype: str) -> dict[str, Any]:
     required = tuple(k for k in INFO if k not in DENSE_DEFAULTS)
     info = check.mapping(
-        value, f"{field} info", keys=required, optional=("residual_edited", *DENSE_DEFAULTS, *NF4_INFO)
+        value,
+        f"{field} info",
+        keys=required,
+        optional=("residual_edited", "bias_fingerprint", *DENSE_DEFAULTS, *NF4_INFO),
     )
     info = DENSE_DEFAULTS | info
     try:  # the very checks apply() runs on its arguments: what apply() accepts, a file holds, and nothing else

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import as_module
 from .nf4 import BYTES_PER_PARAM as NF4_BYTES_PER_PARAM
 from .trained import init_seconds
 from .tree import pissa_layers, unwrap
@@ -62,6 +63,7 @@ class Summary:
 
 def summary(model: nn.Module) -> Summary:
     """Adapted modules, parameter counts, init time and per-module explained energy."""
+    as_module(model, "summary")
     model = unwrap(model, "summary")
     result = Summary(seconds=init_seconds(model))  # held by the layers (trained.Run): copies keep it
     for name, layer in pissa_layers(model):

@@ -39,8 +39,9 @@ __all__ = [
 
 #: Version 2: weights fingerprinted by an exact hash of every element (version 1: sampled elements). Version 3:
 #: QPiSSA records (a 4-bit residual); readers of versions 1-2 refuse it, so none loads it as a dense adapter.
-#: Version 4: this round's additions: the values before training of modules trained in full (``trained0:``) and
-#: tensor hyperparameters of the optimizer (a capturable optimizer's lr), which readers of versions 1-3 cannot place.
+#: Version 4: this round's additions: the values before training of modules trained in full (``trained0:``),
+#: tensor hyperparameters of the optimizer (a capturable optimizer's lr), which readers of versions 1-3 cannot place,
+#: the base's biases fingerprinted, and biases trained since apply saved (records.py).
 FORMAT_VERSION = 4
 READABLE_VERSIONS = (1, 2, 3, 4)
 BLOB_KEY = "minipissa"

@@ -14,7 +14,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from . import casts, optimizer_state, records, safefile, trained
+from . import biases, casts, optimizer_state, records, safefile, trained
 from .decompose import compute_dtype
 from .errors import PathLike, StateError
 from .fingerprint import fingerprint_later, hashes, read_all, same
@@ -24,6 +24,7 @@ from .nf4 import NF4Weight
 from .nf4_linear import NF4Linear
 from .qpissa import residual_nf4
 from .records import ModuleRecord
+from .replaceable import refusal
 from .sharded.dtensor import full_tensor, refuse_sharded, write_once
 from .targets import is_supported
 from .tree import (
@@ -42,7 +43,8 @@ KIND = "adapter"
 
 
 def save(model: nn.Module, path: PathLike, *, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Write every adapter of ``model`` (A, B, A0, B0 + metadata) to one safetensors file, atomically.
+    """Write every adapter of ``model`` (A, B, A0, B0 + metadata) to one safetensors file, atomically; with it, the
+    modules trained in full and each adapted layer's bias trained since apply (biases.py).
 
     Args:
         optimizer: optionally also store its state for the A/B parameters (tensors in the file,
@@ -50,9 +52,11 @@ def save(model: nn.Module, path: PathLike, *, optimizer: torch.optim.Optimizer |
     """
     safefile.as_path(path)
     model = unwrap(model, "save")
+    _check_optimizer(optimizer, "save")
     layers = adapted_layers(model, "save")
     recs = records_of(layers)
     tensors = {f"{r.name}.{k}": getattr(r, k) for r in recs for k in records.FACTORS}
+    tensors |= {f"{r.name}.bias": r.bias for r in recs if r.bias is not None}
     payload: dict[str, Any] = {
         "minipissa_version": library_version(),
         "config": records.config_summary(recs),
@@ -63,6 +67,9 @@ def save(model: nn.Module, path: PathLike, *, optimizer: torch.optim.Optimizer |
     tensors.update(full_tensors)
     if optimizer is not None:
         params = {id(p): f"{name}.{k}" for name, layer in layers for k, p in (("A", layer.A), ("B", layer.B))}
+        params |= {
+            id(layer.bias): f"{r.name}.bias" for (_, layer), r in zip(layers, recs, strict=True) if r.bias is not None
+        }
         params |= {id(p): name for name, p in _trained_parameters(model).items()}
         opt_tensors, payload["optimizer"] = optimizer_state.pack(optimizer, params)
         tensors.update(opt_tensors)
@@ -79,18 +86,28 @@ def _trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     }
 
 
+def _check_optimizer(optimizer: object, what: str) -> None:
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"minipissa.{what}: optimizer must be a torch.optim.Optimizer or None, got {optimizer!r:.60}")
+
+
 def records_of(layers: list[tuple[str, PiSSALinear]]) -> list[ModuleRecord]:
     """The records of live layers, each with its residual's fingerprint and the hashes of its A0 and B0 as they are
-    now (hashed on the residual's device; one read-back per device)."""
+    now (hashed on the residual's device; one read-back per device), and its bias if it was trained since apply
+    (biases.py)."""
     residuals = [full_tensor(layer.stored_residual()) for _, layer in layers]
-    prints = read_all([fingerprint_later(r) for r in residuals])
+    queued = [fingerprint_later(r) for r in residuals]
+    queued += [fingerprint_later(full_tensor(layer.bias)) for _, layer in layers if layer.bias is not None]
+    prints = read_all(queued)
     factors = [t.to(r.device, non_blocking=True) for (_, layer), r in zip(layers, residuals, strict=True)
                for t in (layer.A0, layer.B0)]  # fmt: skip
     digests = hashes(factors)
-    return [
+    recs = [
         records.from_layer(name, layer, p, (digests[2 * i], digests[2 * i + 1]))
-        for i, ((name, layer), p) in enumerate(zip(layers, prints, strict=True))
+        for i, ((name, layer), p) in enumerate(zip(layers, prints[: len(layers)], strict=True))
     ]
+    biases.keep_trained(layers, recs, prints[len(layers) :])
+    return recs
 
 
 def library_version() -> str:
@@ -128,6 +145,7 @@ def _check_existing(layer: PiSSALinear, rec: ModuleRecord, where: str) -> None:
         raise StateError(f"{where} is merged; call minipissa.unmerge(model) before loading A and B into it")
     if layer.A.dtype != rec.A.dtype:
         raise StateError(f"{where} has adapter dtype {layer.A.dtype}, the file {rec.A.dtype}; they must match")
+    biases.check(layer.bias, rec, where, layer)
 
 
 def _check_same_residual(layer: PiSSALinear, rec: ModuleRecord, where: str) -> None:
@@ -168,6 +186,8 @@ def _check(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike) -> _L
     if isinstance(module, PiSSALinear):
         _check_existing(module, rec, where)
         return _Loading(rec, module, existing=True)
+    if problem := refusal(rec.name, module):  # what a PiSSA layer in its place would drop: hooks, own forward...
+        raise StateError(problem)
     if isinstance(module, NF4Linear):
         return _check_nf4_base(module, rec, base, where)
     if not is_supported(module):
@@ -211,6 +231,7 @@ def _check(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike) -> _L
             "minipissa.load_residual() first, or load onto the original weights with base='original'"
         )
     _check_fingerprint(weight, rec, base, where)
+    biases.check(cast(Tensor | None, module.bias), rec, where)
     if rec.info["quantize"] is None:
         return _Loading(rec, module, existing=False)
     with torch.no_grad():
@@ -243,6 +264,7 @@ def _check_nf4_base(module: NF4Linear, rec: ModuleRecord, base: str, where: str)
         raise StateError(f"{where}: its 4-bit residual is {module.weight.shape}, the adapter's {stored}")
     if module.weight.sha256() != rec.info["nf4_sha256"]:
         raise StateError(f"{where}: its 4-bit residual is not the one the adapter was saved with (sha256 differs)")
+    biases.check(module.bias, rec, where)
     return _Loading(rec, module, existing=False, residual=module.weight)
 
 
@@ -288,6 +310,7 @@ def load(
     """
     refuse_sharded(model, "load")
     outer, model = model, unwrap(model, "load")
+    _check_optimizer(optimizer, "load")
     if base not in ("original", "residual"):
         raise StateError(f"minipissa.load: base must be 'original' or 'residual', got {base!r}")
     info, recs, opt_tensors = read(path)
@@ -311,6 +334,7 @@ def load(
         if info.get("optimizer") is None:
             raise StateError(f"minipissa: '{path}' has no optimizer state; it was saved without save(..., optimizer=)")
         params = {f"{x.record.name}.{k}": getattr(x.module, k) for x in loadings for k in ("A", "B")}
+        params |= {f"{x.record.name}.bias": x.module.bias for x in loadings if x.record.bias is not None}
         params |= {f"{trained.PREFIX}{name}.{p}": t for name, ps in full.items() for p, t in _named(model, name, ps)}
         opt_state = optimizer_state.unpack(optimizer, params, opt_tensors, info["optimizer"], str(path))
 
@@ -342,6 +366,7 @@ def load(
         with torch.no_grad():
             layer.A.copy_(rec.A)
             layer.B.copy_(rec.B)
+        biases.restore(layer, rec)
     # The residuals as rebuilt here (another device may round them differently from the saving one), and A0 and
     # B0: what a later save() compares against to tell an edited residual.
     prints = read_all([fingerprint_later(layer.stored_residual()) for layer, _, _ in built])
@@ -351,6 +376,9 @@ def load(
         layer.made = Made.of(residual_print, (digests[2 * i], digests[2 * i + 1]))
     trained.restore(model, full)
     train_adapters_only(model, "load")
+    for loading in loadings:  # a bias trained when saved trains on, as the adapter does
+        if loading.record.bias is not None:
+            cast(PiSSALinear, model.get_submodule(loading.record.name)).bias.requires_grad_(True)  # type: ignore[union-attr]
     casts.install(model, [layer for _, layer in pissa_layers(model)])
     if optimizer is not None and opt_state is not None:
         optimizer.load_state_dict(opt_state)

@@ -11,8 +11,10 @@ from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .layer import PiSSALinear
+from .replaceable import refusal
 from .weights import is_conv1d
 
 Pattern = str | re.Pattern[str]
@@ -37,8 +39,23 @@ def is_supported(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def check_pattern(pattern: object, what: str) -> Pattern:
+    """``pattern`` if it is a pattern (a str, or a compiled regex; a 're:' string must compile), else an error
+    naming ``what`` it is (e.g. "`targets` pattern")."""
+    if not isinstance(pattern, (str, re.Pattern)):
+        raise TypeError(
+            f"minipissa: {what} must be a module name, a 're:' regex or a compiled regex; got {pattern!r:.80}"
+        )
+    if isinstance(pattern, str) and pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as e:
+            raise ValueError(f"minipissa: {what} {pattern!r} is not a valid regex: {e}") from None
+    return pattern
+
+
 def _as_list(patterns: Targets | None, what: str) -> list[Pattern]:
-    """The patterns as a list, each checked (a str, or a compiled regex; a 're:' string must compile)."""
+    """The patterns as a list, each checked (:func:`check_pattern`)."""
     if patterns is None:
         return []
     found = [patterns] if isinstance(patterns, (str, re.Pattern)) else patterns
@@ -47,13 +64,7 @@ def _as_list(patterns: Targets | None, what: str) -> list[Pattern]:
             f"minipissa: `{what}` must be a module name, a 're:' regex, a compiled regex, or a list of them; "
             f"got {patterns!r:.80}"
         )
-    for p in found:
-        if isinstance(p, str) and p.startswith("re:"):
-            try:
-                re.compile(p[3:])
-            except re.error as e:
-                raise ValueError(f"minipissa: `{what}` pattern {p!r} is not a valid regex: {e}") from None
-    return list(found)
+    return [check_pattern(p, f"`{what}` pattern") for p in found]
 
 
 def output_heads(model: nn.Module) -> set[str]:
@@ -69,7 +80,8 @@ def output_heads(model: nn.Module) -> set[str]:
         for name, module in model.named_modules()
         if name.rsplit(".", 1)[-1] in HEAD_NAMES
         or (head is not None and module is head)
-        or id(getattr(module, "weight", None)) in embedding_weights
+        or id(dict(module.named_parameters(recurse=False)).get("weight")) in embedding_weights  # a parametrized
+        # weight is computed when read (and spectral_norm's changes its state): never read here
     } | set(last)
 
 
@@ -94,8 +106,7 @@ def find_targets(model: nn.Module, targets: Targets, exclude: Targets | None = N
     patterns, excluded = _as_list(targets, "targets"), _as_list(exclude, "exclude")
     if not patterns:
         raise ValueError("minipissa: `targets` is empty; name modules, e.g. ['q_proj', 'v_proj'], or 'all-linear'")
-    inside_pissa = {f"{n}." for n, m in model.named_modules() if isinstance(m, PiSSALinear)}
-    named = [(n, m) for n, m in model.named_modules() if n and not any(n.startswith(p) for p in inside_pissa)]
+    named = _candidate_modules(model)
     all_linear = ALL_LINEAR in patterns
     patterns = [p for p in patterns if p != ALL_LINEAR]
     heads = output_heads(model) if all_linear else set()
@@ -112,22 +123,9 @@ def find_targets(model: nn.Module, targets: Targets, exclude: Targets | None = N
             continue
         if all_linear and is_supported(module) and name not in heads and name not in bypassed:
             hit.append(ALL_LINEAR)
-        if not hit:
-            continue
-        if isinstance(module, PiSSALinear):
-            raise ValueError(f"minipissa: module '{name}' already is a PiSSALinear; apply() runs once per module")
-        if not is_supported(module):
-            raise TypeError(
-                f"minipissa: module '{name}' matched target {hit[0]!r} but is a {type(module).__name__}; "
-                f"supported are {SUPPORTED}. Use a more specific pattern or `exclude`."
-            )
-        if name in bypassed:
-            raise ValueError(
-                f"minipissa: module '{name}' is the out_proj of an nn.MultiheadAttention, which reads its weight "
-                "directly and never calls it, so an adapter there would never run. `exclude` it (all-linear "
-                "skips it), or adapt a model whose attention calls its projections (e.g. Hugging Face models)"
-            )
-        found.append((name, module))
+        if hit:
+            _check_target(name, module, hit[0], name in bypassed)
+            found.append((name, module))
 
     unmatched = [p for p in patterns if hits[id(p)] == 0]
     if unmatched:
@@ -139,9 +137,45 @@ def find_targets(model: nn.Module, targets: Targets, exclude: Targets | None = N
     if unused:
         raise ValueError(f"minipissa: exclude pattern(s) {unused} match no module (a typo?); candidates: "
                          f"{_candidates(named)}")  # fmt: skip
+    if not found and not any(hits[id(p)] for p in excluded):  # only 'all-linear' was asked, and found nothing
+        raise ValueError(
+            f"minipissa: 'all-linear' found no {SUPPORTED} to adapt outside the output head(s) {sorted(heads)}; "
+            f"name the modules to adapt instead; candidates: {_candidates(named)}"
+        )
     if not found:
         raise ValueError(f"minipissa: no module left to adapt after `exclude`; candidates: {_candidates(named)}")
     return found
+
+
+def _check_target(name: str, module: nn.Module, pattern: Pattern, bypassed: bool) -> None:
+    """A named error if the module ``pattern`` matched cannot be adapted."""
+    if isinstance(module, PiSSALinear):
+        raise ValueError(f"minipissa: module '{name}' already is a PiSSALinear; apply() runs once per module")
+    if not is_supported(module):
+        raise TypeError(
+            f"minipissa: module '{name}' matched target {pattern!r} but is a {type(module).__name__}; "
+            f"supported are {SUPPORTED}. Use a more specific pattern or `exclude`."
+        )
+    problem = refusal(name, module)
+    if problem:
+        raise ValueError(problem)
+    if bypassed:
+        raise ValueError(
+            f"minipissa: module '{name}' is the out_proj of an nn.MultiheadAttention, which reads its weight "
+            "directly and never calls it, so an adapter there would never run. `exclude` it (all-linear "
+            "skips it), or adapt a model whose attention calls its projections (e.g. Hugging Face models)"
+        )
+
+
+def _candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs a pattern may match: all but the root, a PiSSA layer's own children, and the modules
+    of torch's parametrizations (they compute a tensor of their parent, which is refused itself, with what to do)."""
+    inside = {f"{n}." for n, m in model.named_modules() if isinstance(m, PiSSALinear)} | {
+        f"{n}.parametrizations." if n else "parametrizations."
+        for n, m in model.named_modules()
+        if parametrize.is_parametrized(m)
+    }
+    return [(n, m) for n, m in model.named_modules() if n and not any(n.startswith(p) for p in inside)]
 
 
 def shared_tensors(model: nn.Module, found: Sequence[tuple[str, nn.Module]]) -> list[str]:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import trained
-from .errors import StateError
+from .errors import StateError, as_module
 from .layer import PiSSALinear
 from .nf4 import NF4Weight
 from .weights import lora_scaling, weight_matrix
@@ -125,14 +125,14 @@ def _is_compiled(module: nn.Module) -> bool:
 
 def pissa_layers(model: nn.Module) -> Iterator[tuple[str, PiSSALinear]]:
     """(full name, layer) for every PiSSALinear in ``model`` (inside torch's wrappers: :func:`unwrap`)."""
-    for name, module in unwrap(model, "pissa_layers").named_modules():
+    for name, module in unwrap(as_module(model, "pissa_layers"), "pissa_layers").named_modules():
         if isinstance(module, PiSSALinear):
             yield name, module
 
 
 def adapted_layers(model: nn.Module, what: str) -> list[tuple[str, PiSSALinear]]:
     """The model's PiSSA layers, for the operation ``what``; a StateError if it has none."""
-    layers = list(pissa_layers(model))
+    layers = list(pissa_layers(as_module(model, what)))
     if not layers:
         raise StateError(
             f"minipissa.{what}: the model has no PiSSA layers; call minipissa.apply() or minipissa.load() first"
@@ -167,5 +167,7 @@ def train_adapters_only(model: nn.Module, what: str = "apply") -> None:
     for _, layer in pissa_layers(model):
         layer.A.requires_grad_(True)
         layer.B.requires_grad_(True)
+    modules = dict(model.named_modules())
     for name in trained.names(model, what):
-        model.get_submodule(name).requires_grad_(True)
+        if name in modules:  # one deleted since has nothing to train (save refuses to lose it: trained.pack)
+            modules[name].requires_grad_(True)

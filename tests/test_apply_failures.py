@@ -152,6 +152,58 @@ def test_nonfinite_factors_are_refused_before_anything_changes(monkeypatch):
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("scale", [1e20, 1e25, 1e30])
+@pytest.mark.parametrize("niter", [None, 2])
+def test_finite_weights_too_large_for_float32_are_named_as_such_with_their_size(scale, niter):
+    """Weights of 1e20-1e30 are finite: their squares overflow float32 (the fingerprint's sums, the Gram), which
+    used to be reported as "NaN or infinite weights". float64 computes them, as the error says."""
+    model = stack()
+    with torch.no_grad():
+        model[4].weight.mul_(scale)
+    largest = model[4].weight.abs().max().item()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"'4' \(max \|value\| = (\S+)\) have finite weights too large") as caught:
+        minipissa.apply(model, 4, TARGETS, niter=niter)
+    assert float(caught.value.args[0].split("= ")[1].split(")")[0]) == pytest.approx(largest, rel=1e-2)
+    assert "NaN" not in str(caught.value) and "model.double()" in str(caught.value)
+    assert_unchanged(model, before)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    y = model.double()(x)
+    minipissa.apply(model, 4, TARGETS, niter=niter)
+    torch.testing.assert_close(model(x), y, rtol=1e-9, atol=0.0)
+
+
+def test_initial_factors_that_overflow_for_large_weights_say_so(monkeypatch):
+    """Weights whose fingerprint is finite but whose products (m·n squares) pass float32's max: factors that come
+    out infinite are refused as weights too large, not as NaN."""
+    model = stack()
+    with torch.no_grad():
+        model[4].weight.fill_(3e18)  # rows sum 24 squares (2.2e38, finite); 8·24 of them pass 3.4e38
+    real = decompose.principal_factors
+
+    def overflowing(matrix, *args, **kwargs):
+        a, b, s = real(matrix, *args, **kwargs)
+        return (a * float("inf"), b, s) if matrix.shape == (8, 24) else (a, b, s)
+
+    monkeypatch.setattr(decompose, "principal_factors", overflowing)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"'4' \(max \|value\| = 3e\+18\) have finite weights too large.*initial fac"):
+        minipissa.apply(model, 4, TARGETS)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(("bad", "pattern"), [(float("nan"), "NaN or infinite biases"), (1e20, "finite biases too")])
+def test_a_bias_that_is_not_finite_or_too_large_is_refused_at_apply(bad, pattern):
+    """The biases are fingerprinted with the weights (a file must read back): NaN and overflow are refused."""
+    model = stack()
+    with torch.no_grad():
+        model[2].bias[1:] = bad
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=f"'2'.* {pattern}"):
+        minipissa.apply(model, 4, TARGETS)
+    assert_unchanged(model, before)
+
+
 @pytest.mark.parametrize("error", [MemoryError("out of memory"), KeyboardInterrupt()])
 def test_a_failure_while_the_layers_are_put_in_place_names_what_was_done(monkeypatch, error):
     """The one step that can stop midway (every factor exists; an out-of-memory or Ctrl-C while the residuals

@@ -71,7 +71,10 @@ def test_convert_warns_above_serving_rank(files: Path) -> None:
     [
         (("inspect", "missing.safetensors"), "does not exist"),
         (("inspect", "truncated.safetensors"), "truncated or corrupted"),
-        (("convert", "adapter.safetensors", "out", "--rank", "0"), "rank must be an int"),
+        (("convert", "adapter.safetensors", "out", "--rank", "0"), "--rank: must be an integer >= 1, got '0'"),
+        (("convert", "adapter.safetensors", "out", "--rank", "0", "--snap"), "--rank: must be an integer >= 1"),
+        (("convert", "adapter.safetensors", "out", "--prefix", "model"), "prefix must be a str ending in '.'"),
+        (("convert", "adapter.safetensors", "out", "--task-type", "causal_lm"), "task_type must be None or one"),
         (("convert", "residual.safetensors", "out"), "expected kind 'adapter'"),
         (("convert",), "required"),  # argparse usage error
     ],

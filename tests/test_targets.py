@@ -145,3 +145,20 @@ def test_per_module_rank_and_alpha():
     assert (second.rank, second.alpha, second.scaling) == (2, 2.0, 1.0)  # alpha defaults to the rank
     assert value_for("x.q_proj", {"q_proj": 1, "*": 3}, "rank") == 1
     assert value_for("x.k_proj", {"q_proj": 1, "*": 3}, "rank") == 3
+
+
+def test_all_linear_that_finds_nothing_says_so_without_blaming_exclude():
+    model = nn.Sequential(nn.Linear(4, 4))  # its only linear layer is its output head
+    with pytest.raises(ValueError, match=r"'all-linear' found no nn.Linear .* outside the output head\(s\) \['0'\]"):
+        minipissa.apply(model, 2, "all-linear")
+    with pytest.raises(ValueError, match="no module left to adapt after `exclude`"):
+        minipissa.apply(TinyLM(), 2, "q_proj", exclude="q_proj")
+
+
+def test_a_parametrized_models_internal_modules_are_never_targets():
+    """The suffix '0' used to match '<module>.parametrizations.weight.0' (torch's _WeightNorm): a TypeError about a
+    module the user never named."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    torch.nn.utils.parametrizations.weight_norm(model[2])
+    assert [n for n, _ in find_targets(model, "0")] == ["0"]

@@ -404,3 +404,26 @@ def test_original_under_fsdp2_with_a_sharded_module_trained_in_full_is_refused(p
     assert minipissa.trained.names(model) == ("layers.2",)
     with pytest.raises(StateError, match="'layers.2.weight' .* is sharded"):
         minipissa.original(model).__enter__()
+
+
+def test_a_module_trained_in_full_then_deleted_is_named_not_an_attribute_error(tmp_path: Path) -> None:
+    """`del model.head` after apply(train_modules=[...]): save and convert say which module is gone (they used to
+    raise AttributeError) and write nothing."""
+    model, _ = trained_model()
+    del model.layers[2]  # an MLP's head: layers.2
+    for call in (
+        lambda m: minipissa.save(m, tmp_path / "a.safetensors"),
+        lambda m: minipissa.convert_to_lora(m, tmp_path / "lora"),
+    ):
+        assert_refused(model, call, r"module 'layers.2' is trained in full \(train_modules\) but is no longer")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_second_apply_after_a_module_trained_in_full_was_deleted_does_not_stop_midway() -> None:
+    torch.manual_seed(0)
+    model = minipissa.apply(MLP((32, 48, 24, 4)), 4, "layers.0", train_modules=["layers.2"])
+    del model.layers[2]
+    minipissa.apply(model, 4, "layers.1")  # freezing and unfreezing skips the module that is gone
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"layers.{i}.{k}" for i in (0, 1) for k in ("A", "B")
+    }

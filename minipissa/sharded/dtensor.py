@@ -12,6 +12,8 @@ from typing import Any, cast
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..errors import as_module
+
 
 def is_dtensor(tensor: object) -> bool:
     """Whether ``tensor`` is a DTensor (a Parameter holding one included)."""
@@ -36,8 +38,9 @@ def is_sharded(model: nn.Module | None) -> bool:
 
 
 def refuse_sharded(model: nn.Module, what: str) -> None:
-    """A named error for operations that would write a sharded (DTensor) weight outside FSDP2's storage."""
-    if not is_sharded(model):
+    """A named error for operations that would write a sharded (DTensor) weight outside FSDP2's storage (and for
+    a model that is no nn.Module: this is the first check of the verbs that call it)."""
+    if not is_sharded(as_module(model, what)):
         return
     instead = (
         "load onto the whole model first, then shard it"
