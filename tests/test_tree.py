@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -28,14 +29,21 @@ def compiled(model: nn.Module) -> nn.Module:
     return torch.compile(model, backend="eager")  # the wrapper of every backend; eager: no code generation
 
 
-#: Each wrapper alone and nested (the outermost first); DataParallel passes through on a machine without a GPU.
+def data_parallel(model: nn.Module) -> nn.Module:
+    """DataParallel as it is on a machine without a GPU, a pass-through: on a GPU machine it would move the model to
+    cuda:0, which these CPU tests do not follow (seen on the GPU machine)."""
+    with mock.patch("torch.cuda.is_available", return_value=False):
+        return nn.DataParallel(model)
+
+
+#: Each wrapper alone and nested (the outermost first).
 WRAPPERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "compile": compiled,
     "ddp": DDP,
-    "dp": nn.DataParallel,
+    "dp": data_parallel,
     "compile-ddp": lambda m: compiled(DDP(m)),
-    "dp-compile": lambda m: nn.DataParallel(compiled(m)),
-    "compile-dp-compile": lambda m: compiled(nn.DataParallel(compiled(m))),
+    "dp-compile": lambda m: data_parallel(compiled(m)),
+    "compile-dp-compile": lambda m: compiled(data_parallel(compiled(m))),
 }
 WITH_DDP = [name for name in WRAPPERS if "ddp" in name]
 wrappers = pytest.mark.parametrize(
