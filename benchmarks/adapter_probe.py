@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minipissa.adapter_fn import adapted_linear
+from minipissa.nn.ops import adapted_linear
 
 N, R, DT = 2048, 16, torch.bfloat16
 

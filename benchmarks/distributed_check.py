@@ -38,8 +38,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import minipissa
-from minipissa.sharded.dtensor import is_dtensor
-from minipissa.sharded.shards import chunk_sizes
+from minipissa.core.dtensor import is_dtensor
+from minipissa.plan.sharded.shards import chunk_sizes
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from minipissa.fingerprint import fingerprint_later, hashes, read_all
+from minipissa.core.fingerprint import fingerprint_later, hashes, read_all
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 shapes = [((16, 4096), (4096, 16))] * 4 * 32 + [((16, 4096), (11008, 16))] * 2 * 32 + [((16, 11008), (4096, 16))] * 32

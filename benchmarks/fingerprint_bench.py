@@ -15,8 +15,8 @@ import common
 import torch
 
 import minipissa
-from minipissa.fingerprint import fingerprint_later, read_all
-from minipissa.targets import find_targets
+from minipissa.core.fingerprint import fingerprint_later, read_all
+from minipissa.plan.targets import find_targets
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import minipissa
-from minipissa.targets import find_targets
+from minipissa.plan.targets import find_targets
 
 
 def build(setting: str, device: str, layers: int | None = None) -> tuple[nn.Module, Any, Any, list[str]]:

@@ -23,7 +23,7 @@ from common import MINILM_TARGETS, environment, minilm
 from torch import nn
 
 import minipissa
-from minipissa import nf4
+from minipissa.core import nf4
 
 #: (method, rank) -> mean reduction in %, measured with bitsandbytes 0.50.2 NF4 and an exact SVD.
 ANCHORS = {

@@ -7,18 +7,17 @@ minipissa.save(model, "adapter.safetensors")
 minipissa.convert_to_lora("adapter.safetensors", "lora_dir")  # PEFT LoRA for the original weights
 """
 
-from .convert import ConversionReport, convert_to_lora
-from .errors import StateError
-from .layer import PiSSALinear
+from .core.errors import StateError
+from .core.version import __version__ as __version__
+from .interop.peft_export import ConversionReport, convert_to_lora
+from .interop.peft_import import import_peft
+from .io.adapter_file import load, save
+from .io.residual_file import load_residual, save_residual
 from .model import apply, disabled, merge, original, unload, unmerge
-from .nf4_linear import NF4Linear
-from .peft_import import import_peft
+from .nn.layer import PiSSALinear
+from .nn.nf4_linear import NF4Linear
+from .plan.tree import pissa_layers
 from .report import Summary, summary
-from .residual import load_residual, save_residual
-from .state import load, save
-from .tree import pissa_layers
-
-__version__ = "0.1.0"
 
 __all__ = [
     # adapt a model, and undo it

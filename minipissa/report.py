@@ -8,17 +8,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import as_module
-from .nf4 import BYTES_PER_PARAM as NF4_BYTES_PER_PARAM
-from .trained import init_seconds
-from .tree import pissa_layers, unwrap
-
-
-def explained_energy(singular_values: list[float], weight_norm: float) -> float | None:
-    """||S_r||^2 / ||W||_F^2: the share of the weight's energy in the adapter at init (None for LoRA init)."""
-    if not singular_values or not weight_norm > 0:
-        return None
-    return sum(s * s for s in singular_values) / weight_norm**2
+from .core.decompose import explained_energy
+from .core.errors import as_module
+from .core.nf4 import BYTES_PER_PARAM as NF4_BYTES_PER_PARAM
+from .plan.trained import init_seconds
+from .plan.tree import pissa_layers, unwrap
 
 
 @dataclass

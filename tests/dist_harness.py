@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 import minipissa
-from minipissa.sharded.dtensor import full_tensor
+from minipissa.core.dtensor import full_tensor
 
 WORLD = 2
 STEPS = 6

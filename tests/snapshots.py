@@ -48,7 +48,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def editable(path: object) -> tuple[dict, dict[str, torch.Tensor]]:
     """A minipissa file's payload (without what safefile.write adds: checksums, version, kind) and tensors, to
     edit and write again with recomputed checksums (crafted files)."""
-    from minipissa import safefile
+    from minipissa.io import safefile
 
     info, tensors = safefile.read(path)  # type: ignore[arg-type]
     added = (safefile.BLOB_SHA_FIELD, "tensors_sha256", "format_version", "kind")

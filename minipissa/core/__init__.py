@@ -1,0 +1,1 @@
+"""tensors in, tensors out: linear algebra, decompositions, NF4, fingerprints, weight layout, errors."""

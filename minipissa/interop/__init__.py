@@ -1,0 +1,1 @@
+"""other tools: PEFT export and import, the command line."""

@@ -1,0 +1,1 @@
+"""files: safetensors and atomic writes, the adapter file, residual files, optimizer state."""

@@ -1,0 +1,193 @@
+"""save_residual() / load_residual(): decompose once, then train many runs on the residual base.
+
+The file holds the model's own state-dict keys, with every PiSSA layer's ``weight`` holding
+W_res (its A, B, A0, B0 left out: they belong in the adapter file written by ``save``). Tied
+tensors (GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``) are written once under their
+first key and restored tied. Load the adapter on top with ``load(model, adapter, base="residual")``.
+
+A QPiSSA layer's residual is stored as it is held, in 4 bits (``<module>.weight.codes`` and ``.absmax``: 0.56
+bytes per weight instead of 2 in bf16), and loads bit-exactly into an :class:`NF4Linear` in the module's place.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from ..core.dtensor import full_tensor, is_dtensor, refuse_sharded, write_once
+from ..core.errors import PathLike, StateError
+from ..core.nf4 import NF4Weight
+from ..core.weights import is_conv1d
+from ..nn.nf4_linear import NF4Linear
+from ..plan.targets import is_supported
+from ..plan.tree import adapted_layers, module_aliases, pissa_layers, replace_module, unwrap
+from . import safefile
+
+KIND = "residual"
+
+
+def _identity(t: Tensor) -> tuple[Any, ...]:
+    """Two state-dict entries with the same identity are one tied tensor."""
+    local = cast(Any, t).to_local() if is_dtensor(t) else t  # a DTensor's shard identifies it
+    return (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape), local.stride(), t.dtype)
+
+
+def save_residual(model: nn.Module, path: PathLike) -> None:
+    """Write ``model``'s state dict with the residual weights and no adapter tensors, atomically.
+
+    A merged layer contributes its exact residual, not the merged weight.
+    """
+    safefile.as_path(path)
+    model = unwrap(model, "save_residual")
+    layers = dict(adapted_layers(model, "save_residual"))
+    adapter_keys = {f"{name}.{k}" for name in layers for k in ("A", "B", "A0", "B0")}
+    state = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in adapter_keys}
+    for name, layer in layers.items():
+        if layer.residual_while_merged is not None:
+            state[f"{name}.weight"] = layer.residual_while_merged
+    tensors: dict[str, Tensor] = {}
+    tied: dict[str, str] = {}
+    first_key: dict[tuple[Any, ...], str] = {}
+    for key, value in state.items():
+        first = first_key.setdefault(_identity(value), key)
+        if first != key:
+            tied[key] = first
+        else:
+            tensors[key] = full_tensor(value)
+    quantized = {
+        name: {"shape": list(layer.weight.shape), "dtype": str(layer.weight.dtype).removeprefix("torch."),
+               "fan_in_fan_out": layer.fan_in_fan_out}
+        for name, layer in layers.items() if isinstance(layer.weight, NF4Weight)
+    }  # fmt: skip
+    payload = {"tied": tied, "residual_modules": sorted(layers), "quantized": quantized}
+    write_once(model, lambda: safefile.write(path, tensors, KIND, payload))  # rank 0 if sharded
+
+
+def read(path: PathLike) -> tuple[dict[str, str], list[str], dict[str, Tensor], dict[str, NF4Weight]]:
+    """The tied keys ({key: first key}), adapted module names, tensors and 4-bit residuals ({module: NF4Weight},
+    their tensors taken out of ``tensors``) of a residual file, every field checked."""
+    info, tensors = safefile.read(path, KIND)
+    tied, modules = info.get("tied"), info.get("residual_modules")
+    strings = isinstance(modules, list) and all(isinstance(m, str) for m in modules)
+    pairs = isinstance(tied, dict) and all(
+        isinstance(v, str) and v in tensors and k not in tensors for k, v in tied.items()
+    )
+    if not (strings and pairs):
+        raise StateError(f"minipissa: '{path}': the residual file's tied keys or module list are malformed")
+    quantized = {}
+    for name, meta in _mapping(info.get("quantized", {}), path).items():
+        quantized[name] = _nf4_weight(name, _mapping(meta, path), tensors, path)
+    return cast(dict[str, str], tied), cast(list[str], modules), tensors, quantized
+
+
+def _mapping(value: Any, path: PathLike) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise StateError(f"minipissa: '{path}': the residual file's 4-bit entries are malformed")
+    return value
+
+
+def _nf4_weight(name: str, meta: dict[str, Any], tensors: dict[str, Tensor], path: PathLike) -> NF4Weight:
+    """The 4-bit residual of module ``name``, its codes and absmax popped from ``tensors``."""
+    where = f"minipissa: '{path}': module '{name}'"
+    shape, dtype = meta.get("shape"), _FLOAT.get(meta.get("dtype"))  # type: ignore[arg-type]
+    keys = (f"{name}.weight.codes", f"{name}.weight.absmax")
+    well_formed = (
+        isinstance(shape, list) and len(shape) == 2 and all(type(s) is int and s > 0 for s in shape)
+        and dtype is not None and isinstance(meta.get("fan_in_fan_out"), bool) and all(k in tensors for k in keys)
+    )  # fmt: skip
+    if not well_formed:
+        raise StateError(f"{where}: its 4-bit residual's shape, dtype, layout or tensors are malformed")
+    codes, absmax = (tensors.pop(k) for k in keys)
+    try:
+        weight = NF4Weight(codes, absmax, tuple(cast(list[int], shape)), cast(torch.dtype, dtype))
+    except ValueError as e:
+        raise StateError(f"{where}: {e}") from None
+    if not bool((torch.isfinite(absmax) & (absmax >= 0)).all()):
+        raise StateError(f"{where}: its 4-bit residual's absmax holds negative or non-finite values")
+    return weight
+
+
+_FLOAT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def load_residual(model: nn.Module, path: PathLike) -> nn.Module:
+    """Copy the residual weights of ``path`` into a plain ``model`` (same architecture), in place.
+
+    Checks every key, shape and dtype before copying anything; tied keys must be tied in the model, and the
+    model's tensors must be real (not on the meta device) and not sharded. A 4-bit (QPiSSA) residual goes into
+    an :class:`NF4Linear` put in its module's place (that module's weight may be on the meta device: it is not
+    read); load the adapter on top with ``load(model, adapter, base="residual")``.
+    """
+    where = f"minipissa.load_residual('{path}')"
+    refuse_sharded(model, "load_residual")
+    outer, model = model, unwrap(model, "load_residual")
+    tied, _, tensors, quantized = read(path)
+    if any(True for _ in pissa_layers(model)):
+        raise StateError(f"{where}: the model already has PiSSA layers; load residual weights into a plain model")
+    modules = {name: _quantized_module(model, name, weight, where) for name, weight in quantized.items()}
+    state = model.state_dict(keep_vars=True)
+    replaced = {f"{name}.weight" for name in quantized}
+    state = {k: v for k, v in state.items() if k not in replaced}
+    expected = set(tensors) | set(tied)
+    missing, extra = sorted(set(state) - expected), sorted(expected - set(state))
+    if missing or extra:
+        raise StateError(
+            f"{where}: the model's state-dict keys differ from the file's: model-only {missing[:5]}, file-only "
+            f"{extra[:5]}. Load into the architecture the residual was saved from"
+        )
+    meta = sorted(k for k, t in state.items() if t.is_meta)
+    if meta:
+        raise StateError(
+            f"{where}: the model's tensors {meta[:5]} are on the meta device, where nothing can be copied; "
+            "materialise the model first (e.g. model.to_empty(device='cpu'))"
+        )
+    for key, first in tied.items():
+        if _identity(state[key]) != _identity(state[first]):
+            raise StateError(f"{where}: '{key}' was tied to '{first}' when saved, but is not tied in the model")
+    untied = [(k, j) for k in tensors for j in tensors if k < j and _identity(state[k]) == _identity(state[j])]
+    if untied:
+        raise StateError(
+            f"{where}: '{untied[0][0]}' and '{untied[0][1]}' are one tensor in the model but two in the file; load "
+            "into a model whose weights are tied as they were when saved"
+        )
+    for key, value in tensors.items():
+        target = state[key]
+        if tuple(target.shape) != tuple(value.shape) or target.dtype != value.dtype:
+            raise StateError(
+                f"{where}: '{key}' is {tuple(target.shape)} {target.dtype} in the model, {tuple(value.shape)} "
+                f"{value.dtype} in the file"
+            )
+    with torch.no_grad():
+        for key, value in tensors.items():
+            state[key].copy_(value)
+    aliases = module_aliases(model)
+    for name, weight in quantized.items():
+        module = modules[name]
+        bias = cast(Tensor | None, module.bias)
+        device = bias.device if bias is not None else cast(Tensor, module.weight).device
+        weight = weight.to("cpu" if device.type == "meta" else device)
+        replace_module(
+            model, name, NF4Linear(module, weight, None if bias is None else bias.detach(), is_conv1d(module)), aliases
+        )
+    return outer
+
+
+def _quantized_module(model: nn.Module, name: str, weight: NF4Weight, where: str) -> nn.Module:
+    """The module a 4-bit residual goes in place of, checked: a Linear/Conv1D of that weight's shape and dtype."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise StateError(
+            f"{where}: the model has no module '{name}'; load into the architecture it was saved from"
+        ) from None
+    stored = cast(Tensor | None, getattr(module, "weight", None))
+    if not is_supported(module) or stored is None:
+        raise StateError(f"{where}: '{name}' is a {type(module).__name__}; the file holds a Linear's 4-bit residual")
+    if tuple(stored.shape) != weight.shape or stored.dtype != weight.dtype:
+        raise StateError(
+            f"{where}: '{name}' has a {tuple(stored.shape)} {stored.dtype} weight; the file's 4-bit residual stands "
+            f"for {weight.shape} {weight.dtype}"
+        )
+    return module

@@ -1,0 +1,350 @@
+"""PiSSALinear: a frozen residual weight plus a trainable rank-r adapter.
+
+    y = W_res x + s * B (A dropout(x)) + bias,        W_res = W - s * B0 A0
+
+At init A = A0 and B = B0, so the layer computes exactly W x + bias. ``weight`` and ``bias`` keep
+the base layer's names, dtype and layout (an ``nn.Linear`` stores W as (out, in); a GPT-2 style
+``Conv1D`` stores it as (in, out), "fan_in_fan_out"), so a model's state-dict keys after
+:func:`minipissa.apply` are the original keys plus ``A``, ``B``, ``A0`` and ``B0``. A0 and B0 live in host memory
+(they are read only by :meth:`original` forwards, save and conversion), so that they take no device memory in
+training, and are neither buffers nor parameters (DDP does not broadcast them each step); the state dict has them.
+
+QPiSSA: ``weight`` may instead be an :class:`~minipissa.nf4.NF4Weight`, W_res in 4 bits (state-dict keys
+``weight.codes`` and ``weight.absmax``), dequantized to the activations' dtype at each use:
+
+    y = deq(nf4(W_res)) x + s * B (A dropout(x)) + bias
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.decompose import compute_dtype
+from ..core.dtensor import full_tensor
+from ..core.fingerprint import fingerprint
+from ..core.made import Made
+from ..core.nf4 import NF4Weight
+from ..core.weights import is_conv1d, lora_scaling, residual_weight, weight_matrix
+from .casts import SharedCasts
+from .ops import QuantizedResidual, adapted_linear
+
+MODES = ("adapter", "original", "disabled")
+
+
+def host_copies(tensors: Sequence[Tensor], wait: bool = True) -> list[Tensor]:
+    """Copies of ``tensors`` in host memory, each its own storage. From a CUDA device into pinned memory, queued on
+    the current stream without a sync per tensor (pageable copies of a 7B model's 448 initial factors took 120 ms of
+    its init on an H200); ``wait=False`` leaves them in flight: the caller waits for the stream before they are read."""
+    copies = []
+    for t in tensors:
+        if t.device.type != "cuda":
+            copies.append(t.detach().to("cpu", copy=True))
+            continue
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        copies.append(host.copy_(t.detach(), non_blocking=True))
+    if wait:
+        for device in {t.device for t in tensors if t.device.type == "cuda"}:
+            torch.cuda.current_stream(device).synchronize()
+    return copies
+
+
+class PiSSALinear(nn.Module):
+    """A linear layer split into a frozen residual and a trainable low-rank adapter.
+
+    Built from a base ``nn.Linear`` or ``Conv1D`` and factors A0 (r, in), B0 (out, r) in the
+    decomposition dtype (float32, or float64 for float64 weights). The base's weight tensor is not
+    modified: the residual is a new tensor (``base_is_residual=True``: the base already holds W_res), or
+    ``residual``, W_res already made (QPiSSA: quantized). The layer takes the base's tensors over and drops
+    them from the base module.
+
+    Attributes:
+        weight: residual W_res, the base's dtype and layout, frozen; or an :class:`NF4Weight` (QPiSSA).
+        bias: the base's bias (or None), frozen.
+        A: (r, in) trainable, ``adapter_dtype`` (default: the decomposition dtype).
+        B: (out, r) trainable.
+        A0, B0: frozen copies of the initial factors in host memory, in the decomposition dtype whatever ``.to()``
+            does to the module, so that :meth:`original` and conversion stay exact after ``model.half()``.
+        info: metadata of the initialisation (init method, singular values, ...), JSON-able.
+        mode: "adapter" (the default), "original" (W_res + s B0 A0) or "disabled" (W_res alone).
+        made: what the layer was made with (:class:`~minipissa.made.Made`), set by apply() and load(); what save()
+            compares against to tell an edited residual or A0/B0. None for a layer built otherwise.
+        shared_casts: the model's :class:`SharedCasts`, asked for A and B in the activations' dtype.
+    """
+
+    weight: nn.Parameter | NF4Weight
+    bias: nn.Parameter | None
+    A: nn.Parameter
+    B: nn.Parameter
+    A0: Tensor
+    B0: Tensor
+    residual_while_merged: Tensor | None
+    shared_casts: SharedCasts | None
+    made: Made | None
+
+    def __init__(
+        self,
+        base: nn.Module,
+        a0: Tensor,
+        b0: Tensor,
+        *,
+        alpha: float,
+        rslora: bool = False,
+        dropout: float = 0.0,
+        fan_in_fan_out: bool | None = None,
+        adapter_dtype: torch.dtype | None = None,
+        info: dict[str, Any] | None = None,
+        base_is_residual: bool = False,
+        residual: NF4Weight | None = None,
+        initial: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
+        """``initial``: A0 and B0 already copied to host memory (apply() copies all layers' in one transfer)."""
+        super().__init__()
+        base_weight = cast(Tensor, base.weight)
+        self.fan_in_fan_out = is_conv1d(base) if fan_in_fan_out is None else fan_in_fan_out
+        out_features, in_features = weight_matrix(base_weight, self.fan_in_fan_out).shape
+        rank = a0.shape[0]
+        if a0.shape != (rank, in_features) or b0.shape != (out_features, rank):
+            raise ValueError(
+                f"PiSSALinear: factors A0 {tuple(a0.shape)} and B0 {tuple(b0.shape)} do not fit a "
+                f"weight of (out, in) = ({out_features}, {in_features}); expected ({rank}, {in_features}) "
+                f"and ({out_features}, {rank})"
+            )
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.alpha, self.rslora = float(alpha), rslora
+        self.scaling = lora_scaling(self.alpha, rank, rslora)
+        self.info: dict[str, Any] = dict(info or {})
+        self.mode = "adapter"
+        self.shared_casts = None
+        self.made = None
+        self.trainable_before_merge = (True, True)
+        # Kept off the module tree (its tensors are dropped below, so no memory, no state-dict
+        # keys): unload() puts the merged weight back into it, so Linear, Conv1D and their
+        # subclasses come back as the same class with the same attributes.
+        self.base_shell = (base,)  # a tuple: not registered as a submodule
+
+        a0 = a0.detach().to(compute_dtype(base_weight.dtype))
+        b0 = b0.detach().to(a0.dtype)
+        dtype = adapter_dtype or a0.dtype
+        if residual is not None:
+            self.weight = residual
+        elif base_is_residual:  # a residual file, or sharded init: keep the very Parameter (FSDP2 may hold it)
+            self.weight = base_weight if isinstance(base_weight, nn.Parameter) else nn.Parameter(base_weight)
+            self.weight.requires_grad_(False)
+        else:
+            with torch.no_grad():
+                dense = residual_weight(base_weight.detach(), a0, b0, self.scaling, self.fan_in_fan_out)
+            self.weight = nn.Parameter(dense, requires_grad=False)
+        bias = cast(Tensor | None, base.bias)
+        if isinstance(bias, nn.Parameter):  # the same Parameter: FSDP2 may hold it
+            self.bias = bias
+            bias.requires_grad_(False)
+        else:
+            self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.A = nn.Parameter(a0.clone().to(dtype))
+        self.B = nn.Parameter(b0.clone().to(dtype))
+        self.A0, self.B0 = initial if initial is not None else host_copies([a0, b0])
+        self.initial_on_device: tuple[Tensor, Tensor] | None = None  # set while in original() (model.py)
+        # trained.Origin, set by apply()/load(): the run that made this layer (its modules trained in full, init
+        # time) and this layer's name then. On the layer, so that every copy and wrapper of the model keeps it.
+        self.origin: Any = None
+        # While merged, the exact residual is kept here (one weight's memory) so that unmerge is
+        # bit-exact and merge/unmerge cycles never drift. Non-persistent: no state-dict key.
+        self.register_buffer("residual_while_merged", None, persistent=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # The layer has taken the base's tensors over; the shell must not keep W alive.
+        base.weight, base.bias = None, None  # type: ignore[assignment]
+
+    @property
+    def quantized(self) -> bool:
+        """True when the residual is held in NF4 (QPiSSA)."""
+        return isinstance(self.weight, NF4Weight)
+
+    def residual(self, dtype: torch.dtype | None = None) -> Tensor:
+        """W_res as a tensor in its stored layout, in ``dtype`` (default: the weight's dtype); dequantized
+        for QPiSSA (a new tensor each call)."""
+        if isinstance(self.weight, NF4Weight):
+            return self.weight.dequantize(dtype)
+        return self.weight if dtype is None else self.weight.to(dtype)
+
+    def stored_residual(self) -> Tensor:
+        """The residual as stored, what fingerprints cover: W_res (also while merged), or the NF4 codes and absmax
+        bytes (uint8)."""
+        if isinstance(self.weight, NF4Weight):
+            return self.weight.packed()
+        return self.weight if self.residual_while_merged is None else self.residual_while_merged
+
+    @property
+    def merged(self) -> bool:
+        return self.residual_while_merged is not None
+
+    def delta_weight(self, a: Tensor | None = None, b: Tensor | None = None) -> Tensor:
+        """s * B A as an (out, in) matrix in the factors' dtype (A, B by default)."""
+        a = self.A if a is None else a
+        b = self.B if b is None else b
+        return self.scaling * (b @ a)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., in) -> (..., out), computed in x's dtype."""
+        merged = self.residual_while_merged is not None
+        if merged and self.training and torch.is_grad_enabled():
+            raise RuntimeError(
+                "minipissa: this layer is merged (its adapter folded into the weight), so training it would update "
+                "nothing and leave the merged weight stale; call minipissa.unmerge(model) before training, or "
+                "model.eval() / torch.no_grad() for inference"
+            )
+        if self.mode == "adapter" and not merged and self._fast_path_applies(x):
+            return self._fast(x)
+        return self._reference(x)
+
+    def _reference(self, x: Tensor) -> Tensor:
+        """The formula itself: y = W_res x + bias + s * B (A dropout(x)); A0, B0 in mode "original"."""
+        y = F.linear(x, weight_matrix(self.residual(x.dtype), self.fan_in_fan_out), self.bias)
+        if self.mode != "adapter" and self.merged:
+            raise RuntimeError(f"minipissa.{self.mode}(): the layer is merged; unmerge it first")
+        if self.mode == "disabled" or self.merged:
+            return y
+        if self.mode == "original":
+            a, b = self.initial_on_device or (self.A0, self.B0)
+        else:
+            a, b, x = self.A, self.B, self.dropout(x)
+        # Scale the rank-r intermediate, not the (..., out) output: r/out of the multiplications.
+        return y + F.linear(F.linear(x, a.to(x.device, x.dtype)) * self.scaling, b.to(x.device, x.dtype))
+
+    def _fast_path_applies(self, x: Tensor) -> bool:
+        """The fast path (adapter_fn.py) picks one dtype for every product, so not under autocast; and its 4-bit
+        function gives the bias no gradient, so not for an unfrozen bias beside an NF4 residual."""
+        if isinstance(self.weight, NF4Weight) and self.bias is not None and self.bias.requires_grad:
+            return False
+        return not torch.is_autocast_enabled(x.device.type)
+
+    def _fast(self, x: Tensor) -> Tensor:
+        """The formula in adapter_fn.py's fast form, with A and B cast by the model's :class:`SharedCasts` (one
+        launch for all layers, differentiable) where it has them."""
+        # Host time matters here (every adapter, every step): each module attribute is read once.
+        a, b, weight, dropout = self.A, self.B, self.weight, self.dropout
+        xa = None if isinstance(dropout, nn.Identity) or not self.training else dropout(x)
+        casts = None if self.shared_casts is None else self.shared_casts.casts_for(self, x.dtype, a, b)
+        a_c, b_c = casts if casts is not None else (a, b)
+        if isinstance(weight, NF4Weight):  # dequantized inside, in forward and again in backward
+            quant = QuantizedResidual(weight.absmax, weight.table, weight.shape, self.fan_in_fan_out)
+            return adapted_linear(x, xa, weight.codes, self.bias, a_c, b_c, self.scaling, quant)
+        return adapted_linear(x, xa, weight_matrix(weight, self.fan_in_fan_out), self.bias, a_c, b_c, self.scaling)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold s·B·A into ``weight`` (in the factors' dtype, rounded once). No-op if merged.
+
+        A QPiSSA layer refuses: B·A rounded into 4 bits would lose most of the training (see :meth:`unload`)."""
+        if self.merged:
+            return
+        if isinstance(self.weight, NF4Weight):
+            raise RuntimeError(
+                "minipissa.merge: this layer's residual is 4-bit NF4 (QPiSSA), and folding s·B·A into 4 bits would "
+                "round most of the training away; keep the adapter separate, or minipissa.unload(model) for a "
+                "full-precision model (deq(W_res) + s·B·A), or minipissa.convert_to_lora for the original weights"
+            )
+        residual = self.weight.data
+        delta = self.delta_weight().to(compute_dtype(residual.dtype))
+        delta = delta.mT if self.fan_in_fan_out else delta
+        self.weight.data = (residual.to(delta.dtype) + delta).to(residual.dtype).contiguous()
+        self.residual_while_merged = residual
+        # While merged A and B take no part in the output: no gradient, and so no optimizer step, reaches them.
+        self.trainable_before_merge = (self.A.requires_grad, self.B.requires_grad)
+        self.A.requires_grad_(False)
+        self.B.requires_grad_(False)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the residual bit-exactly. No-op if not merged."""
+        if self.residual_while_merged is not None:
+            self.weight.data = self.residual_while_merged
+            self.residual_while_merged = None
+            self.A.requires_grad_(self.trainable_before_merge[0])
+            self.B.requires_grad_(self.trainable_before_merge[1])
+
+    def unload(self) -> nn.Module:
+        """The base layer holding the merged weight W_res + s·B·A (frozen), without minipissa. For QPiSSA, the
+        full-precision weight deq(nf4(W_res)) + s·B·A in the base's dtype."""
+        (base,) = self.base_shell
+        if isinstance(self.weight, NF4Weight):
+            with torch.no_grad():
+                delta = self.delta_weight()
+                delta = delta.mT if self.fan_in_fan_out else delta
+                merged = (self.weight.dequantize(delta.dtype) + delta).to(self.weight.dtype).contiguous()
+            base.weight = nn.Parameter(merged, requires_grad=False)
+            base.bias = cast(Any, self.bias)
+            return base
+        self.merge()
+        base.weight = nn.Parameter(cast(Tensor, self.weight).data, requires_grad=False)
+        base.bias = cast(Any, self.bias)
+        self.unmerge()
+        return base
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
+        # Module.to(dtype) / .half() would round the fp32 master A/B to the new dtype (A0/B0 are not module tensors:
+        # they stay as they are, on the host). Adapter tensors follow device moves only; change their dtype
+        # explicitly via `adapter_dtype`.
+        kept = [self.A, self.B, self.A.grad, self.B.grad]
+        kept_ids = {id(t) for t in kept if t is not None}
+
+        def device_only(t: Tensor) -> Tensor:
+            if id(t) not in kept_ids:
+                return fn(t)
+            target = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+            return t.to(device=target.device)
+
+        # A cast of the residual (not a move: that changes no bit) is followed by `made`, so that save() can tell
+        # whether load() then the same cast gives it back: two fingerprints per cast, as apply() takes. (An NF4
+        # residual is not cast: NF4Weight follows device moves only.)
+        residual = self.weight if self.residual_while_merged is None else self.residual_while_merged
+        before = None
+        if self.made is not None and isinstance(residual, Tensor):
+            probe = fn(torch.empty(0, dtype=residual.dtype, device=residual.device))
+            before = fingerprint(full_tensor(residual)) if probe.dtype != residual.dtype else None
+        module = super()._apply(device_only, recurse)
+        if before is not None and self.made is not None:
+            self.made.cast(before, fingerprint(full_tensor(self.stored_residual())))
+        return module
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "A0"], destination[prefix + "B0"] = self.A0, self.B0
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # A0 and B0 as buffers would load: copied into the host tensors, shapes checked (load_state_dict works on
+        # its own copy of the dict, so taking the two keys out of it is safe).
+        for key, mine in ((prefix + "A0", self.A0), (prefix + "B0", self.B0)):
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            value = state_dict.pop(key)
+            if not isinstance(value, Tensor) or value.shape != mine.shape:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                error_msgs.append(f"size mismatch for {key}: copying {shape}, the layer holds {tuple(mine.shape)}.")
+                continue
+            with torch.no_grad():
+                mine.copy_(value)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        layout = ", fan_in_fan_out" if self.fan_in_fan_out else ""
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
+            f"scaling={self.scaling:g}{layout}, mode={self.mode}, merged={self.merged}"
+        )

@@ -1,0 +1,156 @@
+"""The adapted linear map: y = x W^T + b + s (x_a A^T) B^T, forward and backward.
+
+A dense residual W takes three plain ops, so that autograd's own (C++) backward computes the gradients:
+
+- h = x_a A^T, the rank-r intermediate (the only adapter activation autograd keeps, beside x and the casts);
+- y = x W^T + b, the base GEMM (W frozen: its backward computes dx only);
+- y += s h B^T in place, s folded into the GEMM's alpha: no (N, out) temporaries for ``s * ...`` or ``y + ...``.
+
+Kernels with s = 1: 3 forward, 6 backward. A custom Python autograd function does it in 5 backward kernels, but
+in eager mode on a GPU the host then spends more time in Python than the GPU spends in the kernels: measured on an
+H200 (Llama-2-7B shape, 224 adapters), the plain ops' step is GPU-bound (1.17x the frozen base, steady from step to
+step) where the Python function's is host-bound (1.27x, varying ±14 %) (benchmarks/README.md).
+
+QPiSSA: ``weight`` is then the NF4 codes of W_res (:class:`QuantizedResidual` says how to read them), and one
+custom function dequantizes them in forward and again in backward, so that only the 4-bit codes are saved (autograd
+would keep the dequantized weight for dx). Under ``torch.compile`` each dequantization fuses into one kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..core.nf4 import dequantize
+
+#: aten's reshape without view tracking (what torch.matmul returns), or None if a future torch drops it.
+_UNSAFE_VIEW = getattr(getattr(torch.ops.aten, "_unsafe_view", None), "default", None)
+
+
+def _unflatten(y: Tensor, lead: torch.Size) -> Tensor:
+    """(N, out) -> (*lead, out), as no view: callers may modify the output in place (ReLU(inplace=True), y += 1),
+    also that of a compiled model, and FSDP2 may hook it."""
+    if tuple(lead) == tuple(y.shape[:-1]):  # x was (N, in)
+        return y
+    shape = (*lead, y.shape[-1])
+    return y.reshape(shape).clone() if _UNSAFE_VIEW is None else _UNSAFE_VIEW(y, shape)
+
+
+class QuantizedResidual(NamedTuple):
+    """How to read NF4 codes as the (out, in) weight: the absmax and pair table (nf4.py) of the stored
+    ``shape``, transposed for a Conv1D (``fan_in_fan_out``)."""
+
+    absmax: Tensor
+    table: Tensor
+    shape: tuple[int, ...]
+    transposed: bool
+
+
+def _dequantized(codes: Tensor, absmax: Tensor, table: Tensor, shape: Any, transposed: bool, dtype: Any) -> Tensor:
+    weight = dequantize(codes, absmax, shape, dtype, table)
+    return weight.mT if transposed else weight
+
+
+# In place in eager mode; out of place when traced by torch.compile, where torch 2.11 lost an in-place update made
+# inside this custom function (its input gradients came out zero).
+def _add_product(y: Tensor, p: Tensor, q: Tensor, alpha: float) -> Tensor:
+    """y + alpha * (p @ q)."""
+    return torch.addmm(y, p, q, alpha=alpha) if torch.compiler.is_compiling() else y.addmm_(p, q, alpha=alpha)
+
+
+def _scale(t: Tensor, s: float) -> Tensor:
+    return t * s if torch.compiler.is_compiling() else t.mul_(s)
+
+
+class QuantizedAdaptedLinear(torch.autograd.Function):
+    """Forward/backward of ``x deq(codes)^T + bias + s * (xa A^T) B^T`` with frozen codes and bias.
+
+    Shapes: x (..., in); xa (..., in) = dropout(x), or None for x itself (one tensor passed once: torch.compile
+    cannot trace a function given the same tensor twice); codes, absmax, table, shape, transposed: the residual
+    (:class:`QuantizedResidual`); bias (out,) or None; a (r, in), b (out, r) in x's dtype.
+
+    Kernels with s = 1: forward 4 (dequantize, h = xa A^T, the base GEMM, y += h B^T in place); backward 6
+    (dequantize, dh = g B, dx = g W, dx += dh A in place, dA = dh^T xa, dB = g^T h).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        xa: Tensor | None,
+        codes: Tensor,
+        bias: Tensor | None,
+        a: Tensor,
+        b: Tensor,
+        scaling: float,
+        absmax: Tensor,
+        table: Tensor,
+        shape: Any,
+        transposed: bool,
+    ) -> Tensor:
+        weight = _dequantized(codes, absmax, table, shape, transposed, x.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        xa2 = x2 if xa is None else xa.reshape(-1, xa.shape[-1])
+        h = torch.mm(xa2, a.mT)  # (N, r)
+        y = torch.mm(x2, weight.mT) if bias is None else torch.addmm(bias, x2, weight.mT)
+        y = _add_product(y, h, b.mT, scaling)
+        ctx.scaling, ctx.shared, ctx.quant = scaling, xa is None, (shape, transposed)
+        ctx.save_for_backward(xa2 if ctx.needs_input_grad[4] else None, h, codes, a, b, absmax, table)
+        return _unflatten(y, x.shape[:-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        xa2, h, codes, a, b, absmax, table = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad.reshape(-1, grad.shape[-1])
+        dx = dxa = da = db = None
+        need_x, need_xa, _, _, need_a, need_b = ctx.needs_input_grad[:6]
+        dh = torch.mm(g, b)  # (N, r)
+        if s != 1.0:
+            dh = _scale(dh, s)  # s once, on the small tensor: dx, dxa and dA below then carry it
+        if need_x:
+            shape, transposed = ctx.quant
+            dx = torch.mm(g, _dequantized(codes, absmax, table, shape, transposed, grad.dtype))
+            if ctx.shared:  # xa is x: one (N, in) gradient, the adapter's part accumulated in place
+                dx = _add_product(dx, dh, a, 1.0)
+            dx = dx.view(*grad.shape[:-1], dx.shape[-1])
+        if need_xa and not ctx.shared:
+            dxa = torch.mm(dh, a).view(*grad.shape[:-1], a.shape[-1])
+        if need_a:
+            da = torch.mm(dh.mT, xa2)
+        if need_b:
+            db = torch.mm(g.mT, h)
+            if s != 1.0:
+                db = _scale(db, s)
+        return dx, dxa, None, None, da, db, None, None, None, None, None
+
+
+def adapted_linear(
+    x: Tensor,
+    xa: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    a: Tensor,
+    b: Tensor,
+    scaling: float,
+    quant: QuantizedResidual | None = None,
+) -> Tensor:
+    """``x W^T + bias + s (xa A^T) B^T``; x (..., in) -> (..., out).
+
+    ``xa``: the adapter's input if it differs from x (dropout), else None. ``weight``: (out, in), any view; or the
+    NF4 codes of W_res, read as ``quant`` says. ``a`` (r, in), ``b`` (out, r): in x's dtype (the model's one cast of
+    every master, casts.py), or masters of another dtype, cast here (differentiably: their gradients come back in
+    the masters' dtype)."""
+    a = a if a.dtype == x.dtype else a.to(x.dtype)
+    b = b if b.dtype == x.dtype else b.to(x.dtype)
+    if quant is not None:
+        out: Tensor = QuantizedAdaptedLinear.apply(x, xa, weight, bias, a, b, scaling, *quant)
+        return out
+    x2 = x.reshape(-1, x.shape[-1])
+    xa2 = x2 if xa is None else xa.reshape(-1, xa.shape[-1])
+    y = F.linear(x2, weight, bias)
+    y.addmm_(torch.mm(xa2, a.mT), b.mT, alpha=scaling)
+    return _unflatten(y, x.shape[:-1])

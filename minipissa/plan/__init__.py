@@ -1,0 +1,1 @@
+"""which modules, with which settings; the factor stream; the one installer of layers."""

@@ -1,0 +1,176 @@
+"""The one installer: the only place that puts PiSSA layers into a model. apply(), load() and import_peft() end
+here (build each layer from its initial factors, replace the module, adopt it under FSDP2, fingerprint the residuals,
+freeze all but the adapters, install the shared casts)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from ..core.dtensor import full_tensor, is_dtensor
+from ..core.fingerprint import Pending, describe, fingerprint_later, hashes, is_finite, read_all
+from ..core.made import Made
+from ..core.qpissa import ERRORS, quantize_residual
+from ..nn import casts
+from ..nn.layer import PiSSALinear, host_copies
+from . import trained
+from .config import InitConfig
+from .factors import (
+    Factors,
+    factors,
+    nonfinite_factors,
+    overflowing_residuals,
+    progress_reporter,
+    refuse_overflow,
+)
+from .sharded.factors import check_finite_shards, check_layouts, sharded_factors
+from .sharded.fsdp import FsdpAdoption
+from .tree import (
+    Plan,
+    build_layer,
+    module_aliases,
+    pissa_layers,
+    replace_module,
+    train_adapters_only,
+)
+
+
+def adapt(
+    model: nn.Module,
+    plans: Sequence[Plan],
+    cfg: InitConfig,
+    progress: bool | Callable[[int, int], None] = False,
+    given: Sequence[Factors] | None = None,
+    run: trained.Run | None = None,
+) -> None:
+    """apply() after planning, in steps such that an error before the last leaves the model as it was:
+
+    1. every target weight is fingerprinted (one pass) and every initial factor computed (the factor stream);
+    2. the fingerprints are read back (once) and a weight holding NaN or inf refused, as are non-finite factors;
+    3. each layer is built and put in place, its weight freed as the loop goes; then only A and B train.
+
+    Only an out-of-memory or an interrupt in step 3 stops it midway: the error then names the modules
+    already adapted (each an exact PiSSA layer) and those left as they were. Sharded weights (FSDP2) are
+    checked in steps 1-2 alike, but their residuals are written into the shards as their factors come.
+    ``given``: the initial factors made elsewhere (an imported PEFT adapter), one per plan, in place of the stream.
+    ``run``: what each new layer records of this run (:class:`~minipissa.trained.Run`: modules trained in full...).
+    """
+    run = trained.Run() if run is None else run
+    sharded = [p for p in plans if is_dtensor(p.weight)]
+    plain = [p for p in plans if not is_dtensor(p.weight)]
+    fsdp = None
+    if sharded and cfg.quantize:
+        raise ValueError(
+            f"minipissa.apply: quantize='nf4' on FSDP2-sharded weights ({sharded[0].name}, ...) is not supported; "
+            "apply before fully_shard (the 4-bit codes then stay whole on each rank), or leave quantize=None"
+        )
+    if sharded:  # FSDP2 / DTensor weights: each factored on one owner rank
+        check_layouts(sharded)
+        fsdp = FsdpAdoption(model, sharded)
+        check_finite_shards(sharded)
+    queued = [fingerprint_later(p.weight) for p in plain]  # read back once the factors are queued too
+    # The biases are part of the base: fingerprinted (every rank alike, in plan order), so that load() can tell a
+    # base with other biases and save() a bias trained since
+    biased = [p for p in plans if p.module.bias is not None]
+    queued += [fingerprint_later(full_tensor(cast(Tensor, p.module.bias))) for p in biased]
+    report_progress = progress_reporter(progress, len(plans))
+    items = []
+    try:
+        for item in factors(plain, cfg) if given is None else given:
+            items.append(item)
+            report_progress(len(items))
+    except Exception:
+        _refuse_unusable(plain, biased, queued)  # the cause, if the weights were not finite or too large
+        raise
+    prints, bias_prints = _refuse_unusable(plain, biased, queued)
+    bad = set(nonfinite_factors(items))
+    refuse_overflow([(i.plan.name, i.plan.weight) for i in items if i.plan.name in bad], "weights", "initial factors")
+    base_print = {p.name: fp for p, fp in zip(plain, prints, strict=True)}
+    _refuse_overflow(overflowing_residuals(items, base_print))
+    # Every A0 and B0 to host memory, queued now to run beside the loop below (not two syncs per layer inside it).
+    on_host = host_copies([t for item in items for t in (item.a0, item.b0)], wait=False)
+    initial = {id(item): (on_host[2 * i], on_host[2 * i + 1]) for i, item in enumerate(items)}
+    built: list[tuple[PiSSALinear, Factors]] = []
+    # The residuals' fingerprints, so that save() can tell whether one was edited since: queued as each layer is
+    # built, so that the device hashes one residual while the host builds the next layer; read back once, after.
+    residual_prints: list[Pending | dict[str, Any]] = []
+    quant_errors: list[Tensor] = []  # QPiSSA: read back with the fingerprints, after the loop (no sync in it)
+    aliases = module_aliases(model)
+    try:
+        for item in itertools.chain(sharded_factors(sharded, cfg), items):
+            residual = None
+            if cfg.quantize:
+                plan = item.plan
+                with torch.no_grad():
+                    residual, errors = quantize_residual(
+                        plan.weight, item.a0, item.b0, plan.scaling, plan.fan_in_fan_out, qlora_too=cfg.init != "lora"
+                    )
+                quant_errors.append(errors)
+            layer = build_layer(
+                item.plan,
+                item.a0,
+                item.b0,
+                cfg.recorded(),
+                weight_is_residual=item.weight_is_residual,
+                residual=residual,
+                initial=initial.get(id(item)),
+            )
+            layer.origin = trained.Origin(item.plan.name, run)
+            replace_module(model, item.plan.name, layer, aliases)
+            if fsdp is not None:
+                fsdp.adopt(item.plan.module, layer)
+            built.append((layer, item))
+            residual_prints.append(item.residual_print or fingerprint_later(layer.stored_residual()))
+            if item.weight_is_residual:
+                report_progress(len(items) + len(built))
+    except BaseException as e:
+        done = {name for name, layer in pissa_layers(model)} & {p.name for p in plans}
+        where = (
+            f"minipissa.apply: stopped while putting the layers in place; adapted so far (exact PiSSA layers): "
+            f"{sorted(done)}; left as they were: {sorted({p.name for p in plans} - done)}"
+        )
+        if not isinstance(e, Exception):  # Ctrl-C stays a KeyboardInterrupt
+            if hasattr(e, "add_note"):
+                e.add_note(where)
+            raise
+        raise RuntimeError(f"{where} ({type(e).__name__}: {e})") from e
+    for device in {item.a0.device for item in items if item.a0.is_cuda}:  # the host copies of A0 and B0 have landed
+        torch.cuda.current_stream(device).synchronize()
+    digests = hashes([t for _, item in built for t in (item.a0, item.b0)])  # what the host copies hold
+    for i, ((layer, item), residual_print) in enumerate(zip(built, read_all(residual_prints), strict=True)):
+        layer.info.update(describe(item.sigma, item.base_print or base_print[item.plan.name]))
+        layer.info["residual_fingerprint"] = residual_print
+        layer.made = Made.of(residual_print, (digests[2 * i], digests[2 * i + 1]))
+        layer.info["bias_fingerprint"] = bias_prints.get(item.plan.name)
+    for (layer, _), errors in zip(built, quant_errors, strict=False):  # one per layer when quantized
+        layer.info.update(zip(ERRORS, errors.tolist(), strict=True))
+    train_adapters_only(model)
+    casts.install(model, [layer for _, layer in pissa_layers(model)])
+
+
+def _refuse_unusable(
+    plans: Sequence[Plan], biased: Sequence[Plan], queued: list[Pending]
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The fingerprints of the weights of ``plans`` and of the biases of ``biased`` (queued in that order), read
+    back at once; a named error if a weight or bias holds NaN or inf, or is too large for them (init.py)."""
+    prints = read_all(queued)
+    weights, biases = prints[: len(plans)], prints[len(plans) :]
+    bad = [(p.name, p.weight) for p, fp in zip(plans, weights, strict=True) if not is_finite(fp)]
+    refuse_overflow(bad, "weights", "fingerprint")
+    bad = [(p.name, cast(Tensor, p.module.bias)) for p, fp in zip(biased, biases, strict=True) if not is_finite(fp)]
+    refuse_overflow(bad, "biases", "fingerprint")
+    return weights, {p.name: fp for p, fp in zip(biased, biases, strict=True)}
+
+
+def _refuse_overflow(names: Sequence[str]) -> None:
+    """A named error for the modules whose residual would be infinite; nothing has been changed yet."""
+    if names:
+        raise ValueError(
+            f"minipissa.apply: module(s) {list(names)[:5]}: the residual W - s·B0·A0 leaves the weight dtype's range "
+            "(float16 weights near its largest value, 65504) and would be infinite; nothing was changed. Cast the "
+            "model to bfloat16 or float32 before apply(), or exclude these modules"
+        )

@@ -1,0 +1,1 @@
+"""FSDP2: gather, factor and scatter sharded weights, feeding the same factor stream."""
