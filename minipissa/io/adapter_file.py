@@ -18,25 +18,21 @@ from ..core.decompose import compute_dtype
 from ..core.dtensor import full_tensor, refuse_sharded, write_once
 from ..core.errors import PathLike, StateError
 from ..core.fingerprint import fingerprint_later, hashes, read_all, same
-from ..core.made import Made
 from ..core.nf4 import NF4Weight
 from ..core.qpissa import residual_nf4
 from ..core.version import __version__
 from ..core.weights import is_conv1d, lora_scaling, weight_matrix
-from ..nn import casts
 from ..nn.layer import PiSSALinear
 from ..nn.nf4_linear import NF4Linear
 from ..plan import trained
+from ..plan.install import finish, put, record_made
 from ..plan.replaceable import refusal
 from ..plan.targets import is_supported
 from ..plan.tree import (
     Plan,
     adapted_layers,
-    build_layer,
     module_aliases,
     pissa_layers,
-    replace_module,
-    train_adapters_only,
     unwrap,
 )
 from . import biases, optimizer_state, records, safefile
@@ -358,10 +354,8 @@ def load(
             a0, b0 = rec.A0.to(device), rec.B0.to(device)
             from_file = base == "residual" and residual is None
             initial = (rec.A0.clone(), rec.B0.clone())  # in host memory already: no transfer back
-            layer = build_layer(
-                plan, a0, b0, dict(rec.info), weight_is_residual=from_file, residual=residual, initial=initial
-            )
-            replace_module(model, rec.name, layer, aliases)
+            layer = put(model, plan, a0, b0, dict(rec.info), run, aliases, weight_is_residual=from_file,
+                        residual=residual, initial=initial)  # fmt: skip
             built.append((layer, a0, b0))
         layer.origin = trained.Origin(rec.name, run)
         with torch.no_grad():
@@ -371,16 +365,12 @@ def load(
     # The residuals as rebuilt here (another device may round them differently from the saving one), and A0 and
     # B0: what a later save() compares against to tell an edited residual.
     prints = read_all([fingerprint_later(layer.stored_residual()) for layer, _, _ in built])
-    digests = hashes([t for _, a0, b0 in built for t in (a0, b0)])
-    for i, ((layer, _, _), residual_print) in enumerate(zip(built, prints, strict=True)):
-        layer.info["residual_fingerprint"] = residual_print
-        layer.made = Made.of(residual_print, (digests[2 * i], digests[2 * i + 1]))
+    record_made([layer for layer, _, _ in built], prints, [(a0, b0) for _, a0, b0 in built])
     trained.restore(model, full)
-    train_adapters_only(model, "load")
+    finish(model, "load")
     for loading in loadings:  # a bias trained when saved trains on, as the adapter does
         if loading.record.bias is not None:
             cast(PiSSALinear, model.get_submodule(loading.record.name)).bias.requires_grad_(True)  # type: ignore[union-attr]
-    casts.install(model, [layer for _, layer in pissa_layers(model)])
     if optimizer is not None and opt_state is not None:
         optimizer.load_state_dict(opt_state)
     return outer

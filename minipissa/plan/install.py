@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..core.dtensor import full_tensor, is_dtensor
 from ..core.fingerprint import Pending, describe, fingerprint_later, hashes, is_finite, read_all
 from ..core.made import Made
+from ..core.nf4 import NF4Weight
 from ..core.qpissa import ERRORS, quantize_residual
 from ..nn import casts
 from ..nn.layer import PiSSALinear, host_copies
@@ -110,17 +111,10 @@ def adapt(
                         plan.weight, item.a0, item.b0, plan.scaling, plan.fan_in_fan_out, qlora_too=cfg.init != "lora"
                     )
                 quant_errors.append(errors)
-            layer = build_layer(
-                item.plan,
-                item.a0,
-                item.b0,
-                cfg.recorded(),
-                weight_is_residual=item.weight_is_residual,
-                residual=residual,
-                initial=initial.get(id(item)),
-            )
-            layer.origin = trained.Origin(item.plan.name, run)
-            replace_module(model, item.plan.name, layer, aliases)
+            layer = put(
+                model, item.plan, item.a0, item.b0, cfg.recorded(), run, aliases,
+                weight_is_residual=item.weight_is_residual, residual=residual, initial=initial.get(id(item)),
+            )  # fmt: skip
             if fsdp is not None:
                 fsdp.adopt(item.plan.module, layer)
             built.append((layer, item))
@@ -140,15 +134,53 @@ def adapt(
         raise RuntimeError(f"{where} ({type(e).__name__}: {e})") from e
     for device in {item.a0.device for item in items if item.a0.is_cuda}:  # the host copies of A0 and B0 have landed
         torch.cuda.current_stream(device).synchronize()
-    digests = hashes([t for _, item in built for t in (item.a0, item.b0)])  # what the host copies hold
-    for i, ((layer, item), residual_print) in enumerate(zip(built, read_all(residual_prints), strict=True)):
+    for layer, item in built:
         layer.info.update(describe(item.sigma, item.base_print or base_print[item.plan.name]))
-        layer.info["residual_fingerprint"] = residual_print
-        layer.made = Made.of(residual_print, (digests[2 * i], digests[2 * i + 1]))
         layer.info["bias_fingerprint"] = bias_prints.get(item.plan.name)
+    made = [layer for layer, _ in built]
+    record_made(made, read_all(residual_prints), [(item.a0, item.b0) for _, item in built])  # what the host copies hold
     for (layer, _), errors in zip(built, quant_errors, strict=False):  # one per layer when quantized
         layer.info.update(zip(ERRORS, errors.tolist(), strict=True))
-    train_adapters_only(model)
+    finish(model, "apply")
+
+
+def put(
+    model: nn.Module,
+    plan: Plan,
+    a0: Tensor,
+    b0: Tensor,
+    info: dict[str, Any],
+    run: trained.Run,
+    aliases: dict[int, list[str]],
+    *,
+    weight_is_residual: bool = False,
+    residual: NF4Weight | None = None,
+    initial: tuple[Tensor, Tensor] | None = None,
+) -> PiSSALinear:
+    """The PiSSA layer for ``plan``, from its initial factors A0 (r, in) and B0 (out, r) (:func:`build_layer`), put
+    where the module is, under every name it has (``aliases``: :func:`module_aliases` taken before the loop);
+    ``run``: the apply or load it belongs to (what it trains in full, its time)."""
+    layer = build_layer(plan, a0, b0, info, weight_is_residual=weight_is_residual, residual=residual, initial=initial)
+    layer.origin = trained.Origin(plan.name, run)
+    replace_module(model, plan.name, layer, aliases)
+    return layer
+
+
+def record_made(
+    layers: Sequence[PiSSALinear], residual_prints: Sequence[dict[str, Any]], factors: Sequence[tuple[Tensor, Tensor]]
+) -> None:
+    """Each new layer's residual fingerprint and the hashes of its A0 and B0 (``factors``, per layer, on the device
+    they were made on): what a later save() compares against to tell an edit (core/made.py)."""
+    digests = hashes([t for pair in factors for t in pair])
+    for i, (layer, residual_print) in enumerate(zip(layers, residual_prints, strict=True)):
+        layer.info["residual_fingerprint"] = residual_print
+        layer.made = Made.of(residual_print, (digests[2 * i], digests[2 * i + 1]))
+
+
+def finish(model: nn.Module, what: str) -> None:
+    """The last step of every installation: only the adapters and the modules trained in full require gradients,
+    and the shared casts cover every PiSSA layer of the model."""
+    train_adapters_only(model, what)
     casts.install(model, [layer for _, layer in pissa_layers(model)])
 
 
