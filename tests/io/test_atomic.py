@@ -1,6 +1,6 @@
 """Where the writers write: through symbolic links to their targets (the links stay), with the permissions of what
 they replace, never over the working directory or one above it; every refusal leaves the files as they were.
-(What killed, failing or racing writers leave: tests/test_safefile.py.)"""
+(What killed, failing or racing writers leave: tests/io/test_safefile.py.)"""
 
 from __future__ import annotations
 

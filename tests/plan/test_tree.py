@@ -1,6 +1,6 @@
 """The model inside torch's wrappers (tree.unwrap): every public function given ``torch.compile(model)``,
 DistributedDataParallel, DataParallel or a nesting of them reads and writes the bare model's names, so its files
-load onto the bare model (and PEFT loads the converted adapter). FSDP2 adds no name: tests/test_distributed.py."""
+load onto the bare model (and PEFT loads the converted adapter). FSDP2 adds no name: tests/plan/test_distributed.py."""
 
 from __future__ import annotations
 
