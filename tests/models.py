@@ -58,3 +58,13 @@ class Conv1D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight)
         return out.reshape(*x.shape[:-1], self.nf)
+
+
+def train_steps(model: nn.Module, x: torch.Tensor, steps: int, lr: float = 1e-2) -> torch.optim.Optimizer:
+    """A few AdamW steps on mean(model(x)^2) over the parameters that require grad; the optimizer, for resuming."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return opt

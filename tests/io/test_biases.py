@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import train_steps
 from snapshots import assert_refused, editable
 from torch import nn
 
@@ -29,13 +30,8 @@ def bias_trained(steps: int = 3) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Adapters on both layers, and the bias of layer '2' unfrozen and trained with them (BitFit beside PiSSA)."""
     model = minipissa.apply(base(), 4, TARGETS)
     model[2].bias.requires_grad_(True)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     x = torch.randn(6, 16, generator=torch.Generator().manual_seed(1))
-    for _ in range(steps):
-        model(x).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-    return model, opt
+    return model, train_steps(model, x, steps)
 
 
 def test_a_trained_bias_is_saved_restored_bit_exactly_trains_on_and_resumes(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from models import MLP
+from models import MLP, train_steps
 from snapshots import assert_refused, assert_unchanged, editable, snapshot
 from torch import nn
 
@@ -29,13 +29,8 @@ def base(head: int = 4) -> MLP:
 
 def trained_model() -> tuple[MLP, torch.optim.Optimizer]:
     model = minipissa.apply(base(), 4, ["layers.0", "layers.1"], train_modules=["layers.2"])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     x = torch.randn(6, 32, generator=torch.Generator().manual_seed(1))
-    for _ in range(3):
-        model(x).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-    return model, opt
+    return model, train_steps(model, x, 3)
 
 
 def test_a_head_trained_in_full_saves_loads_and_exports(tmp_path: Path) -> None:
