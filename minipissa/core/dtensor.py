@@ -1,6 +1,6 @@
 """The one DTensor helper: detect a DTensor, gather one whole, refuse what sharding breaks, write from one rank.
 
-Nothing here imports ``torch.distributed.tensor`` (0.5 s): no DTensor exists before it is imported.
+Nothing here imports ``torch.distributed.tensor`` (slow to import): no DTensor exists before it is imported.
 """
 
 from __future__ import annotations

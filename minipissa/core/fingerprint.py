@@ -32,8 +32,8 @@ def raw_bytes(t: Tensor) -> bytes:
     return ctypes.string_at(flat.data_ptr(), flat.numel() * flat.element_size()) if flat.numel() else b""
 
 
-#: Elements hashed per step: bounds the int64 temporaries to 256 MiB, whatever the weight's size. Fewer, larger steps
-#: launch fewer kernels: a 7B model's 224 weights take ~3,000 launches per pass instead of ~5,400 at 64 MiB.
+#: Elements hashed per step: bounds the int64 temporaries (8 bytes each) whatever the weight's size. Fewer, larger
+#: steps launch fewer kernels (benchmarks/README.md, "Figures behind the code").
 CHUNK = 1 << 25
 _K = 0x9E3779B97F4A7C15 - (1 << 64)  # odd 64-bit constants as signed int64 (splitmix64's)
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
@@ -86,7 +86,7 @@ def _digests(matrices: Tensor) -> Tensor | None:
     step = rows_per_step(n, width)
     for start in range(0, height, step):
         chunk, keys = bits[:, start : start + step], rows[start : start + step]
-        # On a CPU, int64 GEMVs (5x faster there; int64 wraps the same way in any order). Elsewhere (CUDA has no
+        # On a CPU, int64 GEMVs (faster there than the elementwise form; int64 wraps the same way in any order). Elsewhere (CUDA has no
         # integer GEMV) int16/int32 bits times int64 keys, promoted inside one kernel: no int64 copy of W first.
         part = chunk.to(torch.int64) @ columns @ keys if on_cpu else ((chunk * columns).sum(dim=-1) * keys).sum(-1)
         digest = part if digest is None else digest + part
@@ -100,8 +100,7 @@ def fingerprint_later(weight: Tensor) -> Pending:
     digests = _digests(matrix.unsqueeze(0))
     digest = None if digests is None else digests[0]
     # Moments: row sums and row norms in float32 (float64 for float64 weights), accumulated in float64, so that each
-    # reduction reads W once: a float64 norm of a bfloat16 W first copies it to float64 (50 ms of a 7B model's init on
-    # an H200). Rows whose norm exceeds float32's range (entries above ~1e19) read as infinite, as non-finite ones.
+    # reduction reads W once: a float64 norm of a bfloat16 W would first copy all of it to float64. Rows whose norm exceeds float32's range (entries above ~1e19) read as infinite, as non-finite ones.
     floats = matrix if matrix.is_floating_point() else matrix.to(torch.float64)
     rows_dtype = torch.float64 if floats.dtype == torch.float64 else torch.float32
     total = floats.sum(dim=1, dtype=rows_dtype).sum(dtype=torch.float64)
