@@ -32,9 +32,9 @@ from .weights import residual_weight
 #: Power iterations of a warm-started choice (see the module docstring: 1 gives 5e-6, 2 and more 4.9e-7).
 WARM_NITER = 2
 
-#: top_r(E, previous) -> (A (r, in), B (out, r), S (r,)) of an (out, in) matrix E; ``previous`` is the last
-#: choice's A, to start a randomized range finder from (a warm start), or None.
-TopR = Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor, Tensor]]
+#: cold(E) -> (A (..., r, in), B (..., out, r), S (..., r)): the top-r of (..., out, in) matrices E from no previous
+#: choice (the caller's exact or randomized decomposition).
+Cold = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
 #: Elements of the stored weight handled per step of :func:`quantization_target` (a multiple of the NF4 block):
@@ -81,21 +81,32 @@ def warm_factors(target: Tensor, previous: Tensor, fresh: Tensor, scaling: float
 def alternate(
     matrix: Tensor,
     scaling: float,
-    top_r: TopR,
-    first: tuple[Tensor, Tensor, Tensor] | None,
-    steps: int,
     fan_in_fan_out: bool,
+    quant_iters: int,
+    first: tuple[Tensor, Tensor, Tensor] | None,
+    fresh: Tensor | None,
+    cold: Cold | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The factors after ``steps`` choices P = top_r(W - deq(nf4(W - P))), from ``first`` (QPiSSA: W's own
-    top-r) or from P = 0 (LoftQ: ``first`` None). ``matrix``: W (..., out, in) in the decomposition dtype, one
-    weight or a stack of same-shape weights."""
+    """A (..., r, in), B (..., out, r), S (..., r) after ``quant_iters`` choices in all (module docstring): from
+    ``first``, W's own top-r (QPiSSA: ``quant_iters - 1`` choices against the quantizer follow), or from P = 0
+    (LoftQ, ``first`` None: ``quant_iters`` choices follow). ``matrix``: W (..., out, in) in the decomposition dtype,
+    one weight or a stack of same-shape weights.
+
+    Each choice after a previous one is warm-started (:func:`warm_factors`) from the sketch ``fresh`` (..., in, k);
+    a choice with no previous one, or every choice if ``fresh`` is None, is ``cold(target)``.
+    """
     factors = first
-    for _ in range(steps):
+    for _ in range(quant_iters - (first is not None)):
         target = quantization_target(matrix, None if factors is None else factors[:2], scaling, fan_in_fan_out)
-        factors = top_r(target, None if factors is None else factors[0])
+        if factors is not None and fresh is not None:
+            factors = warm_factors(target, factors[0], fresh, scaling)
+        elif cold is not None:
+            factors = cold(target)
+        else:
+            raise ValueError("qpissa.alternate: a choice with no warm start needs `cold`")
         del target
     if factors is None:
-        raise ValueError("qpissa.alternate: no factors (LoftQ needs steps >= 1)")
+        raise ValueError("qpissa.alternate: no factors (LoftQ needs quant_iters >= 1)")
     return factors
 
 

@@ -131,16 +131,12 @@ def initial_factors(weight: Tensor, plan: Plan, cfg: InitConfig) -> tuple[Tensor
         omega = decompose.sketch(in_features, columns, decompose.module_seed(cfg.seed, plan.name), dtype, matrix.device)
     minor = cfg.components == "minor"
 
-    def top_r(target: Tensor, previous: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        if previous is not None and omega is not None:
-            return qpissa.warm_factors(target, previous, omega, plan.scaling)
+    def cold(target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         sketch = None if cfg.niter is None else omega
         return decompose.principal_factors(target, plan.rank, plan.scaling, niter=cfg.niter, omega=sketch, minor=minor)
 
-    if cfg.init == "loftq":
-        return qpissa.alternate(matrix, plan.scaling, top_r, None, cfg.quant_iters, plan.fan_in_fan_out)
-    first = top_r(matrix, None)
-    return qpissa.alternate(matrix, plan.scaling, top_r, first, cfg.quant_iters - 1, plan.fan_in_fan_out)
+    first = None if cfg.init == "loftq" else cold(matrix)
+    return qpissa.alternate(matrix, plan.scaling, plan.fan_in_fan_out, cfg.quant_iters, first, omega, cold)
 
 
 def factors(plans: Sequence[Plan], cfg: InitConfig) -> Iterator[Factors]:
