@@ -1,12 +1,12 @@
 """The initialisation pipeline's first half: which modules, with which settings (:func:`plan_modules`), and the one
 stream of their initial factors (:func:`factors`).
 
-    apply():  InitConfig -> plan_modules() -> factors() -> tree.build_layer() -> replace -> freeze   (model.py)
+    apply():  InitConfig -> plan_modules() -> factors() -> install.adapt() (build, replace, freeze)
 
 The stream covers every kind of init: LoRA's random A0 and zero B0, the exact or randomized top-r (or
 bottom-r) factors of each weight one at a time, and, on GPUs, same-shape weights stacked into batched
-decompositions (batching.py). Sharded weights take the same per-matrix road on an owner rank
-(sharded/init.py calls :func:`initial_factors`).
+decompositions (stacked.py). Sharded weights take the same per-matrix road on an owner rank
+(sharded/factors.py calls :func:`initial_factors`).
 """
 
 from __future__ import annotations
