@@ -97,6 +97,22 @@ def householder(y: Tensor, passes: int = 1, wide: bool = True) -> tuple[Tensor, 
     return torch.linalg.qr(y.to(torch.float64)).Q.to(y.dtype), []
 
 
+@on_one_thread
+def product_core(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """b @ a of factors a (r, in), b (out, r) as Q_b C Q_a^T, without forming the (out, in) product, in float64:
+    b = Q_b R_b and a^T = Q_a R_a (thin QRs), so b a = Q_b (R_b R_a^T) Q_a^T with Q_b (out, r) and Q_a (in, r)
+    orthonormal. The SVD of the small core C = R_b R_a^T (r, r) is b a's: the same singular values, vectors Q_b U
+    and Q_a V."""
+    qb, rb = torch.linalg.qr(b.double())
+    qa, ra = torch.linalg.qr(a.double().mT)
+    return qb, rb @ ra.mT, qa
+
+
+def product_singular_values(a: Tensor, b: Tensor, scaling: float) -> Tensor:
+    """The singular values (r,) of ``scaling`` * b @ a (:func:`product_core`), descending, in float64."""
+    return torch.linalg.svdvals(scaling * product_core(a, b)[1])
+
+
 @contextlib.contextmanager
 def tf32(enabled: bool) -> Iterator[None]:
     """TF32 tensor-core products for float32 CUDA matmuls inside the block (restored after)."""

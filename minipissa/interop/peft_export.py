@@ -96,17 +96,15 @@ def lora_factors(rec: ModuleRecord) -> tuple[Tensor, Tensor]:
 def compress(a: Tensor, b: Tensor, k: int) -> tuple[Tensor, Tensor, float, float]:
     """Best rank-k factors of b @ a (out, in) without forming it: A_k (k', in), B_k (out, k'), tail and
     total squared Frobenius norm of b @ a. k' = min(k, rank of the factors' span). Runs in float64."""
-    a64, b64 = a.double(), b.double()
-    qb, rb = torch.linalg.qr(b64)  # b = qb rb
-    qa, ra = torch.linalg.qr(a64.mT)  # a = ra^T qa^T
-    u, s, vh = torch.linalg.svd(rb @ ra.mT)  # b a = qb (u s vh) qa^T, qb/qa orthonormal
+    qb, core, qa = linalg.product_core(a, b)
+    u, s, vh = torch.linalg.svd(core)  # b a = qb (u s vh) qa^T, qb/qa orthonormal
     k = min(k, s.shape[0])
     root = s[:k].sqrt()
     b_k = (qb @ u[:, :k]) * root
     a_k = root.unsqueeze(1) * (vh[:k] @ qa.mT)
     tail, total = s[k:].square().sum().item(), s.square().sum().item()
     # An untrained adapter has B a = B A - B0 A0 = 0 exactly; its computed s is rounding noise.
-    if math.sqrt(total) <= 64 * torch.finfo(torch.float64).eps * b64.norm().item() * a64.norm().item():
+    if math.sqrt(total) <= 64 * torch.finfo(torch.float64).eps * b.double().norm().item() * a.double().norm().item():
         tail = total = 0.0
     return a_k.to(a.dtype), b_k.to(b.dtype), tail, total
 

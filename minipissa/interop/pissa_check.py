@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..core.errors import StateError
+from ..core.linalg import product_singular_values
 
 #: The floor of the rounding assumed in float32 factors: TF32's unit roundoff. PEFT's init may run its products on
 #: TF32 tensor cores (``torch.backends.cuda.matmul.allow_tf32``, ``set_float32_matmul_precision("high")``), and a
@@ -91,7 +92,7 @@ def check_pissa_init(
         )
     if exact:
         rank = a.shape[0]
-        sigma = torch.linalg.svdvals(scaling * torch.linalg.qr(b)[1] @ torch.linalg.qr(a.mT)[1].mT)  # s B0 A0's
+        sigma = product_singular_values(a, b, scaling)  # s B0 A0's
         left = _top_singular_value(w, a, b, scaling)
         # Eckart-Young: the top r are removed iff the residual keeps no singular value above the kept ones. Rounding
         # moves P = s·B0·A0 by ||dP||_2 <= 2 u sqrt(r) sigma_1, so (Weyl) sigma_1(R) <= sigma_r(P) + 2 ||dP||_2.
