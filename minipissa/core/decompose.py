@@ -7,10 +7,10 @@ the compute dtype once (float32, or float64 for float64 weights) and batch as th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -54,6 +54,9 @@ def exact_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return u, s, vh.mT
 
 
+#: An orthonormal basis of the columns of y (..., m, k) and the Cholesky ``info`` tensors (see linalg.failures).
+Orthonormal = Callable[[Tensor], tuple[Tensor, list[Tensor]]]
+
 #: Extra eigenvectors kept from the compute-dtype eigensolver and refined in float64 (exact mode).
 REFINE_EXTRA = 16
 
@@ -95,12 +98,14 @@ def start(
 
     ``householder``: orthonormalise with Householder QR instead of Cholesky-QR (never fails; slower).
     """
-    orthonormal = linalg.householder if householder else linalg.cholqr
+    # The power iteration's steps only steer the subspace: one Cholesky-QR pass in the working dtype will do.
+    orthonormal: Orthonormal = linalg.householder if householder else linalg.cholqr
+    steer: Orthonormal = linalg.householder if householder else functools.partial(linalg.cholqr, passes=1, wide=False)
     if niter is None:
         return _start_gram(matrix, rank, orthonormal)
     if omega is None or omega.shape[-1] < rank:
         raise ValueError(f"a randomized decomposition needs a sketch of >= rank = {rank} columns")
-    return _start_randomized(matrix, rank, niter, omega, orthonormal)
+    return _start_randomized(matrix, rank, niter, omega, orthonormal, steer)
 
 
 def triplets(
@@ -129,13 +134,13 @@ def top_triplets(
     )
 
 
-def _start_gram(matrix: Tensor, rank: int, orthonormal: Any) -> Started:
+def _start_gram(matrix: Tensor, rank: int, orthonormal: Orthonormal) -> Started:
     flip = matrix.shape[-2] < matrix.shape[-1]
     w = (matrix.mT if flip else matrix).to(torch.float64)  # (M, N), N <= M
     gram = w.mT @ w
     k = min(gram.shape[-1], rank + REFINE_EXTRA)
     basis = torch.linalg.eigh(gram.to(matrix.dtype)).eigenvectors[..., -k:].to(torch.float64)
-    basis, infos = orthonormal(gram @ basis, passes=2)
+    basis, infos = orthonormal(gram @ basis)
     w_basis = w @ basis  # (M, k): all that finish() needs of W, so W and G can go now
     dtype, eps = matrix.dtype, torch.finfo(matrix.dtype).eps
 
@@ -151,19 +156,20 @@ def _start_gram(matrix: Tensor, rank: int, orthonormal: Any) -> Started:
     return Started(basis.mT @ gram @ basis, failed, linalg.on_one_thread(finish))
 
 
-def _start_randomized(matrix: Tensor, rank: int, niter: int, omega: Tensor, orthonormal: Any) -> Started:
+def _start_randomized(
+    matrix: Tensor, rank: int, niter: int, omega: Tensor, orthonormal: Orthonormal, steer: Orthonormal
+) -> Started:
     infos: list[Tensor] = []
     with linalg.tf32(matrix.is_cuda):
         y = matrix @ omega
         for _ in range(niter):
             # Re-orthonormalise after every product: without it the columns collapse onto the
-            # top singular vector and the small-sigma directions are lost to rounding. These
-            # steps only steer the subspace: one Cholesky-QR pass in the working dtype will do.
-            q, infos_q = orthonormal(y, passes=1, wide=False)
-            z, infos_z = orthonormal(matrix.mT @ q, passes=1, wide=False)
+            # top singular vector and the small-sigma directions are lost to rounding.
+            q, infos_q = steer(y)
+            z, infos_z = steer(matrix.mT @ q)
             y = matrix @ z
             infos += infos_q + infos_z
-    q, infos_q = orthonormal(y, passes=2)
+    q, infos_q = orthonormal(y)
     failed = linalg.failures(infos + infos_q, matrix.shape[:-2], matrix.device)
     projected = (q.mT @ matrix).to(torch.float64)  # (..., k, n)
     dtype, eps = matrix.dtype, torch.finfo(matrix.dtype).eps

@@ -92,7 +92,7 @@ def failures(infos: list[Tensor], batch: torch.Size, device: torch.device) -> Te
     return torch.stack(infos).ne(0).any(dim=0)
 
 
-def householder(y: Tensor, passes: int = 1, wide: bool = True) -> tuple[Tensor, list[Tensor]]:
+def householder(y: Tensor) -> tuple[Tensor, list[Tensor]]:
     """Householder QR, the fallback for rank-deficient sketches: (Q, no failures)."""
     return torch.linalg.qr(y.to(torch.float64)).Q.to(y.dtype), []
 
