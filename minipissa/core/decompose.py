@@ -18,9 +18,9 @@ from torch import Tensor
 from . import linalg
 
 #: Extra sketch columns per adapter rank unit used when ``oversample`` is not given. Real
-#: pretrained weights have flat spectral tops, so the classic "+8" leaves a large error
-#: (0.34 median relative error at niter 4 on all-MiniLM-L6-v2, r = 16); 4r extra columns
-#: reach ~0.01 at niter 4 (see README "Randomized initialisation").
+#: pretrained weights have flat spectral tops, so the classic "+8" leaves a large error at
+#: a few power iterations; extra columns in proportion to r remove most of it (see README
+#: "Randomized initialisation").
 OVERSAMPLE_PER_RANK = 4
 
 
@@ -40,8 +40,8 @@ def sketch(n: int, columns: int, seed: int, dtype: torch.dtype, device: torch.de
 
     The same seed gives the same sketch on the same kind of device (the CPU's and CUDA's generators
     differ, so factors from a CPU and a GPU init differ by the randomness of the sketch, both
-    valid); the global RNG is untouched. Drawn where the weight lives: the CPU takes ~2 ms for a
-    4096 x 80 sketch, 0.5 s for the 224 of a 7B model, which was the whole GPU init budget.
+    valid); the global RNG is untouched. Drawn where the weight lives: drawing a large model's sketches
+    on the CPU and copying them over would take as long as the whole GPU init.
     """
     generator = torch.Generator(device=device).manual_seed(seed)
     return torch.randn(n, columns, generator=generator, dtype=dtype, device=device)

@@ -21,11 +21,10 @@ def one_thread(device: torch.device) -> Iterator[None]:
     """CPU work inside the block on one thread (the calling thread's setting; restored after).
 
     MKL splits eigensolvers, SVDs and skinny matrix products by the thread count, and the split changes
-    the rounding: between 1 and 2 threads an fp32 256x256 Gram's eigenvectors differ by ~1e-4 (rows of A0
-    flip sign, nearby singular vectors mix), a 1024x80 sketch product by ~1e-6. On one thread a
-    decomposition is a function of the matrix alone (on one CPU kind and torch build), whatever
-    ``torch.get_num_threads()`` the user runs with; :mod:`minipissa.init` runs several matrices at once
-    instead, one per thread.
+    the rounding: an fp32 Gram's eigenvectors differ visibly between 1 and 2 threads (rows of A0 flip sign,
+    nearby singular vectors mix), a sketch product slightly. On one thread a decomposition is a function of
+    the matrix alone (on one CPU kind and torch build), whatever ``torch.get_num_threads()`` the user runs
+    with; :mod:`minipissa.plan.factors` runs several matrices at once instead, one per thread.
     """
     previous = torch.get_num_threads()
     if device.type != "cpu" or previous == 1:
@@ -52,8 +51,8 @@ def on_one_thread(fn: F) -> F:
 def small_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenpairs of small symmetric matrices (..., k, k), eigenvalues descending.
 
-    On a GPU this runs on the host: cuSOLVER solves one small matrix per launch (about 1 ms for
-    k = 80 on an H100), LAPACK does the same in a fraction of that.
+    On a GPU this runs on the host: cuSOLVER solves one small matrix per launch, and LAPACK on the
+    host does the same in a fraction of the time.
     """
     with one_thread(torch.device("cpu")):
         values, vectors = torch.linalg.eigh(gram.cpu())
@@ -63,7 +62,7 @@ def small_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
 def cholqr(y: Tensor, passes: int = 2, wide: bool = True) -> tuple[Tensor, list[Tensor]]:
     """Cholesky-QR: (Q (..., m, k) in y's dtype, the Cholesky ``info`` tensors), without a host sync.
 
-    k x k Grams, Cholesky factors and GEMMs instead of a Householder QR, 5x faster for tall
+    k x k Grams, Cholesky factors and GEMMs instead of a Householder QR: much faster for tall
     batches on a GPU. One pass leaves an orthogonality error ~ eps * cond(y)^2, enough to steer a
     power iteration; the second restores full orthogonality. ``wide``: compute in float64 (else in
     y's dtype: fewer kernels, for steering steps). A nonzero info (see :func:`failures`) marks an

@@ -12,9 +12,9 @@ chosen again from the quantization error of the previous choice (the authors' ``
 Every scheme ends with the residual nf4(W - P_final), which a reload rebuilds from W, A0 and B0.
 
 No iteration runs a full SVD: each after the first is a range finder started from the previous choice's row
-space plus fresh random columns, with :data:`WARM_NITER` power iterations (:func:`warm_factors`). On the 36
-MiniLM matrices at r = 16 that gives the exact top-r of each iteration's input to 4.9e-7 relative (the exact
-path's own accuracy is 2.6e-7), where a cold start needs more steps for less.
+space plus fresh random columns, with :data:`WARM_NITER` power iterations (:func:`warm_factors`). Each choice's
+input is close to the last one's, so a warm start reaches the exact top-r to about the exact path's own accuracy,
+where a cold start needs more steps for less (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from . import decompose, nf4
 from .decompose import compute_dtype
 from .weights import residual_weight
 
-#: Power iterations of a warm-started choice (see the module docstring: 1 gives 5e-6, 2 and more 4.9e-7).
+#: Power iterations of a warm-started choice: the fewest that reach the exact path's accuracy (module docstring).
 WARM_NITER = 2
 
 #: cold(E) -> (A (..., r, in), B (..., out, r), S (..., r)): the top-r of (..., out, in) matrices E from no previous

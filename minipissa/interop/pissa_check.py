@@ -26,7 +26,7 @@ from ..core.linalg import product_singular_values
 
 #: The floor of the rounding assumed in float32 factors: TF32's unit roundoff. PEFT's init may run its products on
 #: TF32 tensor cores (``torch.backends.cuda.matmul.allow_tf32``, ``set_float32_matmul_precision("high")``), and a
-#: CUDA float32 SVD is itself less orthogonal than float32's eps (measured below), so u = 2^-24 would be too tight.
+#: CUDA float32 SVD is itself less orthogonal than float32's eps, so u = 2^-24 would be too tight.
 TF32_ROUNDOFF = 2.0**-11
 
 
@@ -35,14 +35,11 @@ def tolerance(dtype: torch.dtype) -> float:
 
     With factors rounded to relative error u (the storage dtype's unit roundoff, floored at TF32's for the
     products that made them), first-order perturbation of B0ᵀ(W - s·B0·A0) = 0 gives three terms, each at most
-    u·‖B0‖_F·‖W‖_F (for PiSSA factors ‖s·B0‖₂‖A0‖₂ = σ₁ <= ‖W‖ and ‖A0‖_F = ‖B0‖_F): leak <= 3u, so 4u.
-    Measured with real PEFT 0.21.2 on the CPU (tiny Llama/GPT-2, all-MiniLM-L6-v2; pissa, pissa_niter_0..16): <= 2.7e-7
-    with float32 factors, 4.6e-4 with bfloat16 ones. PEFT's code on an H200 (torch 2.11; 1024^2 to 11008 x 4096,
-    r = 16 and 64): exact ``pissa`` (cuSOLVER SVD) <= 6.6e-5 at every matmul precision; ``pissa_niter_0/4`` <= 5e-7
-    at "highest", <= 4.9e-5 with TF32 ("high", "medium"). Against 4u = 2.0e-3 (float32, float16) and 1.6e-2
-    (bfloat16): 30x the largest measured. Trained factors leak more with every step (all-MiniLM-L6-v2, AdamW at lr
-    2e-5: median 2.8e-5 after 1 step, 6.6e-4 after 100, 1.3e-3 after 200), so a tolerance does not see a few
-    steps: the comparison with the trained adapter in :func:`check_pissa_init` does.
+    u·‖B0‖_F·‖W‖_F (for PiSSA factors ‖s·B0‖₂‖A0‖₂ = σ₁ <= ‖W‖ and ‖A0‖_F = ‖B0‖_F): leak <= 3u, so 4u. Real PEFT
+    inits (CPU and GPU, exact and randomized, every matmul precision) leak far less than this bound
+    (benchmarks/README.md). Trained factors leak more with every step, but after a few steps still less than the
+    tolerance, so a tolerance does not see a few steps: the comparison with the trained adapter in
+    :func:`check_pissa_init` does.
     """
     return 4 * max(torch.finfo(dtype).eps / 2, TF32_ROUNDOFF)
 
@@ -103,13 +100,13 @@ def check_pissa_init(
                 "remove none). Is it a 'pissa_niter_K' init, or another weight's?"
             )
     # A sketch of W spans part of W's range, so a randomized init never projects W onto nothing; how much energy
-    # it keeps is left to chance (PEFT's q = r, niter 0: down to 0.46x the average of r components, measured):
-    # only zero is refused. Zero factors leak nothing (0 / 0), so the leak check does not see them.
+    # it keeps is left to chance (PEFT's q = r, niter 0 can keep well under the average of r components): only
+    # zero is refused. Zero factors leak nothing (0 / 0), so the leak check does not see them.
     elif not bool((a @ a.mT).any() and (b.mT @ b).any()) and bool(w.any()):
         raise StateError(f"{what}: s·B0·A0 is zero (LoRA's init?), which no PiSSA init of a nonzero weight is")
     ta, tb = (t.to(w) for t in trained)
     cleaner = leak(w, ta, tb, scaling, exact)
-    # Training moves the factors off the projection (the leak grows from the first step, measured); it cannot
+    # Training moves the factors off the projection (the leak grows from the first step); it cannot
     # make them a cleaner one, short of undoing the init's rounding exactly. (A zero trained factor: no init.)
     if given > 2 * cleaner and bool(ta.any()) and bool(tb.any()):
         raise StateError(
