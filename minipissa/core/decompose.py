@@ -7,10 +7,10 @@ the compute dtype once (float32, or float64 for float64 weights) and batch as th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,9 +18,9 @@ from torch import Tensor
 from . import linalg
 
 #: Extra sketch columns per adapter rank unit used when ``oversample`` is not given. Real
-#: pretrained weights have flat spectral tops, so the classic "+8" leaves a large error
-#: (0.34 median relative error at niter 4 on all-MiniLM-L6-v2, r = 16); 4r extra columns
-#: reach ~0.01 at niter 4 (see README "Randomized initialisation").
+#: pretrained weights have flat spectral tops, so the classic "+8" leaves a large error at
+#: a few power iterations; extra columns in proportion to r remove most of it (see README
+#: "Randomized initialisation").
 OVERSAMPLE_PER_RANK = 4
 
 
@@ -40,8 +40,13 @@ def sketch(n: int, columns: int, seed: int, dtype: torch.dtype, device: torch.de
 
     The same seed gives the same sketch on the same kind of device (the CPU's and CUDA's generators
     differ, so factors from a CPU and a GPU init differ by the randomness of the sketch, both
+<<<<<<< ours
     valid); the global RNG is untouched. Drawn where the weight lives: drawing a GPU init's sketches on the
     CPU took as long as the rest of the init.
+=======
+    valid); the global RNG is untouched. Drawn where the weight lives: drawing a large model's sketches
+    on the CPU and copying them over would take as long as the whole GPU init.
+>>>>>>> theirs
     """
     generator = torch.Generator(device=device).manual_seed(seed)
     return torch.randn(n, columns, generator=generator, dtype=dtype, device=device)
@@ -53,6 +58,9 @@ def exact_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     return u, s, vh.mT
 
+
+#: An orthonormal basis of the columns of y (..., m, k) and the Cholesky ``info`` tensors (see linalg.failures).
+Orthonormal = Callable[[Tensor], tuple[Tensor, list[Tensor]]]
 
 #: Extra eigenvectors kept from the compute-dtype eigensolver and refined in float64 (exact mode).
 REFINE_EXTRA = 16
@@ -95,12 +103,14 @@ def start(
 
     ``householder``: orthonormalise with Householder QR instead of Cholesky-QR (never fails; slower).
     """
-    orthonormal = linalg.householder if householder else linalg.cholqr
+    # The power iteration's steps only steer the subspace: one Cholesky-QR pass in the working dtype will do.
+    orthonormal: Orthonormal = linalg.householder if householder else linalg.cholqr
+    steer: Orthonormal = linalg.householder if householder else functools.partial(linalg.cholqr, passes=1, wide=False)
     if niter is None:
         return _start_gram(matrix, rank, orthonormal)
     if omega is None or omega.shape[-1] < rank:
         raise ValueError(f"a randomized decomposition needs a sketch of >= rank = {rank} columns")
-    return _start_randomized(matrix, rank, niter, omega, orthonormal)
+    return _start_randomized(matrix, rank, niter, omega, orthonormal, steer)
 
 
 def triplets(
@@ -129,13 +139,13 @@ def top_triplets(
     )
 
 
-def _start_gram(matrix: Tensor, rank: int, orthonormal: Any) -> Started:
+def _start_gram(matrix: Tensor, rank: int, orthonormal: Orthonormal) -> Started:
     flip = matrix.shape[-2] < matrix.shape[-1]
     w = (matrix.mT if flip else matrix).to(torch.float64)  # (M, N), N <= M
     gram = w.mT @ w
     k = min(gram.shape[-1], rank + REFINE_EXTRA)
     basis = torch.linalg.eigh(gram.to(matrix.dtype)).eigenvectors[..., -k:].to(torch.float64)
-    basis, infos = orthonormal(gram @ basis, passes=2)
+    basis, infos = orthonormal(gram @ basis)
     w_basis = w @ basis  # (M, k): all that finish() needs of W, so W and G can go now
     dtype, eps = matrix.dtype, torch.finfo(matrix.dtype).eps
 
@@ -151,19 +161,20 @@ def _start_gram(matrix: Tensor, rank: int, orthonormal: Any) -> Started:
     return Started(basis.mT @ gram @ basis, failed, linalg.on_one_thread(finish))
 
 
-def _start_randomized(matrix: Tensor, rank: int, niter: int, omega: Tensor, orthonormal: Any) -> Started:
+def _start_randomized(
+    matrix: Tensor, rank: int, niter: int, omega: Tensor, orthonormal: Orthonormal, steer: Orthonormal
+) -> Started:
     infos: list[Tensor] = []
     with linalg.tf32(matrix.is_cuda):
         y = matrix @ omega
         for _ in range(niter):
             # Re-orthonormalise after every product: without it the columns collapse onto the
-            # top singular vector and the small-sigma directions are lost to rounding. These
-            # steps only steer the subspace: one Cholesky-QR pass in the working dtype will do.
-            q, infos_q = orthonormal(y, passes=1, wide=False)
-            z, infos_z = orthonormal(matrix.mT @ q, passes=1, wide=False)
+            # top singular vector and the small-sigma directions are lost to rounding.
+            q, infos_q = steer(y)
+            z, infos_z = steer(matrix.mT @ q)
             y = matrix @ z
             infos += infos_q + infos_z
-    q, infos_q = orthonormal(y, passes=2)
+    q, infos_q = orthonormal(y)
     failed = linalg.failures(infos + infos_q, matrix.shape[:-2], matrix.device)
     projected = (q.mT @ matrix).to(torch.float64)  # (..., k, n)
     dtype, eps = matrix.dtype, torch.finfo(matrix.dtype).eps

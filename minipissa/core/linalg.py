@@ -21,11 +21,10 @@ def one_thread(device: torch.device) -> Iterator[None]:
     """CPU work inside the block on one thread (the calling thread's setting; restored after).
 
     MKL splits eigensolvers, SVDs and skinny matrix products by the thread count, and the split changes
-    the rounding: between 1 and 2 threads an fp32 256x256 Gram's eigenvectors differ by ~1e-4 (rows of A0
-    flip sign, nearby singular vectors mix), a 1024x80 sketch product by ~1e-6. On one thread a
-    decomposition is a function of the matrix alone (on one CPU kind and torch build), whatever
-    ``torch.get_num_threads()`` the user runs with; :mod:`minipissa.init` runs several matrices at once
-    instead, one per thread.
+    the rounding: an fp32 Gram's eigenvectors differ visibly between 1 and 2 threads (rows of A0 flip sign,
+    nearby singular vectors mix), a sketch product slightly. On one thread a decomposition is a function of
+    the matrix alone (on one CPU kind and torch build), whatever ``torch.get_num_threads()`` the user runs
+    with; :mod:`minipissa.plan.factors` runs several matrices at once instead, one per thread.
     """
     previous = torch.get_num_threads()
     if device.type != "cpu" or previous == 1:
@@ -52,8 +51,8 @@ def on_one_thread(fn: F) -> F:
 def small_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenpairs of small symmetric matrices (..., k, k), eigenvalues descending.
 
-    On a GPU this runs on the host: cuSOLVER solves one small matrix per launch (about 1 ms for
-    k = 80 on an H100), LAPACK does the same in a fraction of that.
+    On a GPU this runs on the host: cuSOLVER solves one small matrix per launch, and LAPACK on the
+    host does the same in a fraction of the time.
     """
     with one_thread(torch.device("cpu")):
         values, vectors = torch.linalg.eigh(gram.cpu())
@@ -63,7 +62,7 @@ def small_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
 def cholqr(y: Tensor, passes: int = 2, wide: bool = True) -> tuple[Tensor, list[Tensor]]:
     """Cholesky-QR: (Q (..., m, k) in y's dtype, the Cholesky ``info`` tensors), without a host sync.
 
-    k x k Grams, Cholesky factors and GEMMs instead of a Householder QR, 5x faster for tall
+    k x k Grams, Cholesky factors and GEMMs instead of a Householder QR: much faster for tall
     batches on a GPU. One pass leaves an orthogonality error ~ eps * cond(y)^2, enough to steer a
     power iteration; the second restores full orthogonality. ``wide``: compute in float64 (else in
     y's dtype: fewer kernels, for steering steps). A nonzero info (see :func:`failures`) marks an
@@ -92,9 +91,25 @@ def failures(infos: list[Tensor], batch: torch.Size, device: torch.device) -> Te
     return torch.stack(infos).ne(0).any(dim=0)
 
 
-def householder(y: Tensor, passes: int = 1, wide: bool = True) -> tuple[Tensor, list[Tensor]]:
+def householder(y: Tensor) -> tuple[Tensor, list[Tensor]]:
     """Householder QR, the fallback for rank-deficient sketches: (Q, no failures)."""
     return torch.linalg.qr(y.to(torch.float64)).Q.to(y.dtype), []
+
+
+@on_one_thread
+def product_core(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """b @ a of factors a (r, in), b (out, r) as Q_b C Q_a^T, without forming the (out, in) product, in float64:
+    b = Q_b R_b and a^T = Q_a R_a (thin QRs), so b a = Q_b (R_b R_a^T) Q_a^T with Q_b (out, r) and Q_a (in, r)
+    orthonormal. The SVD of the small core C = R_b R_a^T (r, r) is b a's: the same singular values, vectors Q_b U
+    and Q_a V."""
+    qb, rb = torch.linalg.qr(b.double())
+    qa, ra = torch.linalg.qr(a.double().mT)
+    return qb, rb @ ra.mT, qa
+
+
+def product_singular_values(a: Tensor, b: Tensor, scaling: float) -> Tensor:
+    """The singular values (r,) of ``scaling`` * b @ a (:func:`product_core`), descending, in float64."""
+    return torch.linalg.svdvals(scaling * product_core(a, b)[1])
 
 
 @contextlib.contextmanager

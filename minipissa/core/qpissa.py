@@ -12,9 +12,9 @@ chosen again from the quantization error of the previous choice (the authors' ``
 Every scheme ends with the residual nf4(W - P_final), which a reload rebuilds from W, A0 and B0.
 
 No iteration runs a full SVD: each after the first is a range finder started from the previous choice's row
-space plus fresh random columns, with :data:`WARM_NITER` power iterations (:func:`warm_factors`). On the 36
-MiniLM matrices at r = 16 that gives the exact top-r of each iteration's input to 4.9e-7 relative (the exact
-path's own accuracy is 2.6e-7), where a cold start needs more steps for less.
+space plus fresh random columns, with :data:`WARM_NITER` power iterations (:func:`warm_factors`). Each choice's
+input is close to the last one's, so a warm start reaches the exact top-r to about the exact path's own accuracy,
+where a cold start needs more steps for less (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from . import decompose, nf4
 from .decompose import compute_dtype
 from .weights import residual_weight
 
-#: Power iterations of a warm-started choice (see the module docstring: 1 gives 5e-6, 2 and more 4.9e-7).
+#: Power iterations of a warm-started choice: the fewest that reach the exact path's accuracy (module docstring).
 WARM_NITER = 2
 
-#: top_r(E, previous) -> (A (r, in), B (out, r), S (r,)) of an (out, in) matrix E; ``previous`` is the last
-#: choice's A, to start a randomized range finder from (a warm start), or None.
-TopR = Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor, Tensor]]
+#: cold(E) -> (A (..., r, in), B (..., out, r), S (..., r)): the top-r of (..., out, in) matrices E from no previous
+#: choice (the caller's exact or randomized decomposition).
+Cold = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
 #: Elements of the stored weight handled per step of :func:`quantization_target` (a multiple of the NF4 block):
@@ -81,21 +81,32 @@ def warm_factors(target: Tensor, previous: Tensor, fresh: Tensor, scaling: float
 def alternate(
     matrix: Tensor,
     scaling: float,
-    top_r: TopR,
-    first: tuple[Tensor, Tensor, Tensor] | None,
-    steps: int,
     fan_in_fan_out: bool,
+    quant_iters: int,
+    first: tuple[Tensor, Tensor, Tensor] | None,
+    fresh: Tensor | None,
+    cold: Cold | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The factors after ``steps`` choices P = top_r(W - deq(nf4(W - P))), from ``first`` (QPiSSA: W's own
-    top-r) or from P = 0 (LoftQ: ``first`` None). ``matrix``: W (..., out, in) in the decomposition dtype, one
-    weight or a stack of same-shape weights."""
+    """A (..., r, in), B (..., out, r), S (..., r) after ``quant_iters`` choices in all (module docstring): from
+    ``first``, W's own top-r (QPiSSA: ``quant_iters - 1`` choices against the quantizer follow), or from P = 0
+    (LoftQ, ``first`` None: ``quant_iters`` choices follow). ``matrix``: W (..., out, in) in the decomposition dtype,
+    one weight or a stack of same-shape weights.
+
+    Each choice after a previous one is warm-started (:func:`warm_factors`) from the sketch ``fresh`` (..., in, k);
+    a choice with no previous one, or every choice if ``fresh`` is None, is ``cold(target)``.
+    """
     factors = first
-    for _ in range(steps):
+    for _ in range(quant_iters - (first is not None)):
         target = quantization_target(matrix, None if factors is None else factors[:2], scaling, fan_in_fan_out)
-        factors = top_r(target, None if factors is None else factors[0])
+        if factors is not None and fresh is not None:
+            factors = warm_factors(target, factors[0], fresh, scaling)
+        elif cold is not None:
+            factors = cold(target)
+        else:
+            raise ValueError("qpissa.alternate: a choice with no warm start needs `cold`")
         del target
     if factors is None:
-        raise ValueError("qpissa.alternate: no factors (LoftQ needs steps >= 1)")
+        raise ValueError("qpissa.alternate: no factors (LoftQ needs quant_iters >= 1)")
     return factors
 
 

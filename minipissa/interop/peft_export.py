@@ -96,17 +96,15 @@ def lora_factors(rec: ModuleRecord) -> tuple[Tensor, Tensor]:
 def compress(a: Tensor, b: Tensor, k: int) -> tuple[Tensor, Tensor, float, float]:
     """Best rank-k factors of b @ a (out, in) without forming it: A_k (k', in), B_k (out, k'), tail and
     total squared Frobenius norm of b @ a. k' = min(k, rank of the factors' span). Runs in float64."""
-    a64, b64 = a.double(), b.double()
-    qb, rb = torch.linalg.qr(b64)  # b = qb rb
-    qa, ra = torch.linalg.qr(a64.mT)  # a = ra^T qa^T
-    u, s, vh = torch.linalg.svd(rb @ ra.mT)  # b a = qb (u s vh) qa^T, qb/qa orthonormal
+    qb, core, qa = linalg.product_core(a, b)
+    u, s, vh = torch.linalg.svd(core)  # b a = qb (u s vh) qa^T, qb/qa orthonormal
     k = min(k, s.shape[0])
     root = s[:k].sqrt()
     b_k = (qb @ u[:, :k]) * root
     a_k = root.unsqueeze(1) * (vh[:k] @ qa.mT)
     tail, total = s[k:].square().sum().item(), s.square().sum().item()
     # An untrained adapter has B a = B A - B0 A0 = 0 exactly; its computed s is rounding noise.
-    if math.sqrt(total) <= 64 * torch.finfo(torch.float64).eps * b64.norm().item() * a64.norm().item():
+    if math.sqrt(total) <= 64 * torch.finfo(torch.float64).eps * b.double().norm().item() * a.double().norm().item():
         tail = total = 0.0
     return a_k.to(a.dtype), b_k.to(b.dtype), tail, total
 
@@ -134,6 +132,41 @@ def convert_to_lora(
 
     Neither ``src`` nor the live model is modified.
     """
+    _check_options(prefix, rank, base_model_name_or_path, task_type)
+    recs, full = _records(src)
+    out = as_path(out_dir, "output directory")
+    write_target(out, "directory")  # checked before the work: a file in the way, the working directory, ...
+    factors, errors, overall = _lora_of(recs, rank)
+    r = max(a.shape[0] for a, _ in factors.values())
+    tensors: dict[str, Tensor] = {}
+    for name, (a, b) in factors.items():  # one rank for every loader: zero rows of A', columns of B'
+        pad = r - a.shape[0]
+        tensors[f"{prefix}{name}.lora_A.weight"] = torch.cat([a, a.new_zeros(pad, a.shape[1])]).contiguous()
+        tensors[f"{prefix}{name}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], pad)], 1).contiguous()
+    for name, params in full.items():  # PEFT's modules_to_save: saved under the module's own keys
+        tensors.update({f"{prefix}{name}.{p}": t for p, t in params.items()})
+    biases = {rec.name: rec.bias for rec in recs if rec.bias is not None}  # PEFT's bias="lora_only" keys
+    tensors.update({f"{prefix}{name}.base_layer.bias": bias for name, bias in biases.items()})
+    lora, trained_in_full = [prefix + name for name in factors], [prefix + name for name in full]
+    config = _peft_config(recs, r, lora, trained_in_full, bool(biases), task_type, base_model_name_or_path)
+    plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    text = json.dumps(config, indent=2) + "\n"
+    quantized = {rec.name: float(rec.info["nf4_error"]) for rec in recs if rec.info["quantize"] is not None}
+    report = ConversionReport(
+        out, r, float(r), serving_rank(r), len(recs), overall, errors, quantized, sorted(full), sorted(biases)
+    )
+    card = model_card(report, recs, base_model_name_or_path, rank)
+    files = {
+        "adapter_model.safetensors": lambda temp: write_safetensors(plain, temp, {"format": "pt"}),
+        "adapter_config.json": lambda temp: _write_text(temp, text),
+        "README.md": lambda temp: _write_text(temp, card),
+    }  # written together: a reader never sees new tensors beside an old config
+    write_once(src if isinstance(src, nn.Module) else None, lambda: atomic_write_dir(out, files))  # rank 0 if sharded
+    return report
+
+
+def _check_options(prefix: str, rank: int | None, base: str | None, task_type: str | None) -> None:
+    """A StateError for an option of :func:`convert_to_lora` of the wrong type or value, before any work."""
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise StateError(f"minipissa.convert_to_lora: rank must be an int >= 1, got {rank!r}")
     if not isinstance(prefix, str) or not (prefix == "" or prefix.endswith(".")):
@@ -141,11 +174,16 @@ def convert_to_lora(
             f"minipissa.convert_to_lora: prefix must be a str ending in '.' (prepended to module paths, e.g. "
             f"{PEFT_PREFIX!r}) or '', got {prefix!r:.60}"
         )
-    for name, value in (("base_model_name_or_path", base_model_name_or_path), ("task_type", task_type)):
+    for name, value in (("base_model_name_or_path", base), ("task_type", task_type)):
         if value is not None and not isinstance(value, str):
             raise StateError(f"minipissa.convert_to_lora: {name} must be a string or None, got {value!r}")
     if task_type is not None and task_type not in TASK_TYPES:  # PEFT fails to load a task type it does not know
         raise StateError(f"minipissa.convert_to_lora: task_type must be None or one of {TASK_TYPES}, got {task_type!r}")
+
+
+def _records(src: PathLike | nn.Module) -> tuple[list[ModuleRecord], dict[str, dict[str, Tensor]]]:
+    """The module records of ``src`` (a saved file or a live model) and its modules trained in full (by module
+    name: parameter name -> tensor); a StateError if a residual was edited since apply (no LoRA gives the model)."""
     meta: Any
     if isinstance(src, nn.Module):
         src = unwrap(src, "convert_to_lora")
@@ -162,9 +200,14 @@ def convert_to_lora(
             "a cast a reload cannot repeat, or by replacing A0/B0), so no LoRA on the original weights gives the "
             "trained model; nothing was written. Serve the PiSSA model itself (save_residual + the adapter)"
         )
-    out = as_path(out_dir, "output directory")
-    write_target(out, "directory")  # checked before the work: a file in the way, the working directory, ...
+    return list(recs), full
 
+
+def _lora_of(
+    recs: list[ModuleRecord], rank: int | None
+) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, float], float]:
+    """Each module's LoRA on the original weight, A' (k, in) and B' (out, k) (:func:`lora_factors`, re-compressed
+    to ``rank`` where it is larger), with each compressed module's relative error and the overall one."""
     factors: dict[str, tuple[Tensor, Tensor]] = {}
     errors: dict[str, float] = {}
     tail_total = [0.0, 0.0]
@@ -176,22 +219,21 @@ def convert_to_lora(
             tail_total[0] += tail
             tail_total[1] += total
         factors[rec.name] = a, b
-    r = max(a.shape[0] for a, _ in factors.values())
-    tensors: dict[str, Tensor] = {}
-    for name, (a, b) in factors.items():  # one rank for every loader: zero rows of A', columns of B'
-        pad = r - a.shape[0]
-        tensors[f"{prefix}{name}.lora_A.weight"] = torch.cat([a, a.new_zeros(pad, a.shape[1])]).contiguous()
-        tensors[f"{prefix}{name}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], pad)], 1).contiguous()
-    for name, params in full.items():  # PEFT's modules_to_save: saved under the module's own keys
-        tensors.update({f"{prefix}{name}.{p}": t for p, t in params.items()})
-    biases = {rec.name: rec.bias for rec in recs if rec.bias is not None}  # PEFT's bias="lora_only" keys
-    tensors.update({f"{prefix}{name}.base_layer.bias": bias for name, bias in biases.items()})
-    config: dict[str, Any] = {
+    overall = math.sqrt(tail_total[0] / tail_total[1]) if tail_total[1] > 0 else 0.0
+    return factors, errors, overall
+
+
+def _peft_config(
+    recs: list[ModuleRecord], r: int, lora: list[str], full: list[str], biases: bool, task: str | None, base: str | None
+) -> dict[str, Any]:
+    """PEFT's ``adapter_config.json`` of the converted adapter (``lora``, ``full``: the prefixed module paths of the
+    LoRA modules and of the modules trained in full)."""
+    return {
         "peft_type": "LORA",
-        "task_type": task_type,
+        "task_type": task,
         "r": r,
         "lora_alpha": r,  # scaling lora_alpha / r = 1: each module's own s is in its B'
-        "target_modules": sorted((prefix + name).removeprefix(PEFT_PREFIX) for name in factors),
+        "target_modules": sorted(name.removeprefix(PEFT_PREFIX) for name in lora),
         "fan_in_fan_out": any(rec.fan_in_fan_out for rec in recs),
         "use_rslora": False,
         "init_lora_weights": True,  # the weights are in the file: loading must run no SVD
@@ -199,27 +241,11 @@ def convert_to_lora(
         "bias": "lora_only" if biases else "none",
         "rank_pattern": {},
         "alpha_pattern": {},
-        "modules_to_save": sorted((prefix + name).removeprefix(PEFT_PREFIX) for name in full) or None,
-        "base_model_name_or_path": base_model_name_or_path,
+        "modules_to_save": sorted(name.removeprefix(PEFT_PREFIX) for name in full) or None,
+        "base_model_name_or_path": base,
         "inference_mode": True,
         "use_dora": False,
     }
-    plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    text = json.dumps(config, indent=2) + "\n"
-    overall = math.sqrt(tail_total[0] / tail_total[1]) if tail_total[1] > 0 else 0.0
-    quantized = {rec.name: float(rec.info["nf4_error"]) for rec in recs if rec.info["quantize"] is not None}
-    report = ConversionReport(
-        out, r, float(r), serving_rank(r), len(recs), overall, errors, quantized, sorted(full), sorted(biases)
-    )
-    card = model_card(report, recs, base_model_name_or_path, rank)
-
-    files = {
-        "adapter_model.safetensors": lambda temp: write_safetensors(plain, temp, {"format": "pt"}),
-        "adapter_config.json": lambda temp: _write_text(temp, text),
-        "README.md": lambda temp: _write_text(temp, card),
-    }  # written together: a reader never sees new tensors beside an old config
-    write_once(src if isinstance(src, nn.Module) else None, lambda: atomic_write_dir(out, files))  # rank 0 if sharded
-    return report
 
 
 def model_card(report: ConversionReport, recs: list[ModuleRecord], base: str | None, rank: int | None) -> str:

@@ -21,8 +21,10 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from ..core.decompose import compute_dtype
 from ..core.dtensor import is_dtensor
 from ..core.errors import PathLike, StateError, as_module, as_path
+from ..core.linalg import product_singular_values
 from ..core.weights import weight_matrix
 from ..io.adapter_file import save
 from ..plan.config import InitConfig
@@ -152,11 +154,10 @@ def _initial_factors(plans: list[Plan], init: Pairs, final: Pairs, exact: bool, 
             )
         matrix = weight_matrix(plan.weight.detach(), plan.fan_in_fan_out)
         check_pissa_init(plan.name, matrix, a0, b0, plan.scaling, exact, final[plan.name], where)
-        dtype, device = torch.float64 if plan.weight.dtype == torch.float64 else torch.float32, plan.weight.device
+        dtype, device = compute_dtype(plan.weight.dtype), plan.weight.device
         a0, b0 = a0.to(device, dtype), b0.to(device, dtype)
         # PiSSA's initial factors are sqrt(S / s) V^T and U sqrt(S / s): s B0 A0 has singular values S.
-        rb, ra = torch.linalg.qr(b0.double())[1], torch.linalg.qr(a0.double().mT)[1]  # r x r: no (out, in) product
-        sigma = torch.linalg.svdvals(plan.scaling * (rb @ ra.mT)).to(dtype)
+        sigma = product_singular_values(a0, b0, plan.scaling).to(dtype)
         given.append(Factors(plan, a0, b0, sigma))
     return given
 

@@ -97,18 +97,13 @@ def write_safetensors(tensors: Mapping[str, Tensor], path: str, metadata: dict[s
                 f.write(ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()))
 
 
-def _write_safetensors(tensors: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
-    # A seam of its own so that tests can make the writer fail midway.
-    write_safetensors(tensors, path, metadata)
-
-
 def write(path: PathLike, tensors: Mapping[str, Tensor], kind: str, payload: dict[str, Any]) -> None:
     """Write ``tensors`` (plain CPU tensors) with a checksummed JSON blob ``{kind, payload...}`` atomically."""
     plain = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     content = {"format_version": FORMAT_VERSION, "kind": kind, "tensors_sha256": tensors_digest(plain), **payload}
     content[BLOB_SHA_FIELD] = _blob_sha(content)
     metadata = {BLOB_KEY: json.dumps(content, sort_keys=True)}
-    atomic_write(path, lambda temp: _write_safetensors(plain, temp, metadata))
+    atomic_write(path, lambda temp: write_safetensors(plain, temp, metadata))
 
 
 def _blob_sha(content: dict[str, Any]) -> str:

@@ -5,8 +5,8 @@ freeze all but the adapters, install the shared casts)."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
-from typing import Any, cast
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NoReturn, cast
 
 import torch
 from torch import Tensor, nn
@@ -63,38 +63,90 @@ def adapt(
     run = trained.Run() if run is None else run
     sharded = [p for p in plans if is_dtensor(p.weight)]
     plain = [p for p in plans if not is_dtensor(p.weight)]
-    fsdp = None
-    if sharded and cfg.quantize:
-        raise ValueError(
-            f"minipissa.apply: quantize='nf4' on FSDP2-sharded weights ({sharded[0].name}, ...) is not supported; "
-            "apply before fully_shard (the 4-bit codes then stay whole on each rank), or leave quantize=None"
-        )
-    if sharded:  # FSDP2 / DTensor weights: each factored on one owner rank
-        check_layouts(sharded)
-        fsdp = FsdpAdoption(model, sharded)
-        check_finite_shards(sharded)
+    fsdp = _adopt_sharded(model, sharded, cfg)
     queued = [fingerprint_later(p.weight) for p in plain]  # read back once the factors are queued too
     # The biases are part of the base: fingerprinted (every rank alike, in plan order), so that load() can tell a
     # base with other biases and save() a bias trained since
     biased = [p for p in plans if p.module.bias is not None]
     queued += [fingerprint_later(full_tensor(cast(Tensor, p.module.bias))) for p in biased]
     report_progress = progress_reporter(progress, len(plans))
-    items = []
-    try:
-        for item in factors(plain, cfg) if given is None else given:
-            items.append(item)
-            report_progress(len(items))
-    except Exception:
-        _refuse_unusable(plain, biased, queued)  # the cause, if the weights were not finite or too large
-        raise
-    prints, bias_prints = _refuse_unusable(plain, biased, queued)
-    bad = set(nonfinite_factors(items))
-    refuse_overflow([(i.plan.name, i.plan.weight) for i in items if i.plan.name in bad], "weights", "initial factors")
-    base_print = {p.name: fp for p, fp in zip(plain, prints, strict=True)}
-    _refuse_overflow(overflowing_residuals(items, base_print))
+    items, base_print, bias_prints = _checked_factors(plain, biased, queued, cfg, given, report_progress)
     # Every A0 and B0 to host memory, queued now to run beside the loop below (not two syncs per layer inside it).
     on_host = host_copies([t for item in items for t in (item.a0, item.b0)], wait=False)
     initial = {id(item): (on_host[2 * i], on_host[2 * i + 1]) for i, item in enumerate(items)}
+    stream = itertools.chain(sharded_factors(sharded, cfg), items)
+    built, residual_prints, quant_errors = _put_all(
+        model, plans, stream, cfg, run, initial, fsdp, lambda done: report_progress(len(items) + done)
+    )
+    for device in {item.a0.device for item in items if item.a0.is_cuda}:  # the host copies of A0 and B0 have landed
+        torch.cuda.current_stream(device).synchronize()
+    for layer, item in built:
+        layer.info.update(describe(item.sigma, item.base_print or base_print[item.plan.name]))
+        layer.info["bias_fingerprint"] = bias_prints.get(item.plan.name)
+    made = [layer for layer, _ in built]
+    record_made(made, read_all(residual_prints), [(item.a0, item.b0) for _, item in built])  # what the host copies hold
+    for (layer, _), errors in zip(built, quant_errors, strict=False):  # one per layer when quantized
+        layer.info.update(zip(ERRORS, errors.tolist(), strict=True))
+    finish(model, "apply")
+
+
+def _adopt_sharded(model: nn.Module, sharded: Sequence[Plan], cfg: InitConfig) -> FsdpAdoption | None:
+    """FSDP2 / DTensor weights (each factored on one owner rank, :mod:`.sharded.factors`) checked before anything
+    changes: a supported layout, finite values; their FSDP adoption prepared. None if there are none."""
+    if not sharded:
+        return None
+    if cfg.quantize:
+        raise ValueError(
+            f"minipissa.apply: quantize='nf4' on FSDP2-sharded weights ({sharded[0].name}, ...) is not supported; "
+            "apply before fully_shard (the 4-bit codes then stay whole on each rank), or leave quantize=None"
+        )
+    check_layouts(sharded)
+    fsdp = FsdpAdoption(model, sharded)
+    check_finite_shards(sharded)
+    return fsdp
+
+
+def _checked_factors(
+    plans: Sequence[Plan],
+    biased: Sequence[Plan],
+    queued: list[Pending],
+    cfg: InitConfig,
+    given: Sequence[Factors] | None,
+    report_progress: Callable[[int], None],
+) -> tuple[list[Factors], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Steps 1-2 of :func:`adapt` for the plain weights ``plans``: their factors (the stream, or ``given``), and the
+    fingerprints ``queued`` (of ``plans``' weights, then of ``biased``'s biases) read back; a named error for a
+    weight or bias that is not finite or too large, for non-finite factors and for an overflowing residual.
+    Returns the factors and the fingerprints of the weights and of the biases, by module name."""
+    items = []
+    try:
+        for item in factors(plans, cfg) if given is None else given:
+            items.append(item)
+            report_progress(len(items))
+    except Exception:
+        _refuse_unusable(plans, biased, queued)  # the cause, if the weights were not finite or too large
+        raise
+    prints, bias_prints = _refuse_unusable(plans, biased, queued)
+    bad = set(nonfinite_factors(items))
+    refuse_overflow([(i.plan.name, i.plan.weight) for i in items if i.plan.name in bad], "weights", "initial factors")
+    base_print = {p.name: fp for p, fp in zip(plans, prints, strict=True)}
+    _refuse_overflow(overflowing_residuals(items, base_print))
+    return items, base_print, bias_prints
+
+
+def _put_all(
+    model: nn.Module,
+    plans: Sequence[Plan],
+    stream: Iterable[Factors],
+    cfg: InitConfig,
+    run: trained.Run,
+    initial: dict[int, tuple[Tensor, Tensor]],
+    fsdp: FsdpAdoption | None,
+    report_progress: Callable[[int], None],
+) -> tuple[list[tuple[PiSSALinear, Factors]], list[Pending | dict[str, Any]], list[Tensor]]:
+    """Step 3 of :func:`adapt`: each item's layer built and put in place (:func:`put`); ``initial``: the host copies
+    of its A0 and B0, by ``id(item)``. Returns the layers with their items, their residuals' fingerprints (queued)
+    and, quantized, their quantization errors (on the device). An error names the modules adapted so far."""
     built: list[tuple[PiSSALinear, Factors]] = []
     # The residuals' fingerprints, so that save() can tell whether one was edited since: queued as each layer is
     # built, so that the device hashes one residual while the host builds the next layer; read back once, after.
@@ -102,7 +154,7 @@ def adapt(
     quant_errors: list[Tensor] = []  # QPiSSA: read back with the fingerprints, after the loop (no sync in it)
     aliases = module_aliases(model)
     try:
-        for item in itertools.chain(sharded_factors(sharded, cfg), items):
+        for item in stream:
             residual = None
             if cfg.quantize:
                 plan = item.plan
@@ -120,28 +172,24 @@ def adapt(
             built.append((layer, item))
             residual_prints.append(item.residual_print or fingerprint_later(layer.stored_residual()))
             if item.weight_is_residual:
-                report_progress(len(items) + len(built))
+                report_progress(len(built))
     except BaseException as e:
-        done = {name for name, layer in pissa_layers(model)} & {p.name for p in plans}
-        where = (
-            f"minipissa.apply: stopped while putting the layers in place; adapted so far (exact PiSSA layers): "
-            f"{sorted(done)}; left as they were: {sorted({p.name for p in plans} - done)}"
-        )
-        if not isinstance(e, Exception):  # Ctrl-C stays a KeyboardInterrupt
-            if hasattr(e, "add_note"):
-                e.add_note(where)
-            raise
-        raise RuntimeError(f"{where} ({type(e).__name__}: {e})") from e
-    for device in {item.a0.device for item in items if item.a0.is_cuda}:  # the host copies of A0 and B0 have landed
-        torch.cuda.current_stream(device).synchronize()
-    for layer, item in built:
-        layer.info.update(describe(item.sigma, item.base_print or base_print[item.plan.name]))
-        layer.info["bias_fingerprint"] = bias_prints.get(item.plan.name)
-    made = [layer for layer, _ in built]
-    record_made(made, read_all(residual_prints), [(item.a0, item.b0) for _, item in built])  # what the host copies hold
-    for (layer, _), errors in zip(built, quant_errors, strict=False):  # one per layer when quantized
-        layer.info.update(zip(ERRORS, errors.tolist(), strict=True))
-    finish(model, "apply")
+        _stopped(model, plans, e)
+    return built, residual_prints, quant_errors
+
+
+def _stopped(model: nn.Module, plans: Sequence[Plan], e: BaseException) -> NoReturn:
+    """Re-raise ``e``, an error while the layers were put in place, naming the modules adapted so far."""
+    done = {name for name, layer in pissa_layers(model)} & {p.name for p in plans}
+    where = (
+        f"minipissa.apply: stopped while putting the layers in place; adapted so far (exact PiSSA layers): "
+        f"{sorted(done)}; left as they were: {sorted({p.name for p in plans} - done)}"
+    )
+    if not isinstance(e, Exception):  # Ctrl-C stays a KeyboardInterrupt
+        if hasattr(e, "add_note"):
+            e.add_note(where)
+        raise e
+    raise RuntimeError(f"{where} ({type(e).__name__}: {e})") from e
 
 
 def put(

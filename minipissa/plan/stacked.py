@@ -148,12 +148,7 @@ def _finish(
         a, b = decompose.split_factors(u, s, v, scaling)
         if cfg.iterates:  # QPiSSA: chosen again against the quantizer, the whole chunk at once
             fresh = _sketches(chunk, cfg, dtype, decompose.sketch_columns(rank, cfg.oversample, *chunk[0].shape))
-
-            def top_r(target: Tensor, previous: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-                assert previous is not None  # QPiSSA's iterations start from W's own top-r
-                return qpissa.warm_factors(target, previous, fresh, scaling)
-
-            first = (a, b, s)
-            steps = cfg.quant_iters - 1
-            a, b, s = qpissa.alternate(_stack(chunk, dtype), scaling, top_r, first, steps, chunk[0].fan_in_fan_out)
+            a, b, s = qpissa.alternate(  # the stack is freed before the chunk is yielded
+                _stack(chunk, dtype), scaling, chunk[0].fan_in_fan_out, cfg.quant_iters, (a, b, s), fresh
+            )
     yield from zip(chunk, a, b, s, strict=True)

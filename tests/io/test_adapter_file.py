@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -243,21 +244,27 @@ def test_corrupted_files_fuzz(tmp_path: Path) -> None:
     minipissa.load(model, good)  # and the good file still loads
 
 
-def test_interrupted_save_keeps_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file-size limits (resource.RLIMIT_FSIZE)")
+def test_interrupted_save_keeps_old_file(tmp_path: Path) -> None:
     model = adapted()
     path = tmp_path / "a.safetensors"
     minipissa.save(model, path)
     expected = model(X)
     perturb(model, seed=2)
 
-    def fail_midway(tensors: dict, temp: str, metadata: dict) -> None:
-        safefile.write_safetensors(tensors, temp, metadata)
-        Path(temp).write_bytes(Path(temp).read_bytes()[:500])  # half-written, then the "crash"
-        raise OSError("disk full")
+    # A real disk-full midway: with the file-size limit at 500 bytes, the write of the new file's header stops
+    # there (EFBIG: an OSError, as SIGXFSZ is ignored meanwhile), half-written, and the save fails.
+    import resource
 
-    monkeypatch.setattr(safefile, "_write_safetensors", fail_midway)
-    with pytest.raises(OSError, match="disk full"):
-        minipissa.save(model, path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (500, hard))
+    try:
+        with pytest.raises(OSError):
+            minipissa.save(model, path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # no temp file left behind
     assert torch.equal(minipissa.load(mlp(), path)(X), expected)
 

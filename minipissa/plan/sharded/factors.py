@@ -4,9 +4,9 @@ When the model fits one device, none of this is needed: call :func:`minipissa.ap
 model (DDP, or FSDP2 ``fully_shard``); A and B are parameters like any other.
 
 When the weights are already sharded (FSDP2 ``fully_shard``, DTensor parameters on a 1-D mesh), the stream
-of :func:`sharded_factors` replaces the per-matrix road of :mod:`minipissa.init` for them: every target weight is
-gathered to one owner rank (greedy by cost, so ranks take different matrices and init time falls with the
-number of ranks), factored there by the same :func:`minipissa.init.initial_factors` and per-module seed as
+of :func:`sharded_factors` replaces the per-matrix road of :mod:`minipissa.plan.factors` for them: every target
+weight is gathered to one owner rank (greedy by cost, so ranks take different matrices and init time falls with the
+number of ranks), factored there by the same :func:`~minipissa.plan.factors.initial_factors` and per-module seed as
 in a single process, the factors are broadcast (small), and the residual is scattered back into the
 weight's own shards, in place. A rank holds at most one whole matrix at a time, in a few copies (its
 gathered pieces, the decomposition's float32 copy, the residual), whatever the model's size. The factors
@@ -29,7 +29,7 @@ from ...core.decompose import compute_dtype
 from ...core.fingerprint import fingerprint
 from ...core.weights import residual_weight
 from ..config import InitConfig
-from ..factors import Factors, initial_factors, refuse_nonfinite
+from ..factors import Factors, initial_factors, nonfinite_factors, refuse_nonfinite, refuse_overflow
 from ..tree import Plan
 from .shards import broadcast, gather_to, layout, scatter_into
 
@@ -72,7 +72,7 @@ def check_finite_shards(plans: Sequence[Plan]) -> None:
 
 @torch.no_grad()
 def sharded_factors(plans: Sequence[Plan], cfg: InitConfig) -> Iterator[Factors]:
-    """The factors of every plan (DTensor weights on one 1-D mesh, see :func:`check`), each with its residual
+    """The factors of every plan (DTensor weights on one 1-D mesh, see :func:`check_layouts`), each with its residual
     already written into the weight's shards. Every rank of the mesh iterates this with the same plans, in
     the same order (it is a sequence of collectives)."""
     if not plans:
@@ -118,8 +118,8 @@ def _factor(plan: Plan, weight: Tensor, cfg: InitConfig) -> _Owned | str:
     or the error, named, for every rank to raise."""
     try:
         a0, b0, sigma = initial_factors(weight, plan, cfg)
-        if not all(bool(torch.isfinite(t).all()) for t in (a0, b0, sigma)):
-            raise ValueError("the initial factors are not finite (is alpha so small or large that S / s overflows?)")
+        if nonfinite_factors([Factors(plan, a0, b0, sigma)]):  # refused as apply() refuses them in one process
+            refuse_overflow([(plan.name, weight)], "weights", "initial factors")
         residual = residual_weight(weight, a0, b0, plan.scaling, plan.fan_in_fan_out)
     except Exception as e:  # noqa: BLE001 - every rank raises it (see sharded_factors)
         return f"minipissa: decomposing module '{plan.name}' failed on its owner rank: {type(e).__name__}: {e}"
