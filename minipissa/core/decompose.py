@@ -40,13 +40,8 @@ def sketch(n: int, columns: int, seed: int, dtype: torch.dtype, device: torch.de
 
     The same seed gives the same sketch on the same kind of device (the CPU's and CUDA's generators
     differ, so factors from a CPU and a GPU init differ by the randomness of the sketch, both
-<<<<<<< ours
     valid); the global RNG is untouched. Drawn where the weight lives: drawing a GPU init's sketches on the
     CPU took as long as the rest of the init.
-=======
-    valid); the global RNG is untouched. Drawn where the weight lives: drawing a large model's sketches
-    on the CPU and copying them over would take as long as the whole GPU init.
->>>>>>> theirs
     """
     generator = torch.Generator(device=device).manual_seed(seed)
     return torch.randn(n, columns, generator=generator, dtype=dtype, device=device)

@@ -86,8 +86,9 @@ def _digests(matrices: Tensor) -> Tensor | None:
     step = rows_per_step(n, width)
     for start in range(0, height, step):
         chunk, keys = bits[:, start : start + step], rows[start : start + step]
-        # On a CPU, int64 GEMVs (faster there than the elementwise form; int64 wraps the same way in any order). Elsewhere (CUDA has no
-        # integer GEMV) int16/int32 bits times int64 keys, promoted inside one kernel: no int64 copy of W first.
+        # On a CPU, int64 GEMVs (faster there than the elementwise form; int64 wraps the same way in any order).
+        # Elsewhere (CUDA has no integer GEMV) int16/int32 bits times int64 keys, promoted inside one kernel: no
+        # int64 copy of W first.
         part = chunk.to(torch.int64) @ columns @ keys if on_cpu else ((chunk * columns).sum(dim=-1) * keys).sum(-1)
         digest = part if digest is None else digest + part
     return digest
@@ -100,7 +101,8 @@ def fingerprint_later(weight: Tensor) -> Pending:
     digests = _digests(matrix.unsqueeze(0))
     digest = None if digests is None else digests[0]
     # Moments: row sums and row norms in float32 (float64 for float64 weights), accumulated in float64, so that each
-    # reduction reads W once: a float64 norm of a bfloat16 W would first copy all of it to float64. Rows whose norm exceeds float32's range (entries above ~1e19) read as infinite, as non-finite ones.
+    # reduction reads W once: a float64 norm of a bfloat16 W would first copy all of it to float64. Rows whose
+    # norm exceeds float32's range (entries above ~1e19) read as infinite, as non-finite ones.
     floats = matrix if matrix.is_floating_point() else matrix.to(torch.float64)
     rows_dtype = torch.float64 if floats.dtype == torch.float64 else torch.float32
     total = floats.sum(dim=1, dtype=rows_dtype).sum(dtype=torch.float64)

@@ -26,11 +26,7 @@ from ..core.linalg import product_singular_values
 
 #: The floor of the rounding assumed in float32 factors: TF32's unit roundoff. PEFT's init may run its products on
 #: TF32 tensor cores (``torch.backends.cuda.matmul.allow_tf32``, ``set_float32_matmul_precision("high")``), and a
-<<<<<<< ours
 #: CUDA float32 SVD is itself less orthogonal than float32's eps (measured), so u = 2^-24 would be too tight.
-=======
-#: CUDA float32 SVD is itself less orthogonal than float32's eps, so u = 2^-24 would be too tight.
->>>>>>> theirs
 TF32_ROUNDOFF = 2.0**-11
 
 
@@ -39,19 +35,11 @@ def tolerance(dtype: torch.dtype) -> float:
 
     With factors rounded to relative error u (the storage dtype's unit roundoff, floored at TF32's for the
     products that made them), first-order perturbation of B0ᵀ(W - s·B0·A0) = 0 gives three terms, each at most
-<<<<<<< ours
     u·‖B0‖_F·‖W‖_F (for PiSSA factors ‖s·B0‖₂‖A0‖₂ = σ₁ <= ‖W‖ and ‖A0‖_F = ‖B0‖_F): leak <= 3u, so 4u.
     Genuine PEFT inits, on the CPU and on a GPU at every matmul precision, leak far less than 4u (benchmarks/README.md,
     "Figures behind the code"). Trained factors leak more with every step, and a few steps stay under the
     tolerance, so a tolerance alone does not tell an init from a trained adapter: the comparison with the trained
     adapter in :func:`check_pissa_init` does.
-=======
-    u·‖B0‖_F·‖W‖_F (for PiSSA factors ‖s·B0‖₂‖A0‖₂ = σ₁ <= ‖W‖ and ‖A0‖_F = ‖B0‖_F): leak <= 3u, so 4u. Real PEFT
-    inits (CPU and GPU, exact and randomized, every matmul precision) leak far less than this bound
-    (benchmarks/README.md). Trained factors leak more with every step, but after a few steps still less than the
-    tolerance, so a tolerance does not see a few steps: the comparison with the trained adapter in
-    :func:`check_pissa_init` does.
->>>>>>> theirs
     """
     return 4 * max(torch.finfo(dtype).eps / 2, TF32_ROUNDOFF)
 
@@ -112,13 +100,8 @@ def check_pissa_init(
                 "remove none). Is it a 'pissa_niter_K' init, or another weight's?"
             )
     # A sketch of W spans part of W's range, so a randomized init never projects W onto nothing; how much energy
-<<<<<<< ours
     # it keeps is left to chance (with PEFT's q = r and niter 0, well under r components' average):
     # only zero is refused. Zero factors leak nothing (0 / 0), so the leak check does not see them.
-=======
-    # it keeps is left to chance (PEFT's q = r, niter 0 can keep well under the average of r components): only
-    # zero is refused. Zero factors leak nothing (0 / 0), so the leak check does not see them.
->>>>>>> theirs
     elif not bool((a @ a.mT).any() and (b.mT @ b).any()) and bool(w.any()):
         raise StateError(f"{what}: s·B0·A0 is zero (LoRA's init?), which no PiSSA init of a nonzero weight is")
     ta, tb = (t.to(w) for t in trained)
