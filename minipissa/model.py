@@ -11,6 +11,8 @@ from torch import nn
 
 from .core.dtensor import refuse_sharded
 from .nn import casts
+from .nn.layer import refuse_merged
+from .nn.weight_kinds import refuse_merge
 from .plan import trained
 from .plan.config import MEMORY_BUDGET, InitConfig
 from .plan.factors import (
@@ -107,14 +109,7 @@ def merge(model: nn.Module) -> nn.Module:
     """
     refuse_sharded(model, "merge")
     layers = adapted_layers(model, "merge")
-    quantized = [name for name, layer in layers if layer.quantized]
-    if quantized:  # checked first: no layer is merged if one cannot be
-        raise RuntimeError(
-            f"minipissa.merge: module(s) {quantized[:5]} hold a 4-bit NF4 residual (QPiSSA); folding s·B·A into 4 "
-            "bits would round most of the training away, so nothing was merged. Keep the adapters separate, or "
-            "minipissa.unload(model) for a full-precision model (deq(W_res) + s·B·A), or serve "
-            "minipissa.convert_to_lora's LoRA on the original weights"
-        )
+    refuse_merge((name, layer.weight_kind) for name, layer in layers)  # first: none merged if one cannot be
     for _, layer in layers:
         layer.merge()
     return model
@@ -148,8 +143,7 @@ def unload(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def _mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
     layers = [layer for _, layer in adapted_layers(model, mode)]
-    if any(layer.merged for layer in layers):
-        raise RuntimeError(f"minipissa.{mode}(): the model is merged; call minipissa.unmerge(model) first")
+    refuse_merged(layers, mode)
     # Both modes turn off everything training changed: the modules trained in full compute with their values before
     # training too (as PEFT's disable_adapter() with modules_to_save). Checked here, before anything changes.
     with_initial = trained.computing_with_initial(model, mode)

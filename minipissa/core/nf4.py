@@ -34,7 +34,6 @@ CODE = (
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0,
 )  # fmt: skip
-ZERO_INDEX = 7
 #: Storage of the residual alone: 4 bits per element plus a float32 absmax per 64 (adapters and tables aside).
 BYTES_PER_PARAM = 0.5 + 4 / BLOCK
 

@@ -47,6 +47,25 @@ def residual_weight(
     return torch.sub(weight, delta, out=out)
 
 
+def factor_rank(a0: Tensor, b0: Tensor, out_features: int, in_features: int) -> int:
+    """The rank r of factors A0 (r, in), B0 (out, r), checked to fit a weight of (out, in)."""
+    rank = a0.shape[0]
+    if a0.shape != (rank, in_features) or b0.shape != (out_features, rank):
+        raise ValueError(
+            f"PiSSALinear: factors A0 {tuple(a0.shape)} and B0 {tuple(b0.shape)} do not fit a "
+            f"weight of (out, in) = ({out_features}, {in_features}); expected ({rank}, {in_features}) "
+            f"and ({out_features}, {rank})"
+        )
+    return rank
+
+
+def frozen(t: Tensor) -> nn.Parameter:
+    """``t`` as a frozen Parameter: the very Parameter where it is one (FSDP2 may hold it)."""
+    param = t if isinstance(t, nn.Parameter) else nn.Parameter(t)
+    param.requires_grad_(False)
+    return param
+
+
 def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
     """s = alpha / r, or alpha / sqrt(r) for rsLoRA."""
     return alpha / rank**0.5 if rslora else alpha / rank

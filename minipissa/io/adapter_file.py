@@ -165,7 +165,7 @@ def _check_same_residual(layer: PiSSALinear, rec: ModuleRecord, where: str) -> N
             f"{where} already is a PiSSA layer made from another base weight than the file's adapter (their "
             "fingerprints differ: another checkpoint or dtype); load onto the plain base model it was trained on"
         )
-    if isinstance(layer.weight, NF4Weight) and layer.weight.sha256() != rec.info["nf4_sha256"]:
+    if (sha256 := layer.weight_kind.sha256(layer.weight)) is not None and sha256 != rec.info["nf4_sha256"]:
         raise StateError(
             f"{where}: its 4-bit residual is not the one the file's adapter was trained on (sha256 differs)"
         )

@@ -26,7 +26,7 @@ from torch import Tensor
 from ..core.decompose import compute_dtype
 from ..core.dtensor import full_tensor
 from ..core.errors import StateError
-from ..core.nf4 import BLOCK, NF4Weight
+from ..core.nf4 import BLOCK
 from ..nn.layer import PiSSALinear
 from ..plan import trained
 from ..plan.config import RECORDED, check_recorded, scaling_error
@@ -82,8 +82,8 @@ def from_layer(
     no edit, see :mod:`minipissa.made`), load(base="original") would rebuild another residual, and the record says
     so (``residual_edited``)."""
     info = dict(layer.info)
-    if isinstance(layer.weight, NF4Weight):
-        info["nf4_sha256"] = layer.weight.sha256()
+    if (sha256 := layer.weight_kind.sha256(layer.weight)) is not None:
+        info["nf4_sha256"] = sha256
     if layer.made is not None and layer.made.edits(residual_print, factor_hashes):
         info["residual_edited"] = True
     info["residual_fingerprint"] = residual_print

@@ -59,7 +59,7 @@ def save_residual(model: nn.Module, path: PathLike) -> None:
     quantized = {
         name: {"shape": list(layer.weight.shape), "dtype": str(layer.weight.dtype).removeprefix("torch."),
                "fan_in_fan_out": layer.fan_in_fan_out}
-        for name, layer in layers.items() if isinstance(layer.weight, NF4Weight)
+        for name, layer in layers.items() if layer.quantized
     }  # fmt: skip
     payload = {"tied": tied, "residual_modules": sorted(layers), "quantized": quantized}
     write_once(model, lambda: safefile.write(path, tensors, KIND, payload))  # rank 0 if sharded

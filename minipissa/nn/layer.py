@@ -2,10 +2,10 @@
 
     y = W_res x + s * B (A dropout(x)) + bias,        W_res = W - s * B0 A0
 
-At init A = A0 and B = B0, so the layer computes exactly W x + bias. ``weight`` and ``bias`` keep
-the base layer's names, dtype and layout (an ``nn.Linear`` stores W as (out, in); a GPT-2 style
-``Conv1D`` stores it as (in, out), "fan_in_fan_out"), so a model's state-dict keys after
-:func:`minipissa.apply` are the original keys plus ``A``, ``B``, ``A0`` and ``B0``. A0 and B0 live in host memory
+At init A = A0 and B = B0, so the layer computes exactly W x + bias. ``weight`` and ``bias`` keep the base layer's
+names, dtype and layout (an ``nn.Linear`` stores W as (out, in); a GPT-2 style ``Conv1D`` stores it as (in, out),
+"fan_in_fan_out"), so a model's state-dict keys after :func:`minipissa.apply` are the original keys plus ``A``,
+``B``, ``A0`` and ``B0``. A0 and B0 live in host memory
 (they are read only by :meth:`original` forwards, save and conversion), so that they take no device memory in
 training, and are neither buffers nor parameters (DDP does not broadcast them each step); the state dict has them.
 
@@ -13,11 +13,13 @@ QPiSSA: ``weight`` may instead be an :class:`~minipissa.nf4.NF4Weight`, W_res in
 ``weight.codes`` and ``weight.absmax``), dequantized to the activations' dtype at each use:
 
     y = deq(nf4(W_res)) x + s * B (A dropout(x)) + bias
+
+The layer has one road for either: it asks its ``weight_kind`` (weight_kinds.py) whatever depends on the kind.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import torch
@@ -27,43 +29,31 @@ from torch import Tensor, nn
 from ..core.decompose import compute_dtype
 from ..core.dtensor import full_tensor
 from ..core.fingerprint import fingerprint
+from ..core.host import host_copies
 from ..core.made import Made
 from ..core.nf4 import NF4Weight
-from ..core.weights import is_conv1d, lora_scaling, residual_weight, weight_matrix
+from ..core.weights import factor_rank, frozen, is_conv1d, lora_scaling, residual_weight, weight_matrix
 from .casts import SharedCasts
-from .ops import QuantizedResidual, adapted_linear
-
-MODES = ("adapter", "original", "disabled")
+from .weight_kinds import DENSE, NF4, WeightKind, refuse_merge
 
 
-def host_copies(tensors: Sequence[Tensor], wait: bool = True) -> list[Tensor]:
-    """Copies of ``tensors`` in host memory, each its own storage. From a CUDA device into pinned memory, queued on
-    the current stream without a sync per tensor (pageable copies of a 7B model's 448 initial factors took 120 ms of
-    its init on an H200); ``wait=False`` leaves them in flight: the caller waits for the stream before they are read."""
-    copies = []
-    for t in tensors:
-        if t.device.type != "cuda":
-            copies.append(t.detach().to("cpu", copy=True))
-            continue
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        copies.append(host.copy_(t.detach(), non_blocking=True))
-    if wait:
-        for device in {t.device for t in tensors if t.device.type == "cuda"}:
-            torch.cuda.current_stream(device).synchronize()
-    return copies
+def refuse_merged(layers: Iterable[PiSSALinear], mode: str) -> None:
+    """original() and disabled() compute with the residual, which a merged layer does not hold as its weight."""
+    if any(layer.merged for layer in layers):
+        raise RuntimeError(f"minipissa.{mode}(): the model is merged; call minipissa.unmerge(model) first")
 
 
 class PiSSALinear(nn.Module):
     """A linear layer split into a frozen residual and a trainable low-rank adapter.
 
-    Built from a base ``nn.Linear`` or ``Conv1D`` and factors A0 (r, in), B0 (out, r) in the
-    decomposition dtype (float32, or float64 for float64 weights). The base's weight tensor is not
-    modified: the residual is a new tensor (``base_is_residual=True``: the base already holds W_res), or
-    ``residual``, W_res already made (QPiSSA: quantized). The layer takes the base's tensors over and drops
-    them from the base module.
+    Built from a base ``nn.Linear`` or ``Conv1D`` and factors A0 (r, in), B0 (out, r) in the decomposition dtype
+    (float32, or float64 for float64 weights). The base's weight tensor is not modified: the residual is a new
+    tensor (``base_is_residual=True``: the base already holds W_res), or ``residual``, W_res already made (QPiSSA:
+    quantized). The layer takes the base's tensors over and drops them from the base module.
 
     Attributes:
         weight: residual W_res, the base's dtype and layout, frozen; or an :class:`NF4Weight` (QPiSSA).
+        weight_kind: what the layer asks of ``weight`` (weight_kinds.py: dense or NF4).
         bias: the base's bias (or None), frozen.
         A: (r, in) trainable, ``adapter_dtype`` (default: the decomposition dtype).
         B: (out, r) trainable.
@@ -77,6 +67,7 @@ class PiSSALinear(nn.Module):
     """
 
     weight: nn.Parameter | NF4Weight
+    weight_kind: WeightKind
     bias: nn.Parameter | None
     A: nn.Parameter
     B: nn.Parameter
@@ -107,44 +98,26 @@ class PiSSALinear(nn.Module):
         base_weight = cast(Tensor, base.weight)
         self.fan_in_fan_out = is_conv1d(base) if fan_in_fan_out is None else fan_in_fan_out
         out_features, in_features = weight_matrix(base_weight, self.fan_in_fan_out).shape
-        rank = a0.shape[0]
-        if a0.shape != (rank, in_features) or b0.shape != (out_features, rank):
-            raise ValueError(
-                f"PiSSALinear: factors A0 {tuple(a0.shape)} and B0 {tuple(b0.shape)} do not fit a "
-                f"weight of (out, in) = ({out_features}, {in_features}); expected ({rank}, {in_features}) "
-                f"and ({out_features}, {rank})"
-            )
+        rank = factor_rank(a0, b0, out_features, in_features)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.alpha, self.rslora = float(alpha), rslora
         self.scaling = lora_scaling(self.alpha, rank, rslora)
         self.info: dict[str, Any] = dict(info or {})
         self.mode = "adapter"
-        self.shared_casts = None
-        self.made = None
+        self.shared_casts, self.made = None, None
         self.trainable_before_merge = (True, True)
-        # Kept off the module tree (its tensors are dropped below, so no memory, no state-dict
-        # keys): unload() puts the merged weight back into it, so Linear, Conv1D and their
-        # subclasses come back as the same class with the same attributes.
+        # Kept off the module tree (its tensors are dropped below, so no memory, no state-dict keys): unload() puts
+        # the merged weight back into it, so Linear, Conv1D and their subclasses come back as they were.
         self.base_shell = (base,)  # a tuple: not registered as a submodule
 
         a0 = a0.detach().to(compute_dtype(base_weight.dtype))
         b0 = b0.detach().to(a0.dtype)
         dtype = adapter_dtype or a0.dtype
-        if residual is not None:
-            self.weight = residual
-        elif base_is_residual:  # a residual file, or sharded init: keep the very Parameter (FSDP2 may hold it)
-            self.weight = base_weight if isinstance(base_weight, nn.Parameter) else nn.Parameter(base_weight)
-            self.weight.requires_grad_(False)
-        else:
-            with torch.no_grad():
-                dense = residual_weight(base_weight.detach(), a0, b0, self.scaling, self.fan_in_fan_out)
-            self.weight = nn.Parameter(dense, requires_grad=False)
-        bias = cast(Tensor | None, base.bias)
-        if isinstance(bias, nn.Parameter):  # the same Parameter: FSDP2 may hold it
-            self.bias = bias
-            bias.requires_grad_(False)
-        else:
-            self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        dense = base_weight  # base_is_residual: a residual file, or sharded init
+        if residual is None and not base_is_residual:  # W_res = W - s B0 A0, a new tensor (no grad: all detached)
+            dense = residual_weight(base_weight.detach(), a0, b0, self.scaling, self.fan_in_fan_out)
+        self.weight, self.weight_kind = (frozen(dense), DENSE) if residual is None else (residual, NF4)
+        self.bias = None if base.bias is None else frozen(cast(Tensor, base.bias))
         self.A = nn.Parameter(a0.clone().to(dtype))
         self.B = nn.Parameter(b0.clone().to(dtype))
         self.A0, self.B0 = initial if initial is not None else host_copies([a0, b0])
@@ -152,8 +125,8 @@ class PiSSALinear(nn.Module):
         # trained.Origin, set by apply()/load(): the run that made this layer (its modules trained in full, init
         # time) and this layer's name then. On the layer, so that every copy and wrapper of the model keeps it.
         self.origin: Any = None
-        # While merged, the exact residual is kept here (one weight's memory) so that unmerge is
-        # bit-exact and merge/unmerge cycles never drift. Non-persistent: no state-dict key.
+        # While merged, the exact residual is kept here (one weight's memory): unmerge is bit-exact, merge/unmerge
+        # cycles never drift. Non-persistent: no state-dict key.
         self.register_buffer("residual_while_merged", None, persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # The layer has taken the base's tensors over; the shell must not keep W alive.
@@ -162,21 +135,16 @@ class PiSSALinear(nn.Module):
     @property
     def quantized(self) -> bool:
         """True when the residual is held in NF4 (QPiSSA)."""
-        return isinstance(self.weight, NF4Weight)
+        return self.weight_kind.quantized
 
     def residual(self, dtype: torch.dtype | None = None) -> Tensor:
-        """W_res as a tensor in its stored layout, in ``dtype`` (default: the weight's dtype); dequantized
-        for QPiSSA (a new tensor each call)."""
-        if isinstance(self.weight, NF4Weight):
-            return self.weight.dequantize(dtype)
-        return self.weight if dtype is None else self.weight.to(dtype)
+        """W_res in its stored layout, in ``dtype`` (default: the weight's); for QPiSSA dequantized, a new tensor."""
+        return self.weight_kind.dequantize(self.weight, dtype)
 
     def stored_residual(self) -> Tensor:
-        """The residual as stored, what fingerprints cover: W_res (also while merged), or the NF4 codes and absmax
-        bytes (uint8)."""
-        if isinstance(self.weight, NF4Weight):
-            return self.weight.packed()
-        return self.weight if self.residual_while_merged is None else self.residual_while_merged
+        """What fingerprints cover: W_res as stored (also while merged); NF4: the codes and absmax bytes (uint8)."""
+        kept = self.residual_while_merged
+        return self.weight_kind.stored(self.weight if kept is None else kept)
 
     @property
     def merged(self) -> bool:
@@ -203,9 +171,9 @@ class PiSSALinear(nn.Module):
 
     def _reference(self, x: Tensor) -> Tensor:
         """The formula itself: y = W_res x + bias + s * B (A dropout(x)); A0, B0 in mode "original"."""
+        if self.mode != "adapter":
+            refuse_merged((self,), self.mode)
         y = F.linear(x, weight_matrix(self.residual(x.dtype), self.fan_in_fan_out), self.bias)
-        if self.mode != "adapter" and self.merged:
-            raise RuntimeError(f"minipissa.{self.mode}(): the layer is merged; unmerge it first")
         if self.mode == "disabled" or self.merged:
             return y
         if self.mode == "original":
@@ -216,42 +184,40 @@ class PiSSALinear(nn.Module):
         return y + F.linear(F.linear(x, a.to(x.device, x.dtype)) * self.scaling, b.to(x.device, x.dtype))
 
     def _fast_path_applies(self, x: Tensor) -> bool:
-        """The fast path (adapter_fn.py) picks one dtype for every product, so not under autocast; and its 4-bit
-        function gives the bias no gradient, so not for an unfrozen bias beside an NF4 residual."""
-        if isinstance(self.weight, NF4Weight) and self.bias is not None and self.bias.requires_grad:
+        """The fast path (ops.py) picks one dtype for every product, so not under autocast; and not for an unfrozen
+        bias where the weight's kind gives the bias no gradient there (NF4)."""
+        if not self.weight_kind.trains_bias and self.bias is not None and self.bias.requires_grad:
             return False
         return not torch.is_autocast_enabled(x.device.type)
 
     def _fast(self, x: Tensor) -> Tensor:
-        """The formula in adapter_fn.py's fast form, with A and B cast by the model's :class:`SharedCasts` (one
+        """The formula in ops.py's fast form, with A and B cast by the model's :class:`SharedCasts` (one
         launch for all layers, differentiable) where it has them."""
         # Host time matters here (every adapter, every step): each module attribute is read once.
         a, b, weight, dropout = self.A, self.B, self.weight, self.dropout
         xa = None if isinstance(dropout, nn.Identity) or not self.training else dropout(x)
         casts = None if self.shared_casts is None else self.shared_casts.casts_for(self, x.dtype, a, b)
         a_c, b_c = casts if casts is not None else (a, b)
-        if isinstance(weight, NF4Weight):  # dequantized inside, in forward and again in backward
-            quant = QuantizedResidual(weight.absmax, weight.table, weight.shape, self.fan_in_fan_out)
-            return adapted_linear(x, xa, weight.codes, self.bias, a_c, b_c, self.scaling, quant)
-        return adapted_linear(x, xa, weight_matrix(weight, self.fan_in_fan_out), self.bias, a_c, b_c, self.scaling)
+        return self.weight_kind.linear(x, xa, weight, self.bias, a_c, b_c, self.scaling, self.fan_in_fan_out)
+
+    @torch.no_grad()
+    def _folded(self) -> Tensor:
+        """W_res + s·B·A in the stored layout and the weight's dtype, rounded once: merge's and unload's one fold
+        (of an unmerged layer)."""
+        delta = self.delta_weight()
+        return self.weight_kind.folded(self.weight, delta.mT if self.fan_in_fan_out else delta)
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold s·B·A into ``weight`` (in the factors' dtype, rounded once). No-op if merged.
+        """Fold s·B·A into ``weight`` (in the decomposition dtype, rounded once). No-op if merged.
 
-        A QPiSSA layer refuses: B·A rounded into 4 bits would lose most of the training (see :meth:`unload`)."""
+        A QPiSSA layer refuses (:func:`refuse_merge`): B·A rounded into 4 bits would lose most of the training."""
         if self.merged:
             return
-        if isinstance(self.weight, NF4Weight):
-            raise RuntimeError(
-                "minipissa.merge: this layer's residual is 4-bit NF4 (QPiSSA), and folding s·B·A into 4 bits would "
-                "round most of the training away; keep the adapter separate, or minipissa.unload(model) for a "
-                "full-precision model (deq(W_res) + s·B·A), or minipissa.convert_to_lora for the original weights"
-            )
-        residual = self.weight.data
-        delta = self.delta_weight().to(compute_dtype(residual.dtype))
-        delta = delta.mT if self.fan_in_fan_out else delta
-        self.weight.data = (residual.to(delta.dtype) + delta).to(residual.dtype).contiguous()
+        refuse_merge([("this layer", self.weight_kind)])
+        weight = cast(nn.Parameter, self.weight)  # a dense one: mergeable
+        residual = weight.data
+        weight.data = self._folded()
         self.residual_while_merged = residual
         # While merged A and B take no part in the output: no gradient, and so no optimizer step, reaches them.
         self.trainable_before_merge = (self.A.requires_grad, self.B.requires_grad)
@@ -271,18 +237,9 @@ class PiSSALinear(nn.Module):
         """The base layer holding the merged weight W_res + s·B·A (frozen), without minipissa. For QPiSSA, the
         full-precision weight deq(nf4(W_res)) + s·B·A in the base's dtype."""
         (base,) = self.base_shell
-        if isinstance(self.weight, NF4Weight):
-            with torch.no_grad():
-                delta = self.delta_weight()
-                delta = delta.mT if self.fan_in_fan_out else delta
-                merged = (self.weight.dequantize(delta.dtype) + delta).to(self.weight.dtype).contiguous()
-            base.weight = nn.Parameter(merged, requires_grad=False)
-            base.bias = cast(Any, self.bias)
-            return base
-        self.merge()
-        base.weight = nn.Parameter(cast(Tensor, self.weight).data, requires_grad=False)
+        self.unmerge()  # the fold starts from the exact residual
+        base.weight = nn.Parameter(self._folded(), requires_grad=False)
         base.bias = cast(Any, self.bias)
-        self.unmerge()
         return base
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
@@ -301,9 +258,9 @@ class PiSSALinear(nn.Module):
         # A cast of the residual (not a move: that changes no bit) is followed by `made`, so that save() can tell
         # whether load() then the same cast gives it back: two fingerprints per cast, as apply() takes. (An NF4
         # residual is not cast: NF4Weight follows device moves only.)
-        residual = self.weight if self.residual_while_merged is None else self.residual_while_merged
         before = None
-        if self.made is not None and isinstance(residual, Tensor):
+        if self.made is not None and self.weight_kind.follows_casts:
+            residual = self.stored_residual()  # dense: the tensor itself
             probe = fn(torch.empty(0, dtype=residual.dtype, device=residual.device))
             before = fingerprint(full_tensor(residual)) if probe.dtype != residual.dtype else None
         module = super()._apply(device_only, recurse)
@@ -316,15 +273,9 @@ class PiSSALinear(nn.Module):
         destination[prefix + "A0"], destination[prefix + "B0"] = self.A0, self.B0
 
     def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:  # fmt: skip
         # A0 and B0 as buffers would load: copied into the host tensors, shapes checked (load_state_dict works on
         # its own copy of the dict, so taking the two keys out of it is safe).
         for key, mine in ((prefix + "A0", self.A0), (prefix + "B0", self.B0)):
@@ -345,6 +296,6 @@ class PiSSALinear(nn.Module):
     def extra_repr(self) -> str:
         layout = ", fan_in_fan_out" if self.fan_in_fan_out else ""
         return (
-            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
-            f"scaling={self.scaling:g}{layout}, mode={self.mode}, merged={self.merged}"
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}{layout}, "
+            f"mode={self.mode}, merged={self.merged}"
         )

@@ -7,24 +7,24 @@ A dense residual W takes three plain ops, so that autograd's own (C++) backward 
 - y += s h B^T in place, s folded into the GEMM's alpha: no (N, out) temporaries for ``s * ...`` or ``y + ...``.
 
 Kernels with s = 1: 3 forward, 6 backward. A custom Python autograd function does it in 5 backward kernels, but
-in eager mode on a GPU the host then spends more time in Python than the GPU spends in the kernels: measured on an
-H200 (Llama-2-7B shape, 224 adapters), the plain ops' step is GPU-bound (1.17x the frozen base, steady from step to
-step) where the Python function's is host-bound (1.27x, varying ±14 %) (benchmarks/README.md).
+in eager mode on a GPU the host then spends more time in Python than the GPU spends in the kernels: the plain ops'
+step stays GPU-bound, where the Python function's becomes host-bound and slower, and varies from step to step
+(figures in benchmarks/README.md).
 
-QPiSSA: ``weight`` is then the NF4 codes of W_res (:class:`QuantizedResidual` says how to read them), and one
-custom function dequantizes them in forward and again in backward, so that only the 4-bit codes are saved (autograd
-would keep the dequantized weight for dx). Under ``torch.compile`` each dequantization fuses into one kernel.
+QPiSSA (:func:`quantized_adapted_linear`): one custom function dequantizes the NF4 codes of W_res in forward and
+again in backward, so that only the 4-bit codes are saved (autograd would keep the dequantized weight for dx).
+Under ``torch.compile`` each dequantization fuses into one kernel.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core.nf4 import dequantize
+from ..core.nf4 import NF4Weight, dequantize
 
 #: aten's reshape without view tracking (what torch.matmul returns), or None if a future torch drops it.
 _UNSAFE_VIEW = getattr(getattr(torch.ops.aten, "_unsafe_view", None), "default", None)
@@ -37,16 +37,6 @@ def _unflatten(y: Tensor, lead: torch.Size) -> Tensor:
         return y
     shape = (*lead, y.shape[-1])
     return y.reshape(shape).clone() if _UNSAFE_VIEW is None else _UNSAFE_VIEW(y, shape)
-
-
-class QuantizedResidual(NamedTuple):
-    """How to read NF4 codes as the (out, in) weight: the absmax and pair table (nf4.py) of the stored
-    ``shape``, transposed for a Conv1D (``fan_in_fan_out``)."""
-
-    absmax: Tensor
-    table: Tensor
-    shape: tuple[int, ...]
-    transposed: bool
 
 
 def _dequantized(codes: Tensor, absmax: Tensor, table: Tensor, shape: Any, transposed: bool, dtype: Any) -> Tensor:
@@ -69,8 +59,9 @@ class QuantizedAdaptedLinear(torch.autograd.Function):
     """Forward/backward of ``x deq(codes)^T + bias + s * (xa A^T) B^T`` with frozen codes and bias.
 
     Shapes: x (..., in); xa (..., in) = dropout(x), or None for x itself (one tensor passed once: torch.compile
-    cannot trace a function given the same tensor twice); codes, absmax, table, shape, transposed: the residual
-    (:class:`QuantizedResidual`); bias (out,) or None; a (r, in), b (out, r) in x's dtype.
+    cannot trace a function given the same tensor twice); codes, absmax, table, shape: the residual's
+    :class:`~minipissa.core.nf4.NF4Weight`, ``transposed`` for a Conv1D (stored (in, out)); bias (out,) or None;
+    a (r, in), b (out, r) in x's dtype.
 
     Kernels with s = 1: forward 4 (dequantize, h = xa A^T, the base GEMM, y += h B^T in place); backward 6
     (dequantize, dh = g B, dx = g W, dx += dh A in place, dA = dh^T xa, dB = g^T h).
@@ -129,28 +120,36 @@ class QuantizedAdaptedLinear(torch.autograd.Function):
 
 
 def adapted_linear(
-    x: Tensor,
-    xa: Tensor | None,
-    weight: Tensor,
-    bias: Tensor | None,
-    a: Tensor,
-    b: Tensor,
-    scaling: float,
-    quant: QuantizedResidual | None = None,
+    x: Tensor, xa: Tensor | None, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float
 ) -> Tensor:
     """``x W^T + bias + s (xa A^T) B^T``; x (..., in) -> (..., out).
 
-    ``xa``: the adapter's input if it differs from x (dropout), else None. ``weight``: (out, in), any view; or the
-    NF4 codes of W_res, read as ``quant`` says. ``a`` (r, in), ``b`` (out, r): in x's dtype (the model's one cast of
-    every master, casts.py), or masters of another dtype, cast here (differentiably: their gradients come back in
-    the masters' dtype)."""
+    ``xa``: the adapter's input if it differs from x (dropout), else None. ``weight``: (out, in), any view. ``a``
+    (r, in), ``b`` (out, r): in x's dtype (the model's one cast of every master, casts.py), or masters of another
+    dtype, cast here (differentiably: their gradients come back in the masters' dtype)."""
     a = a if a.dtype == x.dtype else a.to(x.dtype)
     b = b if b.dtype == x.dtype else b.to(x.dtype)
-    if quant is not None:
-        out: Tensor = QuantizedAdaptedLinear.apply(x, xa, weight, bias, a, b, scaling, *quant)
-        return out
     x2 = x.reshape(-1, x.shape[-1])
     xa2 = x2 if xa is None else xa.reshape(-1, xa.shape[-1])
     y = F.linear(x2, weight, bias)
     y.addmm_(torch.mm(xa2, a.mT), b.mT, alpha=scaling)
     return _unflatten(y, x.shape[:-1])
+
+
+def quantized_adapted_linear(
+    x: Tensor,
+    xa: Tensor | None,
+    weight: NF4Weight,
+    bias: Tensor | None,
+    a: Tensor,
+    b: Tensor,
+    scaling: float,
+    transposed: bool,
+) -> Tensor:
+    """:func:`adapted_linear` with W the dequantized NF4 ``weight`` (its stored shape; ``transposed``: stored
+    (in, out), a Conv1D's); the bias gets no gradient."""
+    a = a if a.dtype == x.dtype else a.to(x.dtype)
+    b = b if b.dtype == x.dtype else b.to(x.dtype)
+    codes, absmax, table, shape = weight.codes, weight.absmax, weight.table, weight.shape
+    out: Tensor = QuantizedAdaptedLinear.apply(x, xa, codes, bias, a, b, scaling, absmax, table, shape, transposed)
+    return out

@@ -13,11 +13,12 @@ from torch import Tensor, nn
 
 from ..core.dtensor import full_tensor, is_dtensor
 from ..core.fingerprint import Pending, describe, fingerprint_later, hashes, is_finite, read_all
+from ..core.host import host_copies
 from ..core.made import Made
 from ..core.nf4 import NF4Weight
 from ..core.qpissa import ERRORS, quantize_residual
 from ..nn import casts
-from ..nn.layer import PiSSALinear, host_copies
+from ..nn.layer import PiSSALinear
 from . import trained
 from .config import InitConfig
 from .factors import (

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from ..core.dtensor import full_tensor, is_dtensor
 from ..core.errors import StateError
-from ..nn.layer import PiSSALinear, host_copies
+from ..core.host import host_copies
+from ..nn.layer import PiSSALinear
 from .targets import Targets, _as_list, matches
 
 PREFIX = "trained:"

@@ -64,7 +64,7 @@ def build_layer(
     tensors over. ``weight_is_residual``: the module's weight already holds W_res (a residual file, or
     sharded init, which wrote it into the shards): the layer keeps that very Parameter. ``residual``: W_res
     made already, in 4 bits (QPiSSA: qpissa.py), for a quantizing plan. ``initial``: A0 and B0 copied to host memory
-    already (:func:`~minipissa.layer.host_copies`)."""
+    already (:func:`~minipissa.core.host.host_copies`)."""
     if bool(plan.quantize) != (residual is not None):
         raise ValueError(f"build_layer: module '{plan.name}': quantize={plan.quantize!r} needs its NF4 residual")
     base = plan.module

@@ -238,6 +238,8 @@ def test_merge_is_refused_whole_and_unload_gives_the_full_precision_weight():
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="nothing was merged"):
         minipissa.merge(model)
+    with pytest.raises(RuntimeError, match=r"module\(s\) \['this layer'\] hold a 4-bit .* nothing was merged"):
+        model.layers[1].merge()  # the layer's own merge: the same refusal
     assert_unchanged(model, before)
     x = torch.randn(3, 16)
     q = model.layers[1]

@@ -192,6 +192,11 @@ def test_original_and_disabled_modes():
     minipissa.merge(model)
     with pytest.raises(RuntimeError, match="unmerge"), minipissa.original(model):
         pass
+    minipissa.unmerge(model)
+    with minipissa.disabled(model), torch.no_grad():  # merged inside the context: the layer's forward refuses
+        minipissa.merge(model)
+        with pytest.raises(RuntimeError, match=r"minipissa.disabled\(\): the model is merged; call minipissa.unmerge"):
+            model(x)
 
 
 def test_to_bfloat16_keeps_adapter_dtypes_and_original_within_bf16_rounding():
