@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..core.decompose import compute_dtype
 from ..core.dtensor import full_tensor, refuse_sharded, write_once
+from ..core.dtypes import dtype_name
 from ..core.errors import PathLike, StateError
 from ..core.fingerprint import fingerprint_later, hashes, read_all, same
 from ..core.nf4 import NF4Weight
@@ -204,7 +205,7 @@ def _check(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike) -> _L
     dtype, what = (
         (rec.info["residual_fingerprint"]["dtype"], "residual") if dense_residual else (rec.base_dtype, "base")
     )
-    if str(weight.dtype).removeprefix("torch.") != dtype:
+    if dtype_name(weight.dtype) != dtype:
         raise StateError(
             f"{where} has a {weight.dtype} weight; the adapter was saved on a {dtype} {what}. Cast the model "
             f"to {dtype} before loading (exact reload needs the same dtype)"

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..core.dtensor import full_tensor
+from ..core.dtypes import dtype_name
 from ..core.errors import StateError
 from ..core.fingerprint import fingerprint, same
 from ..nn.layer import PiSSALinear
@@ -65,7 +66,7 @@ def check(bias: Tensor | None, rec: ModuleRecord, where: str, layer: PiSSALinear
         raise StateError(f"{where} was adapted on a base with another bias than the file's; load onto the base model")
     if (layer is not None and rec.bias is not None) or same(saved, full_tensor(bias)):
         return
-    if str(bias.dtype).removeprefix("torch.") != saved["dtype"] and rec.bias is None:
+    if dtype_name(bias.dtype) != saved["dtype"] and rec.bias is None:
         # A residual base saved after a cast of the model (model.half()): its bias was cast with it, and a cast is no
         # edit. The fingerprint is of the uncast bias, so it cannot be compared; the residual's own was (state._check).
         return

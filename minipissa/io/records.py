@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..core.decompose import compute_dtype
 from ..core.dtensor import full_tensor
+from ..core.dtypes import FLOATS, dtype_name
 from ..core.errors import StateError
 from ..core.nf4 import BLOCK, NF4Weight
 from ..nn.layer import PiSSALinear
@@ -40,12 +41,6 @@ INFO = (*RECORDED, "singular_values", "weight_norm", "base_fingerprint", "residu
 NF4_INFO = ("nf4_error", "qlora_error", "nf4_sha256")
 #: Info keys that version 1-2 files lack, and their values there.
 DENSE_DEFAULTS = {"quantize": None, "quant_iters": 1}
-FLOAT_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
 CONFIG_KEYS = ("rank", "alpha", "rslora", *RECORDED)
 
 
@@ -89,7 +84,7 @@ def from_layer(
     info["residual_fingerprint"] = residual_print
     dropout = layer.dropout.p if isinstance(layer.dropout, torch.nn.Dropout) else 0.0
     base = info.get("base_fingerprint")
-    base_dtype = base["dtype"] if isinstance(base, dict) else str(layer.weight.dtype).removeprefix("torch.")
+    base_dtype = base["dtype"] if isinstance(base, dict) else dtype_name(layer.weight.dtype)
     tensors = [full_tensor(t).cpu() for t in (layer.A, layer.B, layer.A0, layer.B0)]
     return ModuleRecord(
         name, layer.rank, layer.alpha, layer.rslora, layer.fan_in_fan_out, layer.in_features, layer.out_features,
@@ -157,7 +152,7 @@ def _record(check: _Check, name: str, meta: Any, tensors: dict[str, Tensor]) -> 
     in_f = check.integer(meta["in_features"], f"{field} in_features", low=1)
     out_f = check.integer(meta["out_features"], f"{field} out_features", low=1)
     dropout = check.number(meta["dropout"], f"{field} dropout", low=0.0, high=1.0, high_open=True)
-    base_dtype = check.text(meta["base_dtype"], f"{field} base_dtype", choices=tuple(FLOAT_DTYPES))
+    base_dtype = check.text(meta["base_dtype"], f"{field} base_dtype", choices=tuple(FLOATS))
     flip = check.boolean(meta["fan_in_fan_out"], f"{field} fan_in_fan_out")
     info = _info(check, field, meta["info"], rank, (in_f, out_f) if flip else (out_f, in_f), base_dtype)
     missing = [f"{name}.{k}" for k in FACTORS if f"{name}.{k}" not in tensors]
@@ -168,7 +163,7 @@ def _record(check: _Check, name: str, meta: Any, tensors: dict[str, Tensor]) -> 
     if shapes != [(rank, in_f), (out_f, rank)] * 2:
         check.fail(f"{field} A, B, A0, B0", f"of shapes ({rank}, {in_f}), ({out_f}, {rank}) twice", shapes)
     if not (a.dtype == b.dtype and a.is_floating_point()) or not a0.dtype == b0.dtype == compute_dtype(
-        FLOAT_DTYPES[base_dtype]
+        FLOATS[base_dtype]
     ):
         check.fail(f"{field} dtypes of A, B, A0, B0", "one float dtype for A and B; A0, B0 in the decomposition dtype",
                    [str(t.dtype) for t in (a, b, a0, b0)])  # fmt: skip
@@ -243,7 +238,7 @@ def _fingerprint(check: _Check, value: Any, field: str) -> dict[str, Any]:
     print_ = check.mapping(value, field, keys=("shape", "dtype", "sum", "sumsq", "hash" if exact else "sample_sha256"))
     for size in check.array(print_["shape"], f"{field} shape"):
         check.integer(size, f"{field} shape", low=0)
-    check.text(print_["dtype"], f"{field} dtype", choices=(*FLOAT_DTYPES, "uint8"))
+    check.text(print_["dtype"], f"{field} dtype", choices=(*FLOATS, "uint8"))
     check.number(print_["sum"], f"{field} sum")
     check.number(print_["sumsq"], f"{field} sumsq", low=0.0)
     digest, length = ("hash", 16) if exact else ("sample_sha256", 64)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.dtensor import full_tensor, is_dtensor, refuse_sharded, write_once
+from ..core.dtypes import FLOATS, dtype_name
 from ..core.errors import PathLike, StateError
 from ..core.nf4 import NF4Weight
 from ..core.weights import is_conv1d
@@ -57,7 +58,7 @@ def save_residual(model: nn.Module, path: PathLike) -> None:
         else:
             tensors[key] = full_tensor(value)
     quantized = {
-        name: {"shape": list(layer.weight.shape), "dtype": str(layer.weight.dtype).removeprefix("torch."),
+        name: {"shape": list(layer.weight.shape), "dtype": dtype_name(layer.weight.dtype),
                "fan_in_fan_out": layer.fan_in_fan_out}
         for name, layer in layers.items() if isinstance(layer.weight, NF4Weight)
     }  # fmt: skip
@@ -91,7 +92,7 @@ def _mapping(value: Any, path: PathLike) -> dict[str, Any]:
 def _nf4_weight(name: str, meta: dict[str, Any], tensors: dict[str, Tensor], path: PathLike) -> NF4Weight:
     """The 4-bit residual of module ``name``, its codes and absmax popped from ``tensors``."""
     where = f"minipissa: '{path}': module '{name}'"
-    shape, dtype = meta.get("shape"), _FLOAT.get(meta.get("dtype"))  # type: ignore[arg-type]
+    shape, dtype = meta.get("shape"), FLOATS.get(meta.get("dtype"))  # type: ignore[arg-type]
     keys = (f"{name}.weight.codes", f"{name}.weight.absmax")
     well_formed = (
         isinstance(shape, list) and len(shape) == 2 and all(type(s) is int and s > 0 for s in shape)
@@ -107,9 +108,6 @@ def _nf4_weight(name: str, meta: dict[str, Any], tensors: dict[str, Tensor], pat
     if not bool((torch.isfinite(absmax) & (absmax >= 0)).all()):
         raise StateError(f"{where}: its 4-bit residual's absmax holds negative or non-finite values")
     return weight
-
-
-_FLOAT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def load_residual(model: nn.Module, path: PathLike) -> nn.Module:

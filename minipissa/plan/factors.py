@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import decompose, qpissa
+from ..core.dtypes import dtype_name
 from ..core.errors import as_module
 from ..core.weights import is_conv1d, residual_weight, weight_matrix
 from . import stacked as batching
@@ -226,7 +227,7 @@ def refuse_overflow(named: Sequence[tuple[str, Tensor]], kind: str, where: str) 
         refuse_nonfinite([n for n, _, _ in largest], f"{where} (is alpha so small or large that S / s overflows?)")
     shown = ", ".join(f"'{n}' (max |value| = {m:.3g})" for n, m in big[:5]) + (" ..." if len(big) > 5 else "")
     dtype = decompose.compute_dtype(named[0][1].dtype)
-    name = str(dtype).removeprefix("torch.")
+    name = dtype_name(dtype)
     wider = " cast the model to float64 first (model.double(): PiSSA then computes in float64)," * (
         dtype != torch.float64
     )
