@@ -106,8 +106,7 @@ def records_of(layers: list[tuple[str, PiSSALinear]]) -> list[ModuleRecord]:
         records.from_layer(name, layer, p, (digests[2 * i], digests[2 * i + 1]))
         for i, ((name, layer), p) in enumerate(zip(layers, prints[: len(layers)], strict=True))
     ]
-    biases.keep_trained(layers, recs, prints[len(layers) :])
-    return recs
+    return biases.keep_trained(layers, recs, prints[len(layers) :])
 
 
 def library_version() -> str:
@@ -347,10 +346,7 @@ def load(
         if not loading.existing:
             residual, module = loading.residual, loading.module
             module = module.as_base() if isinstance(module, NF4Linear) else module
-            plan = Plan(
-                rec.name, module, rec.rank, rec.alpha, rec.rslora, rec.fan_in_fan_out, rec.dropout, rec.A.dtype,
-                rec.info["quantize"],
-            )  # fmt: skip
+            plan = Plan(rec.name, module, rec)
             device = plan.weight.device if residual is None else residual.codes.device
             a0, b0 = rec.A0.to(device), rec.B0.to(device)
             from_file = base == "residual" and residual is None

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import torch
 from torch import Tensor
 
+from ..core.checks import Check
 from ..core.dtensor import full_tensor
 from ..core.errors import StateError
 
@@ -87,11 +88,12 @@ def _encode(hyper: dict[str, Any], group: int, tensors: dict[str, Tensor]) -> tu
     return encoded, places
 
 
-def check_meta(meta: dict[str, Any], where: str) -> None:
-    """A StateError unless ``meta`` has the structure :func:`pack` writes (values are checked by :func:`unpack`)."""
+def check_meta(meta: dict[str, Any], check: Check) -> None:
+    """Fails ``check`` (the file's) unless ``meta`` has the structure :func:`pack` writes (values are checked by
+    :func:`unpack`)."""
 
     def fail(what: str) -> NoReturn:
-        raise StateError(f"{where}: the optimizer state's {what} is malformed; the file is corrupted or crafted")
+        check.malformed(f"the optimizer state's {what}")
 
     if set(meta) != {"class", "param_groups", "state"} or not isinstance(meta["class"], str):
         fail("header")

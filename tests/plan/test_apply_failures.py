@@ -238,7 +238,7 @@ def test_a_failure_while_the_layers_are_put_in_place_names_what_was_done(monkeyp
 def test_scalings_whose_factors_would_overflow_are_refused(alpha, rslora):
     model = stack()
     before = snapshot(model)
-    with pytest.raises(ValueError, match="alpha for module '0' must be"):
+    with pytest.raises(ValueError, match="module '0' alpha must be"):
         minipissa.apply(model, 4, TARGETS, alpha=alpha, rslora=rslora)
     assert_unchanged(model, before)
 
@@ -246,8 +246,8 @@ def test_scalings_whose_factors_would_overflow_are_refused(alpha, rslora):
 @pytest.mark.parametrize(
     ("kwargs", "error", "pattern"),
     [
-        ({"alpha": "8"}, ValueError, "alpha for module '0' must be > 0"),
-        ({"alpha": {"*": None}}, ValueError, "alpha for module '0' must be > 0"),
+        ({"alpha": "8"}, ValueError, "module '0' alpha must be a finite number"),
+        ({"alpha": {"*": None}}, ValueError, "module '0' alpha must be a finite number"),
         ({"targets": 123}, TypeError, "`targets` must be a module name"),
         ({"targets": "re:(unclosed"}, ValueError, "not a valid regex"),
         ({"exclude": "nope"}, ValueError, r"exclude pattern\(s\) \['nope'\] match no module"),
