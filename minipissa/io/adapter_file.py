@@ -36,7 +36,7 @@ from ..plan.tree import (
     pissa_layers,
     unwrap,
 )
-from . import biases, optimizer_state, records, safefile
+from . import biases, optimizer_state, records, safefile, trained_modules
 from .records import ModuleRecord
 
 KIND = "adapter"
@@ -63,7 +63,7 @@ def save(model: nn.Module, path: PathLike, *, optimizer: torch.optim.Optimizer |
         "modules": {r.name: r.meta() for r in recs},
         "optimizer": None,
     }
-    full_tensors, payload["trained"] = trained.pack(model)
+    full_tensors, payload["trained"] = trained_modules.pack(model)
     tensors.update(full_tensors)
     if optimizer is not None:
         params = {id(p): f"{name}.{k}" for name, layer in layers for k, p in (("A", layer.A), ("B", layer.B))}
@@ -80,7 +80,7 @@ def save(model: nn.Module, path: PathLike, *, optimizer: torch.optim.Optimizer |
 def _trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters of the modules trained in full, by their name in the file."""
     return {
-        f"{trained.PREFIX}{name}.{p}": param
+        f"{trained_modules.PREFIX}{name}.{p}": param
         for name in trained.names(model)
         for p, param in model.get_submodule(name).named_parameters()
     }
@@ -311,8 +311,8 @@ def load(
     if base not in ("original", "residual"):
         raise StateError(f"minipissa.load: base must be 'original' or 'residual', got {base!r}")
     info, recs, opt_tensors = read(path)
-    full, before_training = trained.unpack(info.get("trained"), opt_tensors, f"minipissa: '{path}'")
-    trained.check(model, full, [rec.name for rec in recs], f"minipissa: '{path}'")
+    full, before_training = trained_modules.unpack(info.get("trained"), opt_tensors, f"minipissa: '{path}'")
+    trained_modules.check(model, full, [rec.name for rec in recs], f"minipissa: '{path}'")
     loadings = [_check(model, rec, base, path) for rec in recs]
     in_file = {rec.name for rec in recs}
     stray = [name for name, _ in pissa_layers(model) if name not in in_file]
@@ -332,7 +332,9 @@ def load(
             raise StateError(f"minipissa: '{path}' has no optimizer state; it was saved without save(..., optimizer=)")
         params = {f"{x.record.name}.{k}": getattr(x.module, k) for x in loadings for k in ("A", "B")}
         params |= {f"{x.record.name}.bias": x.module.bias for x in loadings if x.record.bias is not None}
-        params |= {f"{trained.PREFIX}{name}.{p}": t for name, ps in full.items() for p, t in _named(model, name, ps)}
+        params |= {
+            f"{trained_modules.PREFIX}{name}.{p}": t for name, ps in full.items() for p, t in _named(model, name, ps)
+        }
         opt_state = optimizer_state.unpack(optimizer, params, opt_tensors, info["optimizer"], str(path))
 
     built: list[tuple[PiSSALinear, Tensor, Tensor]] = []  # with the A0 and B0 it was built from, to hash them
@@ -363,7 +365,7 @@ def load(
     # B0: what a later save() compares against to tell an edited residual.
     prints = read_all([fingerprint_later(layer.stored_residual()) for layer, _, _ in built])
     record_made([layer for layer, _, _ in built], prints, [(a0, b0) for _, a0, b0 in built])
-    trained.restore(model, full)
+    trained_modules.restore(model, full)
     finish(model, "load")
     for loading in loadings:  # a bias trained when saved trains on, as the adapter does
         if loading.record.bias is not None:

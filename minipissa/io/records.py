@@ -28,10 +28,9 @@ from ..core.dtypes import FLOATS, dtype_name
 from ..core.errors import StateError
 from ..core.nf4 import BLOCK, NF4Weight
 from ..nn.layer import PiSSALinear
-from ..plan import trained
 from ..plan.config import RECORDED, check_recorded
 from ..plan.settings import Settings, check_alpha, check_dropout, check_rank
-from . import optimizer_state
+from . import optimizer_state, trained_modules
 
 FACTORS = ("A", "B", "A0", "B0")
 FIELDS = ("rank", "alpha", "rslora", "fan_in_fan_out", "in_features", "out_features", "dropout", "base_dtype")
@@ -117,7 +116,11 @@ def parse(
         optimizer_state.check_meta(check.mapping(info["optimizer"], "optimizer"), check)
     tensors = dict(tensors)
     recs = [_record(check, name, meta, tensors) for name, meta in modules.items()]
-    extra = [k for k in tensors if not k.startswith((optimizer_state.PREFIX, trained.PREFIX, trained.INITIAL))]
+    extra = [
+        k
+        for k in tensors
+        if not k.startswith((optimizer_state.PREFIX, trained_modules.PREFIX, trained_modules.INITIAL))
+    ]
     if extra:
         raise StateError(f"{where} holds tensors no module accounts for: {extra[:5]}")
     return recs, tensors

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, cast
 
 from torch import Tensor, nn
@@ -170,5 +169,5 @@ def train_adapters_only(model: nn.Module, what: str = "apply") -> None:
         layer.B.requires_grad_(True)
     modules = dict(model.named_modules())
     for name in trained.names(model, what):
-        if name in modules:  # one deleted since has nothing to train (save refuses to lose it: trained.pack)
+        if name in modules:  # one deleted since has nothing to train (save refuses to lose it: io/trained_modules.pack)
             modules[name].requires_grad_(True)

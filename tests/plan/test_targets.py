@@ -94,7 +94,11 @@ def test_all_linear_uses_get_output_embeddings():
         ),
         ({"targets": "q_proj", "rank": 0}, ValueError, "module 'blocks.0.q_proj' rank must be an integer >= 1"),
         ({"targets": "q_proj", "rank": {"v_proj": 4}}, ValueError, "no rank for module 'blocks.0.q_proj'"),
-        ({"targets": "q_proj", "alpha": -1.0}, ValueError, r"module \'blocks.0.q_proj\' alpha must be a finite number in \(0, inf\]"),
+        (
+            {"targets": "q_proj", "alpha": -1.0},
+            ValueError,
+            r"module 'blocks.0.q_proj' alpha must be a finite number in \(0, inf\]",
+        ),
         ({"targets": "q_proj", "niter": 2, "components": "minor"}, ValueError, "minor.*exact SVD"),
         ({"targets": "q_proj", "init": "gaussian"}, ValueError, "init must be one of"),
         ({"targets": "q_proj", "components": "top"}, ValueError, "components must be"),
