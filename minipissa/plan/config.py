@@ -53,14 +53,33 @@ def check_recorded(options: Mapping[str, Any], check: Check) -> None:
 
 @dataclass(frozen=True)
 class InitConfig:
-    """How :func:`minipissa.apply` initialises adapters (see its docstring for each option).
+    """Every option of how :func:`minipissa.apply` initialises adapters, checked when made (a ValueError naming the
+    option): ``minipissa.apply(model, config=InitConfig(rank=16), targets=[...])`` does what
+    ``minipissa.apply(model, rank=16, targets=[...])`` does. One config may serve several models or runs.
 
-    ``rank`` and ``alpha`` may be mappings from target pattern to value (``"*"``: every other module);
-    their per-module values are checked by :meth:`rank_for` / :meth:`alpha_for`. ``stack`` says where
-    same-shape weights are stacked into batched decompositions: None (default) on GPUs only, where one
-    kernel per chunk beats one per weight; True everywhere (e.g. to test that path on the CPU).
-    ``quantize="nf4"`` stores each residual in 4 bits (QPiSSA; with ``init="lora"``, QLoRA; ``init="loftq"``
-    needs it), choosing the adapter ``quant_iters`` times against the quantizer (qpissa.py).
+    Attributes:
+        rank: adapter rank, or a mapping from target pattern to rank ('*' = every other module).
+        alpha: LoRA alpha (int/float or mapping like ``rank``); default = the module's rank, so s = 1.
+        rslora: scaling alpha / sqrt(r) instead of alpha / r.
+        init: 'pissa', or 'lora' (Kaiming-uniform A, zero B, base untouched) for comparisons, or 'loftq'
+            (with ``quantize``: the adapter chosen from the quantization error of W, LoftQ's alternation).
+        niter: None for the exact top-r (float64 Gram eigendecomposition, refined; see
+            ``decompose.start``); an int for a randomized SVD with that many power iterations.
+        oversample: extra sketch columns for the randomized SVD; default 4 * rank.
+        seed: seeds each module's own generator together with its name; the global RNG is untouched.
+        components: 'principal' (PiSSA) or 'minor' (MiLoRA: bottom r triplets; exact SVD only).
+        dropout: dropout on the adapter's input only.
+        adapter_dtype: dtype of the trainable A and B; default float32 (float64 for float64 weights).
+        memory_budget: bytes of extra memory the decompositions may use at once (on a GPU, weights of
+            one shape are stacked and decomposed together in chunks of this size); default 1 GiB.
+        stack: where same-shape weights are stacked into batched decompositions: None (default) on GPUs only,
+            where one kernel per chunk beats one kernel per weight; True everywhere (the CPU too: to run, or
+            test, the GPU's road on the CPU); False nowhere. Factors are the same either way, to rounding.
+        quantize: None, or 'nf4' (QPiSSA): each residual is stored in 4-bit NF4, bit-compatible with
+            bitsandbytes (the decomposition runs in full precision first; with init='lora', QLoRA).
+        quant_iters: with ``quantize``, how many times the adapter is chosen against the quantizer: the top-r of
+            W, then ``quant_iters - 1`` times the top-r of W - deq(nf4(W - P)) (the authors' multi-iteration
+            QPiSSA; 5 in their checkpoints); with init='loftq', LoftQ's iterations.
     """
 
     rank: int | Mapping[str, int]
