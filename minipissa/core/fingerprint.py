@@ -35,7 +35,7 @@ def raw_bytes(t: Tensor) -> bytes:
 
 
 #: Elements hashed per step: bounds the int64 temporaries to 256 MiB, whatever the weight's size. Fewer, larger steps
-#: launch fewer kernels: a 7B model's 224 weights take ~3,000 launches per pass instead of ~5,400 at 64 MiB.
+#: launch fewer kernels per pass over a large model (launches, not bytes, bound a pass over many weights).
 CHUNK = 1 << 25
 _K = 0x9E3779B97F4A7C15 - (1 << 64)  # odd 64-bit constants as signed int64 (splitmix64's)
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
@@ -102,8 +102,9 @@ def fingerprint_later(weight: Tensor) -> Pending:
     digests = _digests(matrix.unsqueeze(0))
     digest = None if digests is None else digests[0]
     # Moments: row sums and row norms in float32 (float64 for float64 weights), accumulated in float64, so that each
-    # reduction reads W once: a float64 norm of a bfloat16 W first copies it to float64 (50 ms of a 7B model's init on
-    # an H200). Rows whose norm exceeds float32's range (entries above ~1e19) read as infinite, as non-finite ones.
+    # reduction reads W once: a float64 norm of a bfloat16 W first copies it to float64 (a whole extra pass over every
+    # weight of the model). Rows whose norm exceeds float32's range (entries above ~1e19) read as infinite, as
+    # non-finite ones.
     floats = matrix if matrix.is_floating_point() else matrix.to(torch.float64)
     rows_dtype = torch.float64 if floats.dtype == torch.float64 else torch.float32
     total = floats.sum(dim=1, dtype=rows_dtype).sum(dtype=torch.float64)
@@ -141,8 +142,8 @@ def read_all(queued: Sequence[Pending | dict[str, Any]]) -> list[dict[str, Any]]
 @torch.no_grad()
 def hashes(tensors: Sequence[Tensor]) -> list[str]:
     """The hash of each tensor (its fingerprint's ``"hash"``), those of one shape, dtype and device hashed
-    together: a few launches for a group, where a fingerprint costs ~11 for each tensor (a 7B model has 448
-    small initial factors), and one read-back per device."""
+    together: a few launches for a group, where a fingerprint costs about ten for each tensor (and a large model has
+    hundreds of small initial factors), and one read-back per device."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((tuple(t.shape), t.dtype, t.device), []).append(i)
