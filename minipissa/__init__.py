@@ -2,6 +2,7 @@
 
 import minipissa
 minipissa.apply(model, rank=16, targets=["q_proj", "v_proj"])  # only A and B require grad
+# or: config = minipissa.InitConfig(rank=16, alpha=32); minipissa.apply(model, config=config, targets=[...])
 # ... your training loop ...
 minipissa.save(model, "adapter.safetensors")
 minipissa.convert_to_lora("adapter.safetensors", "lora_dir")  # PEFT LoRA for the original weights
@@ -16,12 +17,14 @@ from .io.residual_file import load_residual, save_residual
 from .model import apply, disabled, merge, original, unload, unmerge
 from .nn.layer import PiSSALinear
 from .nn.nf4_linear import NF4Linear
+from .plan.config import InitConfig
 from .plan.tree import pissa_layers
 from .report import Summary, summary
 
 __all__ = [
     # adapt a model, and undo it
     "apply",
+    "InitConfig",
     "merge",
     "unmerge",
     "unload",

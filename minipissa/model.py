@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import fields
 
 import torch
 from torch import nn
@@ -31,9 +32,10 @@ from .plan.tree import (
 
 def apply(
     model: nn.Module,
-    rank: int | Mapping[str, int],
-    targets: Targets,
+    rank: int | Mapping[str, int] | None = None,
+    targets: Targets | None = None,
     *,
+    config: InitConfig | None = None,
     alpha: float | Mapping[str, float] | None = None,
     rslora: bool = False,
     init: str = "pissa",
@@ -54,31 +56,15 @@ def apply(
     """Replace the target layers of ``model`` by PiSSALinear layers, in place, and return it.
 
     Args:
-        rank: adapter rank, or a mapping from target pattern to rank ('*' = every other module).
         targets: module name, suffix, 're:' regex or compiled regex, a list of them, or 'all-linear'
             (every Linear/Conv1D but the output head).
-        alpha: LoRA alpha (int/float or mapping like ``rank``); default = the module's rank, so s = 1.
-        rslora: scaling alpha / sqrt(r) instead of alpha / r.
-        init: 'pissa', or 'lora' (Kaiming-uniform A, zero B, base untouched) for comparisons, or 'loftq'
-            (with ``quantize``: the adapter chosen from the quantization error of W, LoftQ's alternation).
-        niter: None for the exact top-r (float64 Gram eigendecomposition, refined; see
-            ``decompose.start``); an int for a randomized SVD with that many power iterations.
-        oversample: extra sketch columns for the randomized SVD; default 4 * rank.
-        seed: seeds each module's own generator together with its name; the global RNG is untouched.
-        components: 'principal' (PiSSA) or 'minor' (MiLoRA: bottom r triplets; exact SVD only).
-        dropout: dropout on the adapter's input only.
+        rank, alpha, rslora, init, niter, oversample, seed, components, dropout, adapter_dtype, memory_budget,
+            quantize, quant_iters: how the adapters are initialised, each as :class:`InitConfig` documents it.
+        config: all of those at once, an :class:`InitConfig` (then pass none of them here: a TypeError).
         exclude: patterns (same forms as ``targets``) never to adapt.
         fan_in_fan_out: force the weight layout; default detects Conv1D (weight stored (in, out)).
-        adapter_dtype: dtype of the trainable A and B; default float32 (float64 for float64 weights).
-        memory_budget: bytes of extra memory the decompositions may use at once (on a GPU, weights of
-            one shape are stacked and decomposed together in chunks of this size); default 1 GiB.
         progress: ``progress(done, total)`` is called after each adapted module; True shows a tqdm
             bar when tqdm is installed. The time taken is in :func:`summary`.
-        quantize: None, or 'nf4' (QPiSSA): each residual is stored in 4-bit NF4, bit-compatible with
-            bitsandbytes (the decomposition runs in full precision first).
-        quant_iters: with ``quantize``, how many times the adapter is chosen against the quantizer: the top-r of
-            W, then ``quant_iters - 1`` times the top-r of W - deq(nf4(W - P)) (the authors' multi-iteration
-            QPiSSA; 5 in their checkpoints); with init='loftq', LoftQ's iterations.
         train_modules: patterns (as ``targets``, any module kind) of modules to train in full beside the adapters,
             e.g. a new classification head; saved with the adapter, exported as PEFT's ``modules_to_save``.
 
@@ -88,18 +74,39 @@ def apply(
     (replaceable.py). ``model`` may be wrapped (``torch.compile``, DataParallel; not DistributedDataParallel: apply
     first, then wrap): the model inside is adapted, and ``model`` as given is returned.
     """
+    given = {name: value for name, value in locals().items() if name in INIT_OPTIONS}
     start = time.perf_counter()
     outer, model = model, unwrap(model, "apply", adds_parameters=True)
-    cfg = InitConfig(
-        rank, alpha, rslora, init, niter, oversample, seed, components, dropout, adapter_dtype, memory_budget,
-        quantize=quantize, quant_iters=quant_iters,
-    )  # fmt: skip
+    cfg = _config(config, given)
+    if targets is None:
+        raise TypeError("minipissa.apply: targets is required (module names, patterns, or 'all-linear')")
     plans = plan_modules(model, cfg, targets, exclude, fan_in_fan_out)
     full = trained.select(model, train_modules, [p.name for p in plans])
     run = trained.Run(tuple(full), trained.initial_values(model, full))  # held by the layers it makes
     adapt(model, plans, cfg, progress, run=run)
     run.seconds = time.perf_counter() - start
     return outer
+
+
+#: apply()'s keywords that are InitConfig's options (``stack`` is set through ``config=`` only), and their defaults.
+INIT_OPTIONS = {f.name: f.default for f in fields(InitConfig) if f.name != "stack"} | {"rank": None}
+
+
+def _config(config: InitConfig | None, given: dict[str, object]) -> InitConfig:
+    """apply()'s InitConfig: ``config``, or one made of its keywords (``given``); a TypeError for both at once."""
+    if config is None:
+        if given["rank"] is None:
+            raise TypeError("minipissa.apply: pass rank=... (or config=InitConfig(...))")
+        return InitConfig(**given)  # type: ignore[arg-type]
+    if not isinstance(config, InitConfig):
+        raise TypeError(f"minipissa.apply: config must be a minipissa.InitConfig, got {type(config).__name__}")
+    both = [k for k, v in given.items() if not (v is INIT_OPTIONS[k] or v == INIT_OPTIONS[k])]
+    if both:
+        raise TypeError(
+            f"minipissa.apply: {both} given beside config=, which holds every init option; set them in the config "
+            "instead (dataclasses.replace(config, ...))"
+        )
+    return config
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .dtypes import dtype_name
+
 
 def raw_bytes(t: Tensor) -> bytes:
     """The raw bytes of ``t`` (row-major, on the CPU), without numpy, which is no dependency of minipissa."""
@@ -110,7 +112,7 @@ def fingerprint_later(weight: Tensor) -> Pending:
     if digest is None:  # no rows
         digest = torch.zeros((), dtype=torch.int64, device=matrix.device)
     values = torch.stack([digest, total.view(torch.int64), sumsq.view(torch.int64)])
-    return Pending(list(weight.shape), str(weight.dtype).removeprefix("torch."), values)
+    return Pending(list(weight.shape), dtype_name(weight.dtype), values)
 
 
 def read_all(queued: Sequence[Pending | dict[str, Any]]) -> list[dict[str, Any]]:
@@ -140,8 +142,8 @@ def read_all(queued: Sequence[Pending | dict[str, Any]]) -> list[dict[str, Any]]
 @torch.no_grad()
 def hashes(tensors: Sequence[Tensor]) -> list[str]:
     """The hash of each tensor (its fingerprint's ``"hash"``), those of one shape, dtype and device hashed
-    together: a few launches for a group, where a fingerprint costs ~11 for each tensor (a 7B model has 448
-    small initial factors), and one read-back per device."""
+    together: a few launches for a group, where a fingerprint costs about ten for each tensor (and a large model has
+    hundreds of small initial factors), and one read-back per device."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((tuple(t.shape), t.dtype, t.device), []).append(i)
@@ -172,7 +174,7 @@ def is_finite(print_: dict[str, Any]) -> bool:
 def same(saved: dict[str, Any], weight: Tensor) -> bool:
     """Whether ``weight`` is the tensor a saved fingerprint describes (exactly; a version-1 fingerprint:
     moments to LEGACY_RTOL and its sampled elements exactly)."""
-    if saved.get("shape") != list(weight.shape) or saved.get("dtype") != str(weight.dtype).removeprefix("torch."):
+    if saved.get("shape") != list(weight.shape) or saved.get("dtype") != dtype_name(weight.dtype):
         return False
     if "hash" in saved:
         return bool(saved["hash"] == fingerprint(weight)["hash"])

@@ -14,10 +14,9 @@ from collections.abc import Sequence
 from ..core.decompose import explained_energy
 from ..core.errors import StateError
 from ..io import adapter_file as state
-from ..io import records
+from ..io import records, trained_modules
 from ..io import residual_file as residual
 from ..io.safefile import read
-from ..plan import trained
 from .peft_export import PEFT_PREFIX, SERVING_RANK_LIMIT, convert_to_lora, snap_rank
 from .peft_import import import_peft_files
 
@@ -83,7 +82,7 @@ def _inspect(args: argparse.Namespace) -> int:
             )
         return 0
     info, recs, other = state.read(args.file)  # every field checked
-    full, _ = trained.unpack(info.get("trained"), dict(other), f"minipissa: '{args.file}'")
+    full, _ = trained_modules.unpack(info.get("trained"), dict(other), f"minipissa: '{args.file}'")
     print("config: " + ", ".join(f"{k}={v}" for k, v in records.config_summary(recs).items()))
     print(f"optimizer state: {'yes, ' + info['optimizer']['class'] if info.get('optimizer') else 'no'}")
     print(f"modules trained in full: {', '.join(sorted(full)) or 'none'}")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from ..core.checks import Check
 from ..core.errors import StateError
-from ..io.records import _Check
 
 #: PEFT's LoraConfig defaults (peft 0.21.2) of the fields read here: what a key missing from
 #: adapter_config.json means to PEFT.
@@ -20,7 +20,7 @@ PEFT_DEFAULTS: dict[str, Any] = {
 def lora_settings(config: Any, where: str) -> dict[str, Any]:
     """The fields of a PEFT LoRA ``adapter_config.json`` that import reads, each of PEFT's type (a StateError
     naming the field otherwise), missing ones at :data:`PEFT_DEFAULTS`; pattern keys compiled (:func:`lookup`)."""
-    check = _Check(where, "fix the adapter_config.json, or export the adapter again with PEFT")
+    check = Check(where, StateError, "fix the adapter_config.json, or export the adapter again with PEFT")
     given = check.mapping(config, "adapter_config.json")
     if given.get("peft_type") != "LORA":
         check.fail("peft_type", "'LORA' (a PEFT LoRA adapter)", given.get("peft_type"))

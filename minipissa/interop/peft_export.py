@@ -29,10 +29,10 @@ from ..core.dtensor import write_once
 from ..core.errors import PathLike, StateError, as_path
 from ..core.weights import lora_scaling
 from ..io import adapter_file as state
+from ..io import trained_modules
 from ..io.atomic import atomic_write_dir, write_target
 from ..io.records import ModuleRecord
 from ..io.safefile import write_safetensors
-from ..plan import trained
 from ..plan.tree import adapted_layers, unwrap
 
 PEFT_PREFIX = "base_model.model."
@@ -188,11 +188,11 @@ def _records(src: PathLike | nn.Module) -> tuple[list[ModuleRecord], dict[str, d
     if isinstance(src, nn.Module):
         src = unwrap(src, "convert_to_lora")
         recs = state.records_of(adapted_layers(src, "convert_to_lora"))
-        full_tensors, meta = trained.pack(src)
+        full_tensors, meta = trained_modules.pack(src)
     else:
         info, recs, full_tensors = state.read(src)
         meta = info.get("trained")
-    full, _ = trained.unpack(meta, dict(full_tensors), f"minipissa.convert_to_lora('{src}')")
+    full, _ = trained_modules.unpack(meta, dict(full_tensors), f"minipissa.convert_to_lora('{src}')")
     edited = [rec.name for rec in recs if rec.info.get("residual_edited")]
     if edited:
         raise StateError(

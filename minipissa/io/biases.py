@@ -9,22 +9,27 @@ trained bias), restores the trained one and lets it train on. Files of format ve
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..core.dtensor import full_tensor
+from ..core.dtypes import dtype_name
 from ..core.errors import StateError
 from ..core.fingerprint import fingerprint, same
 from ..nn.layer import PiSSALinear
 from .records import ModuleRecord
 
 
-def keep_trained(layers: Sequence[tuple[str, PiSSALinear]], recs: Sequence[ModuleRecord], prints: list[Any]) -> None:
-    """Set ``rec.bias`` (a CPU copy) on the records of the layers whose bias was trained since apply; ``prints``:
+def keep_trained(
+    layers: Sequence[tuple[str, PiSSALinear]], recs: Sequence[ModuleRecord], prints: list[Any]
+) -> list[ModuleRecord]:
+    """The records, with ``bias`` (a CPU copy) on those of the layers whose bias was trained since apply; ``prints``:
     the fingerprints, as they are now, of the biases of ``layers`` that have one, in order."""
     now = iter(prints)
+    out = []
     for (name, layer), rec in zip(layers, recs, strict=True):
         base = rec.info.get("bias_fingerprint", False)  # False: a layer made before biases were recorded
         if base is not False and (base is None) != (layer.bias is None):
@@ -34,6 +39,7 @@ def keep_trained(layers: Sequence[tuple[str, PiSSALinear]], recs: Sequence[Modul
                 "bias (or none), not this model's. Put the bias back as apply() found it"
             )
         if layer.bias is None:
+            out.append(rec)
             continue
         print_ = next(now)
         # As for a residual, a cast to another dtype is no change: load, then cast, reproduces it
@@ -42,7 +48,9 @@ def keep_trained(layers: Sequence[tuple[str, PiSSALinear]], recs: Sequence[Modul
             bias = full_tensor(layer.bias).cpu()
             if not bool(torch.isfinite(bias).all()):
                 raise StateError(f"minipissa: module '{name}': its trained bias holds NaN or inf; nothing was saved")
-            rec.bias = bias
+            rec = replace(rec, bias=bias)
+        out.append(rec)
+    return out
 
 
 def check(bias: Tensor | None, rec: ModuleRecord, where: str, layer: PiSSALinear | None = None) -> None:
@@ -65,7 +73,7 @@ def check(bias: Tensor | None, rec: ModuleRecord, where: str, layer: PiSSALinear
         raise StateError(f"{where} was adapted on a base with another bias than the file's; load onto the base model")
     if (layer is not None and rec.bias is not None) or same(saved, full_tensor(bias)):
         return
-    if str(bias.dtype).removeprefix("torch.") != saved["dtype"] and rec.bias is None:
+    if dtype_name(bias.dtype) != saved["dtype"] and rec.bias is None:
         # A residual base saved after a cast of the model (model.half()): its bias was cast with it, and a cast is no
         # edit. The fingerprint is of the uncast bias, so it cannot be compared; the residual's own was (state._check).
         return

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import torch
 from torch import Tensor
 
+from ..core.checks import Check
 from ..core.dtensor import full_tensor
 from ..core.errors import StateError
 
@@ -87,11 +88,12 @@ def _encode(hyper: dict[str, Any], group: int, tensors: dict[str, Tensor]) -> tu
     return encoded, places
 
 
-def check_meta(meta: dict[str, Any], where: str) -> None:
-    """A StateError unless ``meta`` has the structure :func:`pack` writes (values are checked by :func:`unpack`)."""
+def check_meta(meta: dict[str, Any], check: Check) -> None:
+    """Fails ``check`` (the file's) unless ``meta`` has the structure :func:`pack` writes (values are checked by
+    :func:`unpack`)."""
 
     def fail(what: str) -> NoReturn:
-        raise StateError(f"{where}: the optimizer state's {what} is malformed; the file is corrupted or crafted")
+        check.malformed(f"the optimizer state's {what}")
 
     if set(meta) != {"class", "param_groups", "state"} or not isinstance(meta["class"], str):
         fail("header")
@@ -232,26 +234,31 @@ def unpack(
                 f"{where}: param group {i}'s {wrong[:3]} do not fit the optimizer's (e.g. a str lr, or a tensor lr "
                 "of another shape); create the optimizer as it was when saved"
             )
-        ids = []
-        for name in names:
+        ids = list(range(index, index + len(names)))
+        index += len(names)
+        for i, name in zip(ids, names, strict=True):
             entry = meta["state"].get(name)
             if entry is not None:
-                keys = [f"{PREFIX}{name}:{k}" for k in entry["tensors"]]
-                if any(k not in tensors for k in keys):
-                    raise StateError(f"{where}: optimizer tensors of '{name}' are missing; the file is incomplete")
-                for key in keys:
-                    _check_tensor(tensors[key], params[name], f"{where}: '{key}'")
-                used.update(keys)
-                state[index] = entry["scalars"] | {
-                    k: tensors[key] for k, key in zip(entry["tensors"], keys, strict=True)
-                }
-            ids.append(index)
-            index += 1
+                state[i] = _param_state(entry, name, params[name], tensors, used, where)
         groups.append(hyper | {"params": ids})
     unused = sorted(set(tensors) - used)
     if unused:
         raise StateError(f"{where}: the file holds optimizer tensors no parameter accounts for: {unused[:5]}")
     return {"state": state, "param_groups": groups}
+
+
+def _param_state(
+    entry: dict[str, Any], name: str, param: Tensor, tensors: dict[str, Tensor], used: set[str], where: str
+) -> dict[str, Any]:
+    """The saved state of parameter ``name`` (its scalars and its checked tensors); the tensors' names go into
+    ``used``."""
+    keys = [f"{PREFIX}{name}:{k}" for k in entry["tensors"]]
+    if any(k not in tensors for k in keys):
+        raise StateError(f"{where}: optimizer tensors of '{name}' are missing; the file is incomplete")
+    for key in keys:
+        _check_tensor(tensors[key], param, f"{where}: '{key}'")
+    used.update(keys)
+    return entry["scalars"] | {k: tensors[key] for k, key in zip(entry["tensors"], keys, strict=True)}
 
 
 def _check_tensor(tensor: Tensor, param: Tensor, where: str) -> None:

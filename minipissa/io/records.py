@@ -14,23 +14,23 @@ Version 4 fingerprints the base's bias too (``bias_fingerprint``, None for a lay
 from __future__ import annotations
 
 import json
-import math
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..core.checks import Check
 from ..core.decompose import compute_dtype
 from ..core.dtensor import full_tensor
+from ..core.dtypes import FLOATS, dtype_name
 from ..core.errors import StateError
 from ..core.nf4 import BLOCK
 from ..nn.layer import PiSSALinear
-from ..plan import trained
-from ..plan.config import RECORDED, check_recorded, scaling_error
-from . import optimizer_state
+from ..plan.config import RECORDED, check_recorded
+from ..plan.settings import Settings, check_alpha, check_dropout, check_rank
+from . import optimizer_state, trained_modules
 
 FACTORS = ("A", "B", "A0", "B0")
 FIELDS = ("rank", "alpha", "rslora", "fan_in_fan_out", "in_features", "out_features", "dropout", "base_dtype")
@@ -40,27 +40,17 @@ INFO = (*RECORDED, "singular_values", "weight_norm", "base_fingerprint", "residu
 NF4_INFO = ("nf4_error", "qlora_error", "nf4_sha256")
 #: Info keys that version 1-2 files lack, and their values there.
 DENSE_DEFAULTS = {"quantize": None, "quant_iters": 1}
-FLOAT_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
 CONFIG_KEYS = ("rank", "alpha", "rslora", *RECORDED)
 
 
-@dataclass
-class ModuleRecord:
-    """One adapted module as saved: hyperparameters, init info and the four factors (CPU tensors)."""
+@dataclass(frozen=True, kw_only=True)
+class ModuleRecord(Settings):
+    """One adapted module as saved: its settings (``adapter_dtype``: A's, ``quantize``: the info's), its size and
+    base dtype, init info and the four factors (CPU tensors)."""
 
     name: str
-    rank: int
-    alpha: float
-    rslora: bool
-    fan_in_fan_out: bool
     in_features: int
     out_features: int
-    dropout: float
     base_dtype: str
     info: dict[str, Any]
     A: Tensor  # (r, in)
@@ -89,11 +79,13 @@ def from_layer(
     info["residual_fingerprint"] = residual_print
     dropout = layer.dropout.p if isinstance(layer.dropout, torch.nn.Dropout) else 0.0
     base = info.get("base_fingerprint")
-    base_dtype = base["dtype"] if isinstance(base, dict) else str(layer.weight.dtype).removeprefix("torch.")
-    tensors = [full_tensor(t).cpu() for t in (layer.A, layer.B, layer.A0, layer.B0)]
+    base_dtype = base["dtype"] if isinstance(base, dict) else dtype_name(layer.weight.dtype)
+    a, b, a0, b0 = (full_tensor(t).cpu() for t in (layer.A, layer.B, layer.A0, layer.B0))
     return ModuleRecord(
-        name, layer.rank, layer.alpha, layer.rslora, layer.fan_in_fan_out, layer.in_features, layer.out_features,
-        float(dropout), base_dtype, info, *tensors,
+        rank=layer.rank, alpha=layer.alpha, rslora=layer.rslora, fan_in_fan_out=layer.fan_in_fan_out,
+        dropout=float(dropout), adapter_dtype=a.dtype, quantize=info.get("quantize"), name=name,
+        in_features=layer.in_features, out_features=layer.out_features, base_dtype=base_dtype, info=info,
+        A=a, B=b, A0=a0, B0=b0,
     )  # fmt: skip
 
 
@@ -114,17 +106,21 @@ def parse(
 ) -> tuple[list[ModuleRecord], dict[str, Tensor]]:
     """The module records of an adapter file's verified blob and tensors, and its optimizer tensors. ``saving``:
     save() runs these checks on what it is about to write (the errors then say that load() would refuse it)."""
-    check = _Check(where, SAVING if saving else CRAFTED)
+    check = Check(where, StateError, SAVING if saving else CRAFTED)
     check.text(info.get("minipissa_version"), "minipissa_version")
     modules = check.mapping(info.get("modules"), "modules")
     if not modules:
         check.fail("modules", "a non-empty object", modules)
     check.mapping(info.get("config"), "config")
     if info.get("optimizer") is not None:
-        optimizer_state.check_meta(check.mapping(info["optimizer"], "optimizer"), where)
+        optimizer_state.check_meta(check.mapping(info["optimizer"], "optimizer"), check)
     tensors = dict(tensors)
     recs = [_record(check, name, meta, tensors) for name, meta in modules.items()]
-    extra = [k for k in tensors if not k.startswith((optimizer_state.PREFIX, trained.PREFIX, trained.INITIAL))]
+    extra = [
+        k
+        for k in tensors
+        if not k.startswith((optimizer_state.PREFIX, trained_modules.PREFIX, trained_modules.INITIAL))
+    ]
     if extra:
         raise StateError(f"{where} holds tensors no module accounts for: {extra[:5]}")
     return recs, tensors
@@ -143,107 +139,104 @@ def check_readable(payload: dict[str, Any], tensors: dict[str, Tensor]) -> None:
 _NAME = re.compile(r"[^.\s]+(\.[^.\s]+)*")
 
 
-def _record(check: _Check, name: str, meta: Any, tensors: dict[str, Tensor]) -> ModuleRecord:
+def _record(check: Check, name: str, meta: Any, tensors: dict[str, Tensor]) -> ModuleRecord:
     if not _NAME.fullmatch(name):
         check.fail("a module name", "a dotted module path", name)
-    field = f"module '{name}'"
-    meta = check.mapping(meta, field, keys=(*FIELDS, "info"))
-    rank = check.integer(meta["rank"], f"{field} rank", low=1)
-    alpha = check.number(meta["alpha"], f"{field} alpha", low=0.0, low_open=True)
-    rslora = check.boolean(meta["rslora"], f"{field} rslora")
-    error = scaling_error(alpha, rank, rslora)
-    if error:
-        check.fail(f"{field} alpha", error, alpha)
-    in_f = check.integer(meta["in_features"], f"{field} in_features", low=1)
-    out_f = check.integer(meta["out_features"], f"{field} out_features", low=1)
-    dropout = check.number(meta["dropout"], f"{field} dropout", low=0.0, high=1.0, high_open=True)
-    base_dtype = check.text(meta["base_dtype"], f"{field} base_dtype", choices=tuple(FLOAT_DTYPES))
-    flip = check.boolean(meta["fan_in_fan_out"], f"{field} fan_in_fan_out")
-    info = _info(check, field, meta["info"], rank, (in_f, out_f) if flip else (out_f, in_f), base_dtype)
+    meta = check.mapping(meta, f"module '{name}'", keys=(*FIELDS, "info"))
+    check = check.within(f"module '{name}'")
+    rank = check_rank(check, meta["rank"])
+    rslora = check.boolean(meta["rslora"], "rslora")
+    alpha = check_alpha(check, meta["alpha"], rank, rslora)
+    in_f, out_f = (check.integer(meta[k], k, low=1) for k in ("in_features", "out_features"))
+    dropout = check_dropout(check, meta["dropout"])
+    base_dtype = check.text(meta["base_dtype"], "base_dtype", choices=tuple(FLOATS))
+    flip = check.boolean(meta["fan_in_fan_out"], "fan_in_fan_out")
+    info = _info(check, meta["info"], rank, (in_f, out_f) if flip else (out_f, in_f), base_dtype)
     missing = [f"{name}.{k}" for k in FACTORS if f"{name}.{k}" not in tensors]
     if missing:
-        raise StateError(f"{check.where}: {field} lacks tensors {missing}; the file is incomplete")
+        raise StateError(f"{check.where}: module '{name}' lacks tensors {missing}; the file is incomplete")
     a, b, a0, b0 = (tensors.pop(f"{name}.{k}") for k in FACTORS)
     shapes = [tuple(t.shape) for t in (a, b, a0, b0)]
     if shapes != [(rank, in_f), (out_f, rank)] * 2:
-        check.fail(f"{field} A, B, A0, B0", f"of shapes ({rank}, {in_f}), ({out_f}, {rank}) twice", shapes)
+        check.fail("A, B, A0, B0", f"of shapes ({rank}, {in_f}), ({out_f}, {rank}) twice", shapes)
     if not (a.dtype == b.dtype and a.is_floating_point()) or not a0.dtype == b0.dtype == compute_dtype(
-        FLOAT_DTYPES[base_dtype]
+        FLOATS[base_dtype]
     ):
-        check.fail(f"{field} dtypes of A, B, A0, B0", "one float dtype for A and B; A0, B0 in the decomposition dtype",
+        check.fail("dtypes of A, B, A0, B0", "one float dtype for A and B; A0, B0 in the decomposition dtype",
                    [str(t.dtype) for t in (a, b, a0, b0)])  # fmt: skip
     if not all(bool(torch.isfinite(t).all()) for t in (a, b, a0, b0)):
-        check.fail(f"{field} A, B, A0, B0", "finite", "NaN or infinite values")
-    bias = _bias(check, field, info, tensors.pop(f"{name}.bias", None), out_f)
-    return ModuleRecord(name, rank, alpha, rslora, flip, in_f, out_f, dropout, base_dtype, info, a, b, a0, b0, bias)
+        check.fail("A, B, A0, B0", "finite", "NaN or infinite values")
+    bias = _bias(check, info, tensors.pop(f"{name}.bias", None), out_f)
+    return ModuleRecord(
+        rank=rank, alpha=alpha, rslora=rslora, fan_in_fan_out=flip, dropout=dropout, adapter_dtype=a.dtype,
+        quantize=info["quantize"], name=name, in_features=in_f, out_features=out_f, base_dtype=base_dtype, info=info,
+        A=a, B=b, A0=a0, B0=b0, bias=bias,
+    )  # fmt: skip
 
 
-def _bias(check: _Check, field: str, info: dict[str, Any], bias: Tensor | None, out_f: int) -> Tensor | None:
+def _bias(check: Check, info: dict[str, Any], bias: Tensor | None, out_f: int) -> Tensor | None:
     """The module's bias as trained (version 4; None: not trained), and its base's fingerprint, checked."""
     if info.get("bias_fingerprint") is not None:  # None: the base layer has no bias; absent: a file of version <= 3
-        base = _fingerprint(check, info["bias_fingerprint"], f"{field} bias_fingerprint")
+        base = _fingerprint(check, info["bias_fingerprint"], "bias_fingerprint")
         if list(base["shape"]) != [out_f] or "hash" not in base:
-            check.fail(f"{field} bias_fingerprint", f"an exact fingerprint of a bias of shape [{out_f}]", base)
+            check.fail("bias_fingerprint", f"an exact fingerprint of a bias of shape [{out_f}]", base)
     if bias is None:
         return None
     if info.get("bias_fingerprint") is None:
-        check.fail(f"{field} info", "a bias_fingerprint (the file holds a trained bias)", sorted(info))
+        check.fail("info", "a bias_fingerprint (the file holds a trained bias)", sorted(info))
     if tuple(bias.shape) != (out_f,) or not bias.is_floating_point():
-        check.fail(f"{field} bias", f"floating-point, of shape ({out_f},)", f"{bias.dtype} {tuple(bias.shape)}")
+        check.fail("bias", f"floating-point, of shape ({out_f},)", f"{bias.dtype} {tuple(bias.shape)}")
     if not bool(torch.isfinite(bias).all()):
-        check.fail(f"{field} bias", "finite", "NaN or infinite values")
+        check.fail("bias", "finite", "NaN or infinite values")
     return bias
 
 
-def _info(check: _Check, field: str, value: Any, rank: int, shape: tuple[int, int], dtype: str) -> dict[str, Any]:
+def _info(check: Check, value: Any, rank: int, shape: tuple[int, int], dtype: str) -> dict[str, Any]:
     required = tuple(k for k in INFO if k not in DENSE_DEFAULTS)
     info = check.mapping(
         value,
-        f"{field} info",
+        "info",
         keys=required,
         optional=("residual_edited", "bias_fingerprint", *DENSE_DEFAULTS, *NF4_INFO),
     )
     info = DENSE_DEFAULTS | info
-    try:  # the very checks apply() runs on its arguments: what apply() accepts, a file holds, and nothing else
-        check_recorded(info)
-    except ValueError as e:
-        raise StateError(f"{check.where}: {field} {str(e).removeprefix('minipissa: ')}; {check.tail}") from None
+    check_recorded(info, check)  # the very checks apply() runs on its arguments: what apply() accepts, a file holds
     quantized = info["quantize"] is not None
     if quantized:
         for key in NF4_INFO:
             if key not in info:
-                check.fail(f"{field} info", f"an object with '{key}' (an NF4 residual)", sorted(info))
-        check.number(info["nf4_error"], f"{field} nf4_error", low=0.0)
-        check.number(info["qlora_error"], f"{field} qlora_error", low=0.0)
+                check.fail("info", f"an object with '{key}' (an NF4 residual)", sorted(info))
+        check.number(info["nf4_error"], "nf4_error", low=0.0)
+        check.number(info["qlora_error"], "qlora_error", low=0.0)
         if not (isinstance(info["nf4_sha256"], str) and re.fullmatch("[0-9a-f]{64}", info["nf4_sha256"])):
-            check.fail(f"{field} nf4_sha256", "64 hex digits", info["nf4_sha256"])
+            check.fail("nf4_sha256", "64 hex digits", info["nf4_sha256"])
     elif any(k in info for k in NF4_INFO):
-        check.fail(f"{field} info", "no NF4 fields for a dense residual", sorted(info))
-    sigma = check.array(info["singular_values"], f"{field} singular_values")
+        check.fail("info", "no NF4 fields for a dense residual", sorted(info))
+    sigma = check.array(info["singular_values"], "singular_values")
     if len(sigma) not in (0, rank):
-        check.fail(f"{field} singular_values", f"{rank} values (or none, for init='lora')", sigma)
+        check.fail("singular_values", f"{rank} values (or none, for init='lora')", sigma)
     for s in sigma:
-        check.number(s, f"{field} singular_values", low=0.0)
-    check.number(info["weight_norm"], f"{field} weight_norm", low=0.0)
-    base = _fingerprint(check, info["base_fingerprint"], f"{field} base_fingerprint")
-    residual = _fingerprint(check, info["residual_fingerprint"], f"{field} residual_fingerprint")
+        check.number(s, "singular_values", low=0.0)
+    check.number(info["weight_norm"], "weight_norm", low=0.0)
+    base = _fingerprint(check, info["base_fingerprint"], "base_fingerprint")
+    residual = _fingerprint(check, info["residual_fingerprint"], "residual_fingerprint")
     if tuple(base["shape"]) != shape or base["dtype"] != dtype:
-        check.fail(f"{field} base_fingerprint", f"of a {dtype} weight of shape {list(shape)}", base)
+        check.fail("base_fingerprint", f"of a {dtype} weight of shape {list(shape)}", base)
     numel = shape[0] * shape[1]
     stored = [(numel + 1) // 2 + 4 * -(-numel // BLOCK)] if quantized else list(shape)  # NF4: codes + absmax bytes
     if list(residual["shape"]) != stored or (residual["dtype"] == "uint8") != quantized:
-        check.fail(f"{field} residual_fingerprint", f"of a residual stored as {stored}", residual)
+        check.fail("residual_fingerprint", f"of a residual stored as {stored}", residual)
     if "residual_edited" in info:
-        check.boolean(info["residual_edited"], f"{field} residual_edited")
+        check.boolean(info["residual_edited"], "residual_edited")
     return info
 
 
-def _fingerprint(check: _Check, value: Any, field: str) -> dict[str, Any]:
+def _fingerprint(check: Check, value: Any, field: str) -> dict[str, Any]:
     exact = isinstance(value, dict) and "hash" in value
     print_ = check.mapping(value, field, keys=("shape", "dtype", "sum", "sumsq", "hash" if exact else "sample_sha256"))
     for size in check.array(print_["shape"], f"{field} shape"):
         check.integer(size, f"{field} shape", low=0)
-    check.text(print_["dtype"], f"{field} dtype", choices=(*FLOAT_DTYPES, "uint8"))
+    check.text(print_["dtype"], f"{field} dtype", choices=(*FLOATS, "uint8"))
     check.number(print_["sum"], f"{field} sum")
     check.number(print_["sumsq"], f"{field} sumsq", low=0.0)
     digest, length = ("hash", 16) if exact else ("sample_sha256", 64)
@@ -254,55 +247,3 @@ def _fingerprint(check: _Check, value: Any, field: str) -> dict[str, Any]:
 
 CRAFTED = "the file is corrupted or crafted"
 SAVING = "load() would refuse such a file, so save() wrote nothing (training diverged, or a layer edited by hand?)"
-
-
-class _Check:
-    """Field checks of one file's metadata; each failure is a StateError naming the file, field and value."""
-
-    def __init__(self, where: str, tail: str) -> None:
-        self.where, self.tail = where, tail
-
-    def fail(self, field: str, expected: str, value: Any) -> NoReturn:
-        shown = repr(value)
-        shown = shown if len(shown) <= 80 else shown[:77] + "..."
-        raise StateError(f"{self.where}: {field} must be {expected}, got {shown}; {self.tail}")
-
-    def integer(self, value: Any, field: str, low: int = 0) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value < 2**63:
-            self.fail(field, f"an integer >= {low}", value)
-        return value
-
-    def number(
-        self, value: Any, field: str, low: float = -math.inf, high: float = math.inf, *,
-        low_open: bool = False, high_open: bool = False,
-    ) -> float:  # fmt: skip
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        ok = ok and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
-        if not ok:
-            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-            self.fail(field, f"a finite number in {interval}", value)
-        return float(value)
-
-    def boolean(self, value: Any, field: str) -> bool:
-        if not isinstance(value, bool):
-            self.fail(field, "true or false", value)
-        return value
-
-    def text(self, value: Any, field: str, choices: tuple[str, ...] | None = None) -> str:
-        if not isinstance(value, str) or (choices is not None and value not in choices):
-            self.fail(field, f"one of {list(choices)}" if choices else "a string", value)
-        return value
-
-    def array(self, value: Any, field: str) -> list[Any]:
-        if not isinstance(value, list):
-            self.fail(field, "a list", value)
-        return value
-
-    def mapping(
-        self, value: Any, field: str, keys: tuple[str, ...] | None = None, optional: tuple[str, ...] = ()
-    ) -> dict[str, Any]:
-        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-            self.fail(field, "an object", value)
-        if keys is not None and not set(keys) <= set(value) <= set(keys) | set(optional):
-            self.fail(field, f"an object with the keys {list(keys)}", sorted(value))
-        return dict(value)

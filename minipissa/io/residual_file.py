@@ -16,7 +16,9 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from ..core.checks import Check
 from ..core.dtensor import full_tensor, is_dtensor, refuse_sharded, write_once
+from ..core.dtypes import FLOATS, dtype_name
 from ..core.errors import PathLike, StateError
 from ..core.nf4 import NF4Weight
 from ..core.weights import is_conv1d
@@ -57,7 +59,7 @@ def save_residual(model: nn.Module, path: PathLike) -> None:
         else:
             tensors[key] = full_tensor(value)
     quantized = {
-        name: {"shape": list(layer.weight.shape), "dtype": str(layer.weight.dtype).removeprefix("torch."),
+        name: {"shape": list(layer.weight.shape), "dtype": dtype_name(layer.weight.dtype),
                "fan_in_fan_out": layer.fan_in_fan_out}
         for name, layer in layers.items() if layer.quantized
     }  # fmt: skip
@@ -69,47 +71,44 @@ def read(path: PathLike) -> tuple[dict[str, str], list[str], dict[str, Tensor], 
     """The tied keys ({key: first key}), adapted module names, tensors and 4-bit residuals ({module: NF4Weight},
     their tensors taken out of ``tensors``) of a residual file, every field checked."""
     info, tensors = safefile.read(path, KIND)
+    check = Check(f"minipissa: '{path}'", StateError)
     tied, modules = info.get("tied"), info.get("residual_modules")
     strings = isinstance(modules, list) and all(isinstance(m, str) for m in modules)
     pairs = isinstance(tied, dict) and all(
         isinstance(v, str) and v in tensors and k not in tensors for k, v in tied.items()
     )
     if not (strings and pairs):
-        raise StateError(f"minipissa: '{path}': the residual file's tied keys or module list are malformed")
+        check.refuse("the residual file's tied keys or module list are malformed")
     quantized = {}
-    for name, meta in _mapping(info.get("quantized", {}), path).items():
-        quantized[name] = _nf4_weight(name, _mapping(meta, path), tensors, path)
+    for name, meta in _mapping(info.get("quantized", {}), check).items():
+        quantized[name] = _nf4_weight(_mapping(meta, check), tensors, name, check.within(f"module '{name}'"))
     return cast(dict[str, str], tied), cast(list[str], modules), tensors, quantized
 
 
-def _mapping(value: Any, path: PathLike) -> dict[str, Any]:
+def _mapping(value: Any, check: Check) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise StateError(f"minipissa: '{path}': the residual file's 4-bit entries are malformed")
+        check.refuse("the residual file's 4-bit entries are malformed")
     return value
 
 
-def _nf4_weight(name: str, meta: dict[str, Any], tensors: dict[str, Tensor], path: PathLike) -> NF4Weight:
+def _nf4_weight(meta: dict[str, Any], tensors: dict[str, Tensor], name: str, check: Check) -> NF4Weight:
     """The 4-bit residual of module ``name``, its codes and absmax popped from ``tensors``."""
-    where = f"minipissa: '{path}': module '{name}'"
-    shape, dtype = meta.get("shape"), _FLOAT.get(meta.get("dtype"))  # type: ignore[arg-type]
+    shape, dtype = meta.get("shape"), FLOATS.get(meta.get("dtype"))  # type: ignore[arg-type]
     keys = (f"{name}.weight.codes", f"{name}.weight.absmax")
     well_formed = (
         isinstance(shape, list) and len(shape) == 2 and all(type(s) is int and s > 0 for s in shape)
         and dtype is not None and isinstance(meta.get("fan_in_fan_out"), bool) and all(k in tensors for k in keys)
     )  # fmt: skip
     if not well_formed:
-        raise StateError(f"{where}: its 4-bit residual's shape, dtype, layout or tensors are malformed")
+        check.refuse("its 4-bit residual's shape, dtype, layout or tensors are malformed")
     codes, absmax = (tensors.pop(k) for k in keys)
     try:
         weight = NF4Weight(codes, absmax, tuple(cast(list[int], shape)), cast(torch.dtype, dtype))
     except ValueError as e:
-        raise StateError(f"{where}: {e}") from None
+        check.refuse(str(e))
     if not bool((torch.isfinite(absmax) & (absmax >= 0)).all()):
-        raise StateError(f"{where}: its 4-bit residual's absmax holds negative or non-finite values")
+        check.refuse("its 4-bit residual's absmax holds negative or non-finite values")
     return weight
-
-
-_FLOAT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def load_residual(model: nn.Module, path: PathLike) -> nn.Module:
@@ -127,9 +126,27 @@ def load_residual(model: nn.Module, path: PathLike) -> nn.Module:
     if any(True for _ in pissa_layers(model)):
         raise StateError(f"{where}: the model already has PiSSA layers; load residual weights into a plain model")
     modules = {name: _quantized_module(model, name, weight, where) for name, weight in quantized.items()}
-    state = model.state_dict(keep_vars=True)
     replaced = {f"{name}.weight" for name in quantized}
-    state = {k: v for k, v in state.items() if k not in replaced}
+    state = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in replaced}
+    _check_state(state, tensors, tied, where)
+    with torch.no_grad():
+        for key, value in tensors.items():
+            state[key].copy_(value)
+    aliases = module_aliases(model)
+    for name, weight in quantized.items():
+        module = modules[name]
+        bias = cast(Tensor | None, module.bias)
+        device = bias.device if bias is not None else cast(Tensor, module.weight).device
+        weight = weight.to("cpu" if device.type == "meta" else device)
+        replace_module(
+            model, name, NF4Linear(module, weight, None if bias is None else bias.detach(), is_conv1d(module)), aliases
+        )
+    return outer
+
+
+def _check_state(state: dict[str, Tensor], tensors: dict[str, Tensor], tied: dict[str, str], where: str) -> None:
+    """The model's state (but the 4-bit residuals' weights) takes the file's tensors: the same keys, real tensors,
+    tied where the file's are and only there, each of the file's shape and dtype."""
     expected = set(tensors) | set(tied)
     missing, extra = sorted(set(state) - expected), sorted(expected - set(state))
     if missing or extra:
@@ -159,19 +176,6 @@ def load_residual(model: nn.Module, path: PathLike) -> nn.Module:
                 f"{where}: '{key}' is {tuple(target.shape)} {target.dtype} in the model, {tuple(value.shape)} "
                 f"{value.dtype} in the file"
             )
-    with torch.no_grad():
-        for key, value in tensors.items():
-            state[key].copy_(value)
-    aliases = module_aliases(model)
-    for name, weight in quantized.items():
-        module = modules[name]
-        bias = cast(Tensor | None, module.bias)
-        device = bias.device if bias is not None else cast(Tensor, module.weight).device
-        weight = weight.to("cpu" if device.type == "meta" else device)
-        replace_module(
-            model, name, NF4Linear(module, weight, None if bias is None else bias.detach(), is_conv1d(module)), aliases
-        )
-    return outer
 
 
 def _quantized_module(model: nn.Module, name: str, weight: NF4Weight, where: str) -> nn.Module:

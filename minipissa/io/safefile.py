@@ -18,10 +18,10 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from ..core.dtypes import SAFETENSORS
 from ..core.errors import PathLike, StateError, as_path
 from ..core.fingerprint import raw_bytes
 from .atomic import atomic_write
@@ -58,12 +58,6 @@ def tensors_digest(tensors: Mapping[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}  # fmt: skip
-
-
 def write_safetensors(tensors: Mapping[str, Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
     """Write plain CPU tensors in the safetensors format: an 8-byte little-endian header size, a JSON
     header (dtype, shape, byte range of each tensor; ``__metadata__``), then the raw bytes.
@@ -78,10 +72,10 @@ def write_safetensors(tensors: Mapping[str, Tensor], path: str, metadata: dict[s
     offset = 0
     for name in names:
         t = tensors[name]
-        if t.dtype not in SAFETENSORS_DTYPES:
+        if t.dtype not in SAFETENSORS:
             raise StateError(f"minipissa: tensor '{name}' has dtype {t.dtype}, which minipissa does not write")
         size = t.numel() * t.element_size()
-        dtype, shape = SAFETENSORS_DTYPES[t.dtype], list(t.shape)
+        dtype, shape = SAFETENSORS[t.dtype], list(t.shape)
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     if metadata:

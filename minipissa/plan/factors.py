@@ -22,10 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from ..core import decompose, qpissa
+from ..core.dtypes import dtype_name
 from ..core.errors import as_module
 from ..core.weights import is_conv1d, residual_weight, weight_matrix
 from . import stacked as batching
 from .config import InitConfig
+from .settings import Settings
 from .targets import Targets, find_targets, matches, shared_tensors
 from .tree import Plan
 
@@ -78,7 +80,11 @@ def plan_modules(
             )
         alpha = cfg.alpha_for(name, rank)
         plans.append(
-            Plan(name, module, rank, alpha, cfg.rslora, flip, float(cfg.dropout), cfg.adapter_dtype, cfg.quantize)
+            Plan(
+                name,
+                module,
+                Settings(rank, alpha, cfg.rslora, flip, float(cfg.dropout), cfg.adapter_dtype, cfg.quantize),
+            )
         )
     _refuse_unused_patterns(cfg, plans)
     return plans
@@ -221,7 +227,7 @@ def refuse_overflow(named: Sequence[tuple[str, Tensor]], kind: str, where: str) 
         refuse_nonfinite([n for n, _, _ in largest], f"{where} (is alpha so small or large that S / s overflows?)")
     shown = ", ".join(f"'{n}' (max |value| = {m:.3g})" for n, m in big[:5]) + (" ..." if len(big) > 5 else "")
     dtype = decompose.compute_dtype(named[0][1].dtype)
-    name = str(dtype).removeprefix("torch.")
+    name = dtype_name(dtype)
     wider = " cast the model to float64 first (model.double(): PiSSA then computes in float64)," * (
         dtype != torch.float64
     )

@@ -4,38 +4,34 @@ in place, freeze all but A/B."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, cast
 
-import torch
 from torch import Tensor, nn
 
 from ..core.errors import StateError, as_module
 from ..core.nf4 import NF4Weight
-from ..core.weights import lora_scaling, weight_matrix
+from ..core.weights import weight_matrix
 from ..nn.layer import PiSSALinear
 from . import trained
+from .settings import Settings
 
 
-@dataclass(frozen=True)
-class Plan:
-    """One module to adapt and its resolved settings: from apply()'s options or from a saved file."""
+@dataclasses.dataclass(frozen=True, init=False)
+class Plan(Settings):
+    """One module to adapt and its settings: resolved from apply()'s options, or a file's record (load)."""
 
-    name: str
-    module: nn.Module
-    rank: int
-    alpha: float
-    rslora: bool
-    fan_in_fan_out: bool
-    dropout: float = 0.0
-    adapter_dtype: torch.dtype | None = None
-    quantize: str | None = None  # "nf4": the residual is stored in 4 bits (QPiSSA)
+    name: str = dataclasses.field(kw_only=True)
+    module: nn.Module = dataclasses.field(kw_only=True)
 
-    @property
-    def scaling(self) -> float:
-        return lora_scaling(self.alpha, self.rank, self.rslora)
+    def __init__(self, name: str, module: nn.Module, settings: Settings) -> None:
+        """``settings``: resolved from apply()'s options, or a file's record (a record is a :class:`Settings`)."""
+        for f in dataclasses.fields(Settings):
+            object.__setattr__(self, f.name, getattr(settings, f.name))
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "module", module)
 
     @property
     def weight(self) -> Tensor:
@@ -112,9 +108,10 @@ def unwrap(model: nn.Module, what: str, *, adds_parameters: bool = False) -> nn.
 
 def _is_compiled(module: nn.Module) -> bool:
     """Whether ``module`` is torch.compile's wrapper, torch._dynamo.eval_frame.OptimizedModule (checked on torch 2.11
-    and 2.13): found by isinstance where torch has it (torch.compile loads that module; importing it here would cost
-    1.4 s), else by its class name, so that a torch which moved the class still unwraps; either way its
-    ``_orig_mod``, the documented way back to the compiled module, must be a module."""
+    and 2.13): found by isinstance where torch has it (torch.compile loads that module; importing it here would make
+    every import of minipissa pay for torch's compiler), else by its class name, so that a torch which moved the
+    class still unwraps; either way its ``_orig_mod``, the documented way back to the compiled module, must be a
+    module."""
     if not isinstance(getattr(module, "_orig_mod", None), nn.Module):
         return False
     known = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
@@ -142,7 +139,7 @@ def adapted_layers(model: nn.Module, what: str) -> list[tuple[str, PiSSALinear]]
 
 def module_aliases(model: nn.Module) -> dict[int, list[str]]:
     """Every name of each module (by id) in ``model``, shared modules under all of theirs: one walk of the tree,
-    for :func:`replace_module` calls in a loop (a walk per call is quadratic: seconds for a 7B model)."""
+    for :func:`replace_module` calls in a loop (a walk per call is quadratic in the model's size)."""
     aliases: dict[int, list[str]] = {}
     for alias, module in model.named_modules(remove_duplicate=False):
         if alias:
@@ -169,5 +166,5 @@ def train_adapters_only(model: nn.Module, what: str = "apply") -> None:
         layer.B.requires_grad_(True)
     modules = dict(model.named_modules())
     for name in trained.names(model, what):
-        if name in modules:  # one deleted since has nothing to train (save refuses to lose it: trained.pack)
+        if name in modules:  # one deleted since has nothing to train (save refuses to lose it: io/trained_modules.pack)
             modules[name].requires_grad_(True)

@@ -163,3 +163,59 @@ def test_summary_reports_energy_dead_components_and_counts():
     assert minipissa.summary(model).trainable == report.trainable + 40 - 16 * 6
     minipissa.unload(model)
     assert minipissa.summary(model).seconds is None
+
+
+# ---- InitConfig: every init option in one public value, apply(model, config=...) ----------------------------------
+
+
+def seeded_mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return MLP()
+
+
+def test_apply_with_a_config_is_apply_with_its_keywords_bit_for_bit() -> None:
+    options = dict(rank={"*": 4, "layers.1": 2}, alpha=8.0, rslora=True, niter=2, seed=3, dropout=0.1)
+    by_keywords = minipissa.apply(seeded_mlp(), targets="all-linear", **options)
+    config = minipissa.InitConfig(**options)
+    by_config = minipissa.apply(seeded_mlp(), config=config, targets="all-linear")
+    mine, theirs = dict(minipissa.pissa_layers(by_config)), dict(minipissa.pissa_layers(by_keywords))
+    assert mine.keys() == theirs.keys()
+    for name, layer in mine.items():
+        assert layer.info == theirs[name].info
+        for key, tensor in layer.state_dict().items():
+            assert torch.equal(tensor, theirs[name].state_dict()[key]), (name, key)
+    x = torch.randn(3, 32)
+    by_config.eval(), by_keywords.eval()
+    assert torch.equal(by_config(x), by_keywords(x))
+    assert minipissa.apply(MLP(), config=config, targets="all-linear", alpha=None, seed=0)  # defaults: no clash
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"config": minipissa.InitConfig(4), "rank": 4}, TypeError, r"\['rank'\] given beside config="),
+        ({"config": minipissa.InitConfig(4), "seed": 1, "quantize": "nf4"}, TypeError, r"\['seed', 'quantize'\]"),
+        ({"config": {"rank": 4}}, TypeError, "config must be a minipissa.InitConfig"),
+        ({}, TypeError, "pass rank="),
+        ({"rank": 4, "targets": None}, TypeError, "targets is required"),
+    ],
+)
+def test_a_config_beside_init_keywords_or_no_rank_is_a_named_error(kwargs, error, match) -> None:
+    model = MLP()
+    before = copy.deepcopy(model.state_dict())
+    kwargs = {"targets": "all-linear", **kwargs}
+    with pytest.raises(error, match=match):
+        minipissa.apply(model, **kwargs)
+    assert not list(minipissa.pissa_layers(model))
+    assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
+
+
+def test_apply_keywords_are_init_config_s_options_with_its_defaults() -> None:
+    """One set of defaults: every init keyword of apply() is an InitConfig option, with the same default."""
+    import dataclasses
+    import inspect
+
+    params = inspect.signature(minipissa.apply).parameters
+    for field in dataclasses.fields(minipissa.InitConfig):
+        if field.name not in ("rank", "stack"):
+            assert params[field.name].default == field.default, field.name

@@ -192,14 +192,14 @@ def test_save_load_is_bit_exact_and_checks_the_codes(tmp_path: Path, monkeypatch
         assert torch.equal(a.weight.codes, b.weight.codes) and torch.equal(a.weight.absmax, b.weight.absmax)
 
     # Re-quantizing elsewhere may round differently: a rebuilt residual with other codes is refused, model unchanged.
-    real = minipissa.io.adapter_file.residual_nf4
+    real = minipissa.io.adapter_fit.residual_nf4
 
     def other_rounding(*args):
         made = real(*args)
         made.codes[0] ^= 1
         return made
 
-    monkeypatch.setattr(minipissa.io.adapter_file, "residual_nf4", other_rounding)
+    monkeypatch.setattr(minipissa.io.adapter_fit, "residual_nf4", other_rounding)
     fresh = base()
     before = snapshot(fresh)
     with pytest.raises(StateError, match="other codes than the saved one"):

@@ -19,6 +19,7 @@ from torch import nn
 
 import minipissa
 from minipissa import StateError
+from minipissa.core.dtypes import SAFETENSORS
 from minipissa.io import safefile
 
 X = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
@@ -363,7 +364,7 @@ def test_saving_the_same_model_twice_gives_the_same_bytes(tmp_path: Path) -> Non
     assert len(contents) == 1
 
 
-@pytest.mark.parametrize("dtype", sorted(safefile.SAFETENSORS_DTYPES, key=str))
+@pytest.mark.parametrize("dtype", sorted(SAFETENSORS, key=str))
 def test_own_safetensors_writer_is_read_back_by_safetensors(tmp_path: Path, dtype: torch.dtype) -> None:
     from safetensors import safe_open
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -302,3 +303,27 @@ def test_permutations_anywhere_in_a_weight_are_detected(tmp_path):
 
 def _copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+@pytest.mark.parametrize(
+    ("where", "key", "value", "apply_kwargs", "tail"),
+    [
+        ("info", "seed", 2**63, {"seed": 2**63}, f"seed must be an int in [-2**63, 2**63) (int64), got {2**63}"),
+        ("info", "init", "gaussian", {"init": "gaussian"}, "init must be one of ['pissa', 'lora', 'loftq'], got 'g"),
+        ("module", "rank", 0, {"rank": {"*": 4, "2": 0}}, "module '2' rank must be an integer >= 1, got 0"),
+        ("module", "alpha", -1.0, {"alpha": {"*": 8.0, "2": -1.0}}, "module '2' alpha must be a finite number in (0"),
+        ("module", "dropout", 1.0, {"dropout": 1.0}, "dropout must be a finite number in [0, 1), got 1.0"),
+    ],
+)  # fmt: skip
+def test_a_file_s_option_and_the_same_apply_option_are_refused_by_one_check(
+    good, tmp_path, where, key, value, apply_kwargs, tail
+):
+    """core/checks.Check, through config.check_recorded and plan/settings: the same words for apply()'s argument
+    (a ValueError) and for a file's field (a StateError naming the file)."""
+    with pytest.raises(ValueError, match="minipissa: .*" + re.escape(tail)) as by_apply:
+        minipissa.apply(base(), **{"rank": 4, "targets": ["0", "2"], "alpha": 8.0, **apply_kwargs})
+    assert not isinstance(by_apply.value, StateError)
+    bad = tmp_path / "bad.safetensors"
+    meta = (lambda info: info["modules"]["2"]["info"]) if where == "info" else (lambda info: info["modules"]["2"])
+    rewrite(good, bad, lambda info, tensors: meta(info).__setitem__(key, value))
+    refused(bad, f"minipissa: '{re.escape(str(bad))}': .*" + re.escape(tail) + ".*; the file is corrupted or crafted")

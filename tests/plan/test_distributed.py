@@ -43,6 +43,7 @@ from minipissa.core.dtensor import is_dtensor
 from minipissa.core.weights import residual_weight, weight_matrix
 from minipissa.plan.config import InitConfig
 from minipissa.plan.factors import initial_factors
+from minipissa.plan.settings import Settings
 from minipissa.plan.sharded.factors import assign_owners
 from minipissa.plan.tree import Plan, unwrap
 
@@ -270,7 +271,9 @@ def assert_same_init(layers: dict[str, dict[str, Any]], fresh: nn.Module, kwargs
         got, info = layers[name]["tensors"], layers[name]["info"]
         weight = fresh.get_submodule(name).weight.detach()
         cfg = InitConfig(**{k: v for k, v in kwargs.items() if k != "targets"})
-        plan = Plan(name, fresh.get_submodule(name), layer.rank, layer.alpha, layer.rslora, layer.fan_in_fan_out)
+        plan = Plan(
+            name, fresh.get_submodule(name), Settings(layer.rank, layer.alpha, layer.rslora, layer.fan_in_fan_out)
+        )
         a0, b0, sigma = initial_factors(weight, plan, cfg)
         residual = residual_weight(weight, a0, b0, layer.scaling, layer.fan_in_fan_out)
         for key, expected in dict(A0=a0, B0=b0, A=a0, B=b0, weight=residual).items():
