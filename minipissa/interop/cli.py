@@ -154,7 +154,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return int(args.run(args))
+        code = int(args.run(args))
+        sys.stdout.flush()  # a reader gone already fails here, not in the interpreter's flush at exit (status 120)
+        return code
     except BrokenPipeError:  # `inspect ... | head`: the reader left; say nothing more (nor at exit)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
