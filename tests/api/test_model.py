@@ -174,8 +174,17 @@ def seeded_mlp() -> torch.nn.Module:
 
 
 def test_apply_with_a_config_is_apply_with_its_keywords_bit_for_bit() -> None:
-    options = dict(rank={"*": 4, "layers.1": 2}, alpha=8.0, rslora=True, niter=2, seed=3, dropout=0.1, quantize="nf4",
-                   quant_iters=2, adapter_dtype=torch.float64)
+    options = dict(
+        rank={"*": 4, "layers.1": 2},
+        alpha=8.0,
+        rslora=True,
+        niter=2,
+        seed=3,
+        dropout=0.1,
+        quantize="nf4",
+        quant_iters=2,
+        adapter_dtype=torch.float64,
+    )
     by_keywords = minipissa.apply(seeded_mlp(), targets="all-linear", **options)
     config = minipissa.InitConfig(**options)
     by_config = minipissa.apply(seeded_mlp(), config=config, targets="all-linear")
