@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import fields
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .core.dtensor import refuse_sharded
+from .core.dtensor import is_dtensor, refuse_sharded
+from .io.checkpoint import open_source
 from .nn import casts
 from .nn.layer import refuse_merged
 from .nn.weight_kinds import refuse_merge
@@ -19,10 +21,13 @@ from .plan.config import MEMORY_BUDGET, InitConfig
 from .plan.factors import (
     plan_modules,
 )
+from .plan.fetch import Fetcher, check_device
 from .plan.install import adapt
 from .plan.replaceable import hooks_on
+from .plan.sourced import ModelSource
 from .plan.targets import Targets
 from .plan.tree import (
+    Plan,
     adapted_layers,
     module_aliases,
     replace_module,
@@ -52,6 +57,8 @@ def apply(
     quantize: str | None = None,
     quant_iters: int = 1,
     train_modules: Targets | None = None,
+    device: torch.device | str | None = None,
+    weights: str | os.PathLike[str] | Mapping[str, Tensor] | None = None,
 ) -> nn.Module:
     """Replace the target layers of ``model`` by PiSSALinear layers, in place, and return it.
 
@@ -67,6 +74,16 @@ def apply(
             bar when tqdm is installed. The time taken is in :func:`summary`.
         train_modules: patterns (as ``targets``, any module kind) of modules to train in full beside the adapters,
             e.g. a new classification head; saved with the adapter, exported as PEFT's ``modules_to_save``.
+        device: the streaming init (plan/streamed.py): each target weight is fetched onto ``device`` ("cuda:0", or
+            "cpu") a weight, or a stacked chunk, at a time, decomposed there, its residual made there (4-bit with
+            ``quantize``), and only the residual, A, B and the bias stay; A0 and B0 go to host memory. The other
+            modules stay where they are (``model.to(device)`` then moves them, and nothing twice). None: each weight
+            is decomposed where it is.
+        weights: the values of a model built on the meta device: a ``.safetensors`` file, a sharded checkpoint's
+            ``model.safetensors.index.json``, their directory, or a Mapping {state-dict key: tensor} (asked for one
+            tensor at a time). Targets are streamed as with ``device``; every other tensor goes onto ``device`` (the
+            host if None). Floating dtypes are cast to the model's; all is checked before anything changes
+            (plan/sourced.py).
 
     After apply, only the A and B parameters (and ``train_modules``) require gradients; a target's bias unfrozen
     afterwards trains with them and is saved with the adapter (biases.py). A target whose replacement would drop
@@ -80,12 +97,44 @@ def apply(
     cfg = _config(config, given)
     if targets is None:
         raise TypeError("minipissa.apply: targets is required (module names, patterns, or 'all-linear')")
-    plans = plan_modules(model, cfg, targets, exclude, fan_in_fan_out)
+    where = check_device(device)
+    sourced = None if weights is None else ModelSource(model, open_source(weights))
+    plans = plan_modules(model, cfg, targets, exclude, fan_in_fan_out, sourced=sourced is not None)
     full = trained.select(model, train_modules, [p.name for p in plans])
-    run = trained.Run(tuple(full), trained.initial_values(model, full))  # held by the layers it makes
-    adapt(model, plans, cfg, progress, run=run)
+    if where is None and sourced is None:
+        run = trained.Run(tuple(full), trained.initial_values(model, full))  # held by the layers it makes
+        adapt(model, plans, cfg, progress, run=run)
+    else:
+        run = _streamed(model, plans, cfg, progress, full, where, sourced)
     run.seconds = time.perf_counter() - start
     return outer
+
+
+def _streamed(
+    model: nn.Module,
+    plans: list[Plan],
+    cfg: InitConfig,
+    progress: bool | Callable[[int, int], None],
+    full: list[str],
+    where: torch.device | None,
+    sourced: ModelSource | None,
+) -> trained.Run:
+    """apply() through the streaming init onto ``where`` (the host if None); ``sourced``: the model's values come from
+    a checkpoint, the targets' through the stream, the rest read first (checked) and put in place after the layers."""
+    sharded = [p.name for p in plans if is_dtensor(p.weight)]
+    if sharded:
+        raise ValueError(
+            f"minipissa.apply: device=/weights= stream plain weights; {sharded[:3]} are FSDP2-sharded. Apply before "
+            "fully_shard, or leave device=None (sharded weights are decomposed on their ranks)"
+        )
+    with Fetcher(where or torch.device("cpu"), None if sourced is None else sourced.read) as fetch:
+        rest = None if sourced is None else sourced.load_rest(plans, fetch.transfers)
+        run = trained.Run(tuple(full), {} if sourced else trained.initial_values(model, full))
+        adapt(model, plans, cfg, progress, run=run, fetch=fetch)
+    if rest is not None:
+        rest.assign()
+        run.initial = trained.initial_values(model, full)  # their values exist now
+    return run
 
 
 #: apply()'s keywords that are InitConfig's options (``stack`` is set through ``config=`` only), and their defaults.
