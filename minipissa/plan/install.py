@@ -185,8 +185,9 @@ def _put_all(
             residual: NF4Weight | Tensor | None = None
             if item.made is not None:  # streamed: made on the device already, the bias moved there too
                 residual = item.made.residual
-                if item.made.bias is not None:
-                    item.plan.module.bias = frozen(item.made.bias)
+                bias = item.plan.module.bias
+                if item.made.bias is not None and (bias.is_meta or bias.device != item.made.bias.device):
+                    item.plan.module.bias = frozen(item.made.bias)  # where it stays (the module's own if it was)
                 if item.made.errors is not None:
                     quant_errors.append(item.made.errors)
             elif cfg.quantize:
