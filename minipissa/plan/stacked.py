@@ -171,6 +171,7 @@ def _finish(
             fresh_columns = decompose.sketch_columns(rank, cfg.oversample, *chunk[0].shape)
             fresh = _sketches(chunk, cfg, dtype, fresh_columns, weights.device(chunk[0]))
             a, b, s = qpissa.alternate(  # the stack is freed before the chunk is yielded
-                _stack(chunk, dtype, weights), scaling, chunk[0].fan_in_fan_out, cfg.quant_iters, (a, b, s), fresh
-            )
+                _stack(chunk, dtype, weights), scaling, chunk[0].fan_in_fan_out, cfg.quant_iters, (a, b, s), fresh,
+                double_quant=cfg.double_quant,
+            )  # fmt: skip
     yield from zip(chunk, a, b, s, strict=True)

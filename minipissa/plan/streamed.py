@@ -57,10 +57,11 @@ def _made(item: Factors, cfg: InitConfig, fetch: Fetcher) -> Streamed:
     residual: Tensor | NF4Weight
     if cfg.quantize:
         residual, errors = quantize_residual(
-            weight, item.a0, item.b0, plan.scaling, plan.fan_in_fan_out, qlora_too=cfg.init != "lora"
-        )
+            weight, item.a0, item.b0, plan.scaling, plan.fan_in_fan_out, qlora_too=cfg.init != "lora",
+            double_quant=cfg.double_quant,
+        )  # fmt: skip
         # The largest |W_res| of each block overflows W's dtype exactly where W_res in that dtype would.
-        finite = torch.isfinite(residual.absmax.to(weight.dtype)).all()
+        finite = torch.isfinite(residual.absmax_values().to(weight.dtype)).all()
     else:
         dense = residual_weight(weight, item.a0, item.b0, plan.scaling, plan.fan_in_fan_out)
         residual, finite = dense, torch.isfinite(dense).all()

@@ -74,13 +74,14 @@ def assert_same(a: nn.Module, b: nn.Module) -> None:
 
 
 @pytest.mark.parametrize("shards", [1, 2])
-@pytest.mark.parametrize("quantize", [None, "nf4"])
+@pytest.mark.parametrize("quantize", [None, "nf4", "nf4+dq"])
 def test_a_meta_model_from_a_checkpoint_is_the_model_applied_in_place(tmp_path, shards, quantize):
     real, meta = real_and_meta()
     index = write(real.state_dict(), tmp_path / "ckpt", shards)
-    minipissa.apply(real, 4, "all-linear", niter=2, quantize=quantize)
+    options = {"quantize": quantize and "nf4", "double_quant": quantize == "nf4+dq"}
+    minipissa.apply(real, 4, "all-linear", niter=2, **options)
     weights = tmp_path / "ckpt" if shards == 1 else index  # a directory, or the index itself
-    minipissa.apply(meta, 4, "all-linear", niter=2, quantize=quantize, weights=weights)
+    minipissa.apply(meta, 4, "all-linear", niter=2, weights=weights, **options)
     assert not any(t.is_meta for t in meta.state_dict().values())
     assert_same(real, meta)
     x = torch.randn(3, 24)

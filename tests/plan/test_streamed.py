@@ -42,6 +42,9 @@ ROADS = {
     "lora": {"init": "lora"},
     "qlora": {"init": "lora", "quantize": "nf4"},
     "loftq": {"init": "loftq", "quantize": "nf4", "quant_iters": 2},
+    "nf4-dq": {"quantize": "nf4", "double_quant": True},
+    "nf4-dq-stacked-iters2": {"quantize": "nf4", "double_quant": True, "quant_iters": 2, "stack": True, "niter": 1},
+    "loftq-dq": {"init": "loftq", "quantize": "nf4", "double_quant": True, "quant_iters": 2},
 }
 
 
@@ -107,6 +110,29 @@ def test_streamed_equals_in_place_for_drawn_models(sizes, rank, dtype, niter, qu
     minipissa.apply(model, config=config, targets="all-linear")
     minipissa.apply(twin, config=config, targets="all-linear", device=torch.device("cpu"))
     assert_same_adapters(model, twin)
+
+
+@pytest.mark.parametrize("road", ["nf4-dq", "nf4-dq-stacked-iters2", "loftq-dq"])
+def test_a_streamed_double_quantized_residual_is_the_in_place_one_and_is_double_quantized(road):
+    config = minipissa.InitConfig(rank=4, **ROADS[road])
+    in_place, streamed, single = mlp(), mlp(), mlp()
+    minipissa.apply(in_place, config=config, targets="all-linear")
+    minipissa.apply(streamed, config=config, targets="all-linear", device="cpu")
+    assert_same_adapters(in_place, streamed)
+    options = {k: v for k, v in ROADS[road].items() if k != "double_quant"}
+    minipissa.apply(single, config=minipissa.InitConfig(rank=4, **options), targets="all-linear", device="cpu")
+    for (_, dq), (_, plain) in zip(minipissa.pissa_layers(streamed), minipissa.pissa_layers(single), strict=True):
+        assert dq.weight.double_quant and not plain.weight.double_quant
+        # The 8-bit absmax is stored (not the float32 one); it decodes near the single-quantized absmax. The codes
+        # may differ where the iterations (quant_iters > 1) saw the other quantizer.
+        assert {"weight.absmax_codes", "weight.absmax_scale"} <= set(dq.state_dict())
+        assert "weight.absmax" not in dq.state_dict()
+        if road == "nf4-dq":  # one pass: the same factors, so the same 4-bit codes (dq changes only statistics)
+            assert torch.equal(dq.weight.codes, plain.weight.codes)
+            exact = plain.weight.absmax_values()
+            # half a code step of the widest group (layers here have <= 256 blocks: one group), plus float32 slack
+            step = (exact.max() - exact.min()) / 255
+            assert (dq.weight.absmax_values() - exact).abs().max() <= step / 2 * 1.001 + 1e-6
 
 
 def test_the_host_weights_of_the_targets_are_released():
@@ -184,7 +210,9 @@ def test_everything_else_works_after_a_streamed_init(tmp_path):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("road", ["exact", "randomized", "stacked-randomized", "nf4-iters2", "loftq", "qlora"])
+@pytest.mark.parametrize(
+    "road", ["exact", "randomized", "stacked-randomized", "nf4-iters2", "loftq", "qlora", "nf4-dq-stacked-iters2"]
+)
 def test_streaming_to_cuda_gives_the_in_place_cuda_init_bit_for_bit(road, streamed_calls):
     config = minipissa.InitConfig(rank=4, **ROADS[road])
     host, on_gpu = mlp(dtype=torch.bfloat16), mlp(dtype=torch.bfloat16).cuda()
