@@ -65,8 +65,8 @@ def apply(
         config: all of those at once, an :class:`InitConfig` (then pass none of them here: a TypeError).
         exclude: patterns (same forms as ``targets``) never to adapt.
         fan_in_fan_out: force the weight layout; default detects Conv1D (weight stored (in, out)).
-        progress: ``progress(done, total)`` is called after each adapted module; True shows a tqdm
-            bar when tqdm is installed. The time taken is in :func:`summary`.
+        progress: ``progress(done, total)`` is called after each adapted module; True writes a progress line
+            to stderr. The time taken is in :func:`summary`.
         train_modules: patterns (as ``targets``, any module kind) of modules to train in full beside the adapters,
             e.g. a new classification head; saved with the adapter, exported as PEFT's ``modules_to_save``.
 
