@@ -56,12 +56,13 @@ def apply(
 ) -> nn.Module:
     """Replace the target layers of ``model`` by PiSSALinear layers, in place, and return it.
 
+    ``rank``, ``alpha``, ``rslora``, ``init``, ``niter``, ``oversample``, ``seed``, ``components``, ``dropout``,
+    ``adapter_dtype``, ``memory_budget``, ``quantize``, ``quant_iters`` and ``double_quant`` say how the adapters
+    are initialised, each as :class:`InitConfig` documents it.
+
     Args:
         targets: module name, suffix, 're:' regex or compiled regex, a list of them, or 'all-linear'
             (every Linear/Conv1D but the output head).
-        rank, alpha, rslora, init, niter, oversample, seed, components, dropout, adapter_dtype, memory_budget,
-            quantize, quant_iters, double_quant: how the adapters are initialised, each as :class:`InitConfig`
-            documents it.
         config: all of those at once, an :class:`InitConfig` (then pass none of them here: a TypeError).
         exclude: patterns (same forms as ``targets``) never to adapt.
         fan_in_fan_out: force the weight layout; default detects Conv1D (weight stored (in, out)).

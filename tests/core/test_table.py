@@ -10,18 +10,24 @@ from minipissa.core.table import table
 cell = st.text(alphabet="abc.xyz0123456789", min_size=1, max_size=30)
 
 
-@given(st.integers(1, 5).flatmap(lambda n: st.tuples(st.lists(cell, min_size=n, max_size=n),
-                                                     st.lists(st.lists(cell, min_size=n, max_size=n), max_size=6))))  # fmt: skip
+def shaped(n: int) -> st.SearchStrategy[tuple[list[str], list[list[str]]]]:
+    """A header of n cells and up to 6 rows of n cells."""
+    row = st.lists(cell, min_size=n, max_size=n)
+    return st.tuples(row, st.lists(row, max_size=6))
+
+
+@given(st.integers(1, 5).flatmap(shaped))
 def test_every_column_starts_and_ends_where_the_header_says(drawn):
     header, rows = drawn
     lines = table(header, rows)
     assert len(lines) == 1 + len(rows)
-    widths = [max(len(c) for c in column) for column in zip(header, *rows)]
-    for line, row in zip(lines, [header, *rows]):
+    widths = [max(len(c) for c in column) for column in zip(header, *rows, strict=True)]
+    for line, row in zip(lines, [header, *rows], strict=True):
         start = 0
-        for i, (c, w) in enumerate(zip(row, widths)):  # name column left-aligned, the others right-aligned
+        for i, (c, w) in enumerate(zip(row, widths, strict=True)):  # the name column left-aligned, others right
             field = line[start : start + w]
-            assert field == (c.ljust(w) if i == 0 else c.rjust(w)) or (i == len(row) - 1 and field == c.ljust(w).rstrip())
+            aligned = c.ljust(w) if i == 0 else c.rjust(w)
+            assert field == aligned or (i == len(row) - 1 and field == aligned.rstrip())  # no trailing spaces
             start += w + 2
         assert not line.endswith(" ")
 
