@@ -1,5 +1,6 @@
 """4-bit models for tests, quantized by bitsandbytes on the CPU (0.50.2 quantizes a Linear4bit at its first
-``.to(device)``, "cpu" included), and bitsandbytes' own dequantization as the oracle. Callers skip without it."""
+``.to(device)``, "cpu" included), and bitsandbytes' own dequantization as the oracle (callers of those skip without
+it); and the comparison of two adapted models, layer by layer, bit for bit."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import logging
 
 import torch
 from torch import nn
+
+import minipissa
 
 
 def bnb():
@@ -23,9 +26,15 @@ def bnb():
 
 
 def linear4bit(
-    linear: nn.Linear, nested: bool, quant_type: str = "nf4", blocksize: int = 64, storage: torch.dtype = torch.uint8
+    linear: nn.Linear,
+    nested: bool,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    storage: torch.dtype = torch.uint8,
+    device: str = "cpu",
 ) -> nn.Module:
-    """A bitsandbytes Linear4bit holding ``linear``'s weight (quantized from its dtype) and a copy of its bias."""
+    """A bitsandbytes Linear4bit holding ``linear``'s weight (quantized from its dtype, on ``device``) and a copy of
+    its bias."""
     b = bnb()
     out_features, in_features = linear.weight.shape
     layer = b.nn.Linear4bit(
@@ -38,7 +47,7 @@ def linear4bit(
     )  # fmt: skip
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().clone())
-    return layer.to("cpu")  # bitsandbytes quantizes here
+    return layer.to(device)  # bitsandbytes quantizes here
 
 
 def four_bit(model: nn.Module, nested: bool, **kwargs: object) -> nn.Module:
@@ -82,3 +91,22 @@ def plain_copy(model: nn.Module, like: nn.Module) -> nn.Module:
                 if four.bias is not None:
                     module.bias = nn.Parameter(four.bias.detach().clone())
     return like
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``t``: what bit-for-bit comparisons compare (NaN payloads and signed zeros included)."""
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+def assert_same_layers(a: nn.Module, b: nn.Module) -> None:
+    """Two adapted models hold bit-identical PiSSA layers: factors, residual (codes or dense), bias, records."""
+    la, lb = dict(minipissa.pissa_layers(a)), dict(minipissa.pissa_layers(b))
+    assert la.keys() == lb.keys() and la
+    for name, x in la.items():
+        y = lb[name]
+        assert x.quantized == y.quantized, name
+        for t in ("A", "B", "A0", "B0", "bias"):
+            assert torch.equal(bits(getattr(x, t)), bits(getattr(y, t))), (name, t)
+        assert torch.equal(bits(x.stored_residual()), bits(y.stored_residual())), name
+        for key in ("base_fingerprint", "residual_fingerprint", "nf4_error", "qlora_error", "singular_values"):
+            assert x.info.get(key) == y.info.get(key), (name, key)

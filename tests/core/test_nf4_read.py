@@ -166,3 +166,56 @@ def test_multiples_of_64_share_their_absmax():
     codes = torch.stack([data >> 4, data & 15], 1).reshape(-1)[:500].long()
     assert torch.equal(flat[:256], nf4.code_table()[codes[:256]] * absmax[0])
     assert torch.equal(flat[256:], nf4.code_table()[codes[256:]] * absmax[1])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU; the lead runs them on the H200): the same bytes as on the CPU, and bnb's CUDA kernel's
+
+
+def random_packed(shape, dtype, blocksize, nested, g, device="cpu") -> nf4_read.Packed4bit:
+    """Random codes and statistics of the right sizes (every byte value: no oracle needed, CPU vs CUDA)."""
+    n = math.prod(shape)
+    blocks = -(-n // blocksize)
+    data = torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8, generator=g).to(device)
+    if not nested:
+        return nf4_read.Packed4bit(data, (torch.rand(blocks, generator=g) * 0.1).to(device), blocksize, shape, dtype)
+    codes = torch.randint(0, 256, (blocks,), dtype=torch.uint8, generator=g).to(device)
+    code8 = torch.sort(torch.rand(256, generator=g) * 2 - 1).values
+    nest = nf4_read.Nested(
+        (torch.rand(-(-blocks // 256), generator=g) * 0.05).to(device), code8.to(device), 256, torch.tensor(0.03)
+    )
+    return nf4_read.Packed4bit(data, codes, blocksize, shape, dtype, nest)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("blocksize", [64, 128, 1024])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_dequantize_is_the_cpus_bit_for_bit(dtype, blocksize, nested):
+    for shape in [(40, 96), (33, 260), (7, 129), (4096, 4096)]:
+        cpu = random_packed(shape, dtype, blocksize, nested, torch.Generator().manual_seed(shape[1]))
+        cuda = random_packed(shape, dtype, blocksize, nested, torch.Generator().manual_seed(shape[1]), "cuda")
+        assert nf4_read.problem(cpu) is None and nf4_read.problem(cuda) is None
+        got = nf4_read.dequantize(cuda)
+        assert got.device.type == "cuda"
+        want = nf4_read.dequantize(cpu)
+        assert torch.equal(got.cpu().reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("blocksize", [64, 256])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_dequantize_is_bnbs_cuda_kernel(functional, dtype, blocksize, nested, storage):
+    """On the GPU the oracle is bitsandbytes' own CUDA dequantize_4bit (no per-row blocks there)."""
+    for shape in [(40, 96), (33, 260), (7, 132), (1024, 4096)]:
+        g = torch.Generator().manual_seed(shape[0])
+        w = (torch.randn(shape, generator=g) * 0.02).to(dtype).cuda()
+        packed, state = functional.quantize_4bit(
+            w, blocksize=blocksize, compress_statistics=nested, quant_type="nf4", quant_storage=storage
+        )
+        got = nf4_read.dequantize(as_packed(packed, state))
+        want = functional.dequantize_4bit(packed, state).reshape(shape)
+        assert got.device.type == "cuda" and got.dtype == dtype
+        assert torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), shape

@@ -1,31 +1,31 @@
-"""Starting from a 4-bit model (plan/quantized_base.py): bitsandbytes Linear4bit and NF4Linear targets are decomposed
-from their dequantized weight, exactly as the same model holding those weights in nn.Linear layers; what cannot be
+"""Starting from a 4-bit model (plan/quantized_base.py): bitsandbytes Linear4bit targets are decomposed from their
+dequantized weight, exactly as the same model holding those weights in nn.Linear layers; what cannot be
 read exactly is refused by name with the model unchanged; save/load, unload and convert_to_lora follow.
 
-bitsandbytes 0.50.2 quantizes on the CPU (tests/four_bit.py) and is the oracle of the dequantized weights."""
+bitsandbytes 0.50.2 quantizes on the CPU (tests/four_bit.py) and is the oracle of the dequantized weights. NF4Linear
+targets: tests/plan/test_nf4linear_base.py (no bitsandbytes needed)."""
 
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
-from models import MLP, Conv1D
+from models import MLP
 from safetensors.torch import load_file
 from snapshots import assert_unchanged, snapshot
 from torch import nn
 
 import minipissa
-from minipissa import NF4Linear, StateError
+from minipissa import StateError
 from minipissa.core import nf4
 from minipissa.core.fingerprint import fingerprint
 from minipissa.plan.quantized_base import dense_weight, is_four_bit
 
 pytest.importorskip("bitsandbytes", reason="bitsandbytes quantizes the 4-bit models of these tests")
-from four_bit import dequantized, four_bit, linear4bit, plain_copy  # noqa: E402
+from four_bit import assert_same_layers, bits, dequantized, four_bit, linear4bit, plain_copy  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 #: The widest gap between adjacent NF4 codes (-1.0 .. -0.696) halved: a scaled value lies at most this far from its
@@ -38,24 +38,6 @@ def models(seed: int, dtype: torch.dtype, nested: bool, sizes=(64, 40, 24)) -> t
     torch.manual_seed(seed)
     four = four_bit(MLP(sizes).to(dtype), nested)
     return four, plain_copy(four, MLP(sizes).to(dtype))
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().reshape(-1).contiguous().view(torch.uint8)
-
-
-def assert_same_layers(a: nn.Module, b: nn.Module) -> None:
-    """Two adapted models hold bit-identical PiSSA layers: factors, residual (codes or dense), bias, records."""
-    la, lb = dict(minipissa.pissa_layers(a)), dict(minipissa.pissa_layers(b))
-    assert la.keys() == lb.keys() and la
-    for name, x in la.items():
-        y = lb[name]
-        assert x.quantized == y.quantized, name
-        for t in ("A", "B", "A0", "B0", "bias"):
-            assert torch.equal(bits(getattr(x, t)), bits(getattr(y, t))), (name, t)
-        assert torch.equal(bits(x.stored_residual()), bits(y.stored_residual())), name
-        for key in ("base_fingerprint", "residual_fingerprint", "nf4_error", "qlora_error", "singular_values"):
-            assert x.info.get(key) == y.info.get(key), (name, key)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -126,15 +108,23 @@ def test_a_plain_linear_holding_a_params4bit_is_read_not_decomposed_as_its_bytes
     iters=st.integers(1, 2),
     rank=st.integers(1, 8),
     niter=st.sampled_from([None, 2]),
+    double_quant=st.booleans(),
 )
-@example(dtype=torch.bfloat16, nested=True, quantize="nf4", init="pissa", iters=2, rank=4, niter=None)
-def test_apply_on_a_4bit_model_is_apply_on_its_dequantized_weights(dtype, nested, quantize, init, iters, rank, niter):
+@example(
+    dtype=torch.bfloat16, nested=True, quantize="nf4", init="pissa", iters=2, rank=4, niter=None, double_quant=True
+)
+def test_apply_on_a_4bit_model_is_apply_on_its_dequantized_weights(
+    dtype, nested, quantize, init, iters, rank, niter, double_quant
+):
     """Factors, 4-bit codes (or dense residual), fingerprints and errors are those of the same model holding bnb's
-    dequantized weights in nn.Linear layers: the 4-bit model is decomposed from W_deq, then re-quantized (QPiSSA)."""
+    dequantized weights in nn.Linear layers: the 4-bit model is decomposed from W_deq, then re-quantized (QPiSSA),
+    its new residual's absmax in 8 bits or not (minipissa's own double quantization, whatever bnb's was)."""
     iters = 1 if init == "lora" or quantize is None else iters  # iterations choose against the quantizer
     quantize = "nf4" if init == "loftq" else quantize  # LoftQ alternates with it
+    double_quant = double_quant and quantize is not None  # it stores a 4-bit residual's statistics
     four, plain = models(rank, dtype, nested)
     options = dict(quantize=quantize, quant_iters=iters, init=init, alpha=2 * rank, niter=niter)
+    options["double_quant"] = double_quant
     minipissa.apply(four, rank, "all-linear", **options)
     minipissa.apply(plain, rank, "all-linear", **options)
     assert_same_layers(four, plain)
@@ -174,62 +164,6 @@ def test_outputs_at_init_are_the_4bit_models_within_the_residuals_requantization
 
 
 # --------------------------------------------------------------------------------------------------------------
-# NF4Linear targets (no bitsandbytes needed for these, but the module skips without it: one file)
-
-
-def nf4_linear(module: nn.Module, dtype: torch.dtype) -> NF4Linear:
-    """``module`` (an nn.Linear or the tests' Conv1D) turned into an NF4Linear of its weight."""
-    conv = isinstance(module, Conv1D)
-    weight = nf4.NF4Weight.quantized(module.weight.detach().to(dtype))
-    return NF4Linear(module, weight, module.bias.detach().to(dtype), conv)
-
-
-def by_hand(w: nf4.NF4Weight) -> torch.Tensor:
-    """deq of an NF4Weight written out here: code[index] * its block's absmax in float32, cast once."""
-    n = math.prod(w.shape)
-    index = torch.stack([w.codes >> 4, w.codes & 15], 1).reshape(-1)[:n].long()
-    return (nf4.code_table()[index] * w.absmax.repeat_interleave(64)[:n]).to(w.dtype).reshape(w.shape)
-
-
-@pytest.mark.parametrize("conv", [False, True])
-@pytest.mark.parametrize("quantize", [None, "nf4"])
-def test_nf4linear_targets_are_decomposed_from_their_dequantized_weight(conv, quantize, tmp_path):
-    """apply() on NF4Linear modules equals apply on their shells holding deq(W); the NF4Linear is left as it was;
-    unload gives the shell's class back with the merged 16-bit weight; save, then load onto a fresh copy."""
-
-    def build(seed: int) -> tuple[nn.Sequential, nn.Sequential]:
-        torch.manual_seed(seed)
-        base = Conv1D(40, 64) if conv else nn.Linear(64, 40)
-        four = nn.Sequential(nf4_linear(base, torch.bfloat16))
-        shell = Conv1D(40, 64) if conv else nn.Linear(64, 40)
-        shell.weight = nn.Parameter(by_hand(four[0].weight))
-        shell.bias = nn.Parameter(four[0].bias.detach().clone())
-        return four, nn.Sequential(shell.to(torch.bfloat16))
-
-    four, plain = build(0)
-    original = four[0]
-    minipissa.apply(four, 4, "0", quantize=quantize)  # (all-linear takes a Sequential's last layer for its head)
-    minipissa.apply(plain, 4, "0", quantize=quantize)
-    assert_same_layers(four, plain)
-    assert original.shell[0].weight is None and original.weight.codes.numel()  # the NF4Linear: untouched
-    with torch.no_grad():
-        minipissa.pissa_layers(four).__next__()[1].B.add_(0.01)
-    minipissa.save(four, tmp_path / "a.safetensors")
-    fresh, _ = build(0)
-    minipissa.load(fresh, tmp_path / "a.safetensors")
-    x = torch.randn(3, 64).to(torch.bfloat16)
-    with torch.no_grad():
-        assert torch.equal(bits(fresh(x)), bits(four(x)))
-    other, _ = build(1)
-    before = snapshot(other)
-    with pytest.raises(StateError, match="another 4-bit weight than the adapter's base"):
-        minipissa.load(other, tmp_path / "a.safetensors")
-    assert_unchanged(other, before)
-    unloaded = minipissa.unload(fresh)[0]
-    assert type(unloaded) is type(plain[0].base_shell[0]) and unloaded.weight.dtype == torch.bfloat16
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Refusals: named, before anything changes
 
 
@@ -250,6 +184,8 @@ def broken(how: str) -> nn.Module:
         last.weight.data, last.weight.quant_state = _convert_weight_packed_for_cpu(last.weight.data, last.quant_state)
     elif how == "shape":
         last.weight.quant_state.shape = torch.Size([40, 24])
+    elif how == "packed size":  # 480 bytes stand for 960 values, not the 1920 the state says
+        last.weight.quant_state.shape = torch.Size([24, 80])
     elif how == "nested code":
         last.weight.quant_state.state2.code = last.weight.quant_state.state2.code[:128]
     return model
@@ -261,6 +197,7 @@ REFUSALS = {
     "no state": "no quantization state",
     "cpu repack": "repacked for its CPU kernel",
     "shape": r"shape \(40, 24\) in a module of \(out, in\) = \(24, 40\)",
+    "packed size": r"480 packed torch.uint8 values for \(24, 80\) \(960 bytes expected\)",
     "nested code": r"nested code map of \(128,\)",
 }
 
@@ -268,14 +205,13 @@ REFUSALS = {
 @pytest.mark.parametrize("how", sorted(REFUSALS))
 def test_unreadable_4bit_layers_are_refused_by_name_with_the_model_unchanged(how, tmp_path):
     model = broken(how)
-    # (a state dict of a repacked layer undoes the packing, re-quantizing its absmax: compared tensor by tensor)
-    stored = [model.layers[1].weight.detach().clone()]
+    stored = model.layers[1].weight.detach().clone()  # (a repacked layer's state dict re-quantizes: not snapshot)
     before = snapshot(model) if how != "cpu repack" else None
     with pytest.raises(StateError, match=f"module 'layers.1' is a 4-bit layer holding .*{REFUSALS[how]}"):
         minipissa.apply(model, 2, "all-linear", quantize="nf4")
     if before is not None:
         assert_unchanged(model, before)
-    assert torch.equal(stored[0], model.layers[1].weight) and not any(True for _ in minipissa.pissa_layers(model))
+    assert torch.equal(stored, model.layers[1].weight) and not any(True for _ in minipissa.pissa_layers(model))
     if how == "fp4":  # load refuses alike, before changing anything
         good, _ = models(0, torch.float32, True, sizes=(64, 40, 24))
         minipissa.save(minipissa.apply(good, 2, "all-linear"), tmp_path / "a.safetensors")
@@ -285,7 +221,7 @@ def test_unreadable_4bit_layers_are_refused_by_name_with_the_model_unchanged(how
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Files, unload, conversion
+# Files, unload, conversion; CUDA (skipped without a GPU)
 
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])
@@ -340,3 +276,29 @@ def test_unload_gives_plain_linear_layers_with_the_merged_weight():
     for a, b in zip(four.layers, plain.layers, strict=True):
         assert type(a) is nn.Linear and a.weight.dtype == torch.bfloat16
         assert torch.equal(bits(a.weight), bits(b.weight)) and torch.equal(bits(a.bias), bits(b.bias))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_cuda_linear4bit_is_read_as_bnbs_cuda_kernel_dequantizes_it(nested, storage):
+    """On the GPU (bitsandbytes quantized it there), dense_weight is bnb's dequantize_4bit bit for bit, and apply()
+    with QPiSSA builds the layer on the GPU from it, as from an nn.Linear holding that dequantized weight."""
+    from four_bit import bnb
+
+    torch.manual_seed(0)
+    layer = linear4bit(nn.Linear(256, 96).to(torch.bfloat16), nested, storage=storage, device="cuda")
+    assert layer.weight.device.type == "cuda"
+    want = bnb().functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    got = dense_weight(layer, "layer")
+    assert got is not None and got.device.type == "cuda" and torch.equal(bits(got), bits(want))
+    plain = nn.Sequential(nn.Linear(256, 96, device="cuda").to(torch.bfloat16))
+    plain[0].weight, plain[0].bias = nn.Parameter(want.clone()), nn.Parameter(layer.bias.detach().clone())
+    four = minipissa.apply(nn.Sequential(layer), 8, "0", quantize="nf4")
+    minipissa.apply(plain, 8, "0", quantize="nf4")
+    adapted = four[0]
+    assert adapted.A.device.type == "cuda" and adapted.weight.codes.device.type == "cuda"
+    assert_same_layers(four, plain)  # the same ops on the same bytes on the same device
+    x = torch.randn(4, 256, device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(bits(four(x)), bits(plain(x)))
