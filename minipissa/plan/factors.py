@@ -25,6 +25,7 @@ from ..core import decompose, qpissa
 from ..core.dtypes import dtype_name
 from ..core.errors import as_module
 from ..core.weights import is_conv1d, residual_weight, weight_matrix
+from . import quantized_base
 from . import stacked as batching
 from .config import InitConfig
 from .fetch import IN_PLACE, Streamed, Weights
@@ -54,7 +55,7 @@ def plan_modules(
             "nn.Parameter(module.weight.detach().clone()))"
         )
     plans = []
-    for name, module in found:
+    for name, module in quantized_base.with_dense_weights(found):  # 4-bit targets: stand-ins, dequantized
         weight = cast(Tensor, module.weight)
         if (weight.is_meta and not sourced) or not weight.is_floating_point():
             raise TypeError(
