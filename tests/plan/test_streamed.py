@@ -16,6 +16,8 @@ from snapshots import assert_unchanged, same_bits, snapshot
 from torch import nn
 
 import minipissa
+from minipissa import NF4Linear
+from minipissa.core.nf4 import NF4Weight
 from minipissa.plan import install
 
 CUDA = torch.cuda.is_available()
@@ -133,6 +135,21 @@ def test_a_streamed_double_quantized_residual_is_the_in_place_one_and_is_double_
             # half a code step of the widest group (layers here have <= 256 blocks: one group), plus float32 slack
             step = (exact.max() - exact.min()) / 255
             assert (dq.weight.absmax_values() - exact).abs().max() <= step / 2 * 1.001 + 1e-6
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_a_four_bit_target_streams_as_it_decomposes_in_place(double_quant):
+    """An NF4Linear target (plan/quantized_base.py): its dequantized weight fetched like any other, QPiSSA again."""
+    torch.manual_seed(0)
+    base = nn.Linear(96, 256)
+    weight = NF4Weight.quantized(base.weight.detach().to(torch.bfloat16), double_quant=double_quant)
+    four = nn.Sequential(NF4Linear(base, weight, base.bias.detach().to(torch.bfloat16), False), nn.Linear(256, 8))
+    twin = copy.deepcopy(four)
+    options = {"quantize": "nf4", "double_quant": double_quant, "niter": 2}
+    minipissa.apply(four, 8, "0", **options)
+    minipissa.apply(twin, 8, "0", device="cpu", **options)
+    assert isinstance(twin[0], minipissa.PiSSALinear) and twin[0].weight.double_quant == double_quant
+    assert_same_adapters(four, twin)
 
 
 def test_the_host_weights_of_the_targets_are_released():
