@@ -77,16 +77,12 @@ def apply(
             to stderr. The time taken is in :func:`summary`.
         train_modules: patterns (as ``targets``, any module kind) of modules to train in full beside the adapters,
             e.g. a new classification head; saved with the adapter, exported as PEFT's ``modules_to_save``.
-        device: the streaming init (plan/streamed.py): each target weight is fetched onto ``device`` ("cuda:0", or
-            "cpu") a weight, or a stacked chunk, at a time, decomposed there, its residual made there (4-bit with
-            ``quantize``), and only the residual, A, B and the bias stay; A0 and B0 go to host memory. The other
-            modules stay where they are (``model.to(device)`` then moves them, and nothing twice). None: each weight
-            is decomposed where it is.
-        weights: the values of a model built on the meta device: a ``.safetensors`` file, a sharded checkpoint's
-            ``model.safetensors.index.json``, their directory, or a Mapping {state-dict key: tensor} (asked for one
-            tensor at a time). Targets are streamed as with ``device``; every other tensor goes onto ``device`` (the
-            host if None). Floating dtypes are cast to the model's; all is checked before anything changes
-            (plan/sourced.py).
+        device: stream the targets' weights onto ``device`` ("cuda:0", "cpu"), one at a time; there only the residual
+            (4-bit with ``quantize``), A, B and the bias stay, A0 and B0 go to host memory, the other modules stay
+            where they are (``model.to(device)`` moves them after). None: decomposed in place (plan/streamed.py).
+        weights: a meta model's values: a ``.safetensors`` file, a ``model.safetensors.index.json``, their directory,
+            or a Mapping {key: tensor}; read a tensor at a time, targets streamed, the rest put on ``device``, all
+            checked first (plan/sourced.py).
 
     After apply, only the A and B parameters (and ``train_modules``) require gradients; a target's bias unfrozen
     afterwards trains with them and is saved with the adapter (biases.py). A target whose replacement would drop
