@@ -88,6 +88,19 @@ def test_a_meta_model_from_a_checkpoint_is_the_model_applied_in_place(tmp_path, 
     assert torch.equal(real(x), meta(x))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_a_checkpoint_streamed_to_cuda_is_the_model_applied_in_place_on_cuda(tmp_path, quantize):
+    real, meta = real_and_meta()
+    write(real.state_dict(), tmp_path / "ckpt", shards=2)
+    minipissa.apply(real.cuda(), 4, "all-linear", niter=2, quantize=quantize)
+    minipissa.apply(meta, 4, "all-linear", niter=2, quantize=quantize, weights=tmp_path / "ckpt", device="cuda")
+    assert meta.norm.weight.is_cuda and meta.scale.is_cuda  # the rest went onto the device too
+    assert_same(real, meta)
+    x = torch.randn(3, 24, device="cuda")
+    assert torch.equal(real(x), meta(x))
+
+
 def test_a_bfloat16_checkpoint_is_cast_to_the_model_dtype(tmp_path):
     real, meta = real_and_meta()
     real.to(torch.bfloat16).float()  # the values a bfloat16 checkpoint holds
