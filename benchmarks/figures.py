@@ -144,6 +144,66 @@ def qpissa_error() -> str:
     return rows_table(header, rows) + "\n\n" + caption(runs[0]["environment"], single, note)
 
 
+def lines(path: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (ROOT / path).read_text().splitlines() if line.strip()]
+
+
+def stream_70b() -> str:
+    """The 70B-shape streamed QPiSSA init and its training step, one row per configuration; the fresh-process run of
+    QPiSSA-5 beside the same-process ones (whose peaks carry memory the previous configuration left)."""
+    same, fresh = (
+        "benchmarks/results/stream_init_70b_h200.jsonl",
+        "benchmarks/results/stream_init_70b_h200_qi5_fresh.jsonl",
+    )
+    header = [
+        "quant_iters",
+        "double_quant",
+        "process",
+        "init s",
+        "init peak GiB",
+        "step s",
+        "step peak GiB",
+        "codes GiB",
+    ]
+    rows = []
+    for source, runs in ((same, lines(same)), (fresh, lines(fresh))):
+        for i, r in enumerate(runs):
+            process = "fresh" if source == fresh or i == 0 else f"after {i} other{'s' * (i > 1)}"
+            dq = "yes" if r["double_quant"] else "no"
+            numbers = [f"{r['init_seconds']:.1f}", f"{r['init_peak_gib']:.2f}", f"{r['step2_seconds']:.2f}"]
+            numbers += [f"{r['step2_peak_gib']:.2f}", f"{r['residual_gib']:.2f}"]
+            rows.append([str(r["quant_iters"]), dq, process, *numbers])
+    r = lines(same)[0]
+    env = {"device": r["device"], "torch": r["torch"], "date": r["date"][:10]}
+    extra = (f"; {r['matrices']} matrices, {r['target_params_b']} B target parameters, r = {r['rank']}, niter = "
+             f"{r['niter']}; weights from a {r['pool_gib']} GiB pinned pool made in {r['pool_generation_seconds']} s "
+             f"(not in the init time); step: batch 1 × 512, checkpointing, AdamW")  # fmt: skip
+    return rows_table(header, rows) + "\n\n" + caption(env, same, extra)
+
+
+def stream_7b(source: str) -> Callable[[], str]:
+    """The 7B-shape checkpoint road: streamed (page cache cold and warm) against the init with the model on the GPU."""
+
+    def render() -> str:
+        r = lines(source)[-1]
+        header = ["", "seconds", "peak GPU GiB"]
+        rows = [["read the checkpoint once (cold, alone)", f"{r['read_seconds']:.2f}", "-"],
+                ["streamed from the checkpoint, cold page cache", f"{r['streamed_cold_seconds']:.2f}",
+                 f"{r['streamed_cold_peak_gib']:.2f}"],
+                ["streamed from the checkpoint, warm page cache", f"{r['streamed_warm_seconds']:.2f}",
+                 f"{r['streamed_warm_peak_gib']:.2f}"],
+                ["in place (the model loaded onto the GPU first)", f"{r['in_place_seconds']:.2f}",
+                 f"{r['in_place_peak_gib']:.2f}"],
+                ["  its load onto the GPU, not counted above", f"{r['in_place_load_seconds']:.2f}", "-"]]  # fmt: skip
+        env = {"device": r["device"], "torch": r["torch"], "date": r["date"][:10]}
+        extra = (f"; {r['read_gib']} GiB of bf16 in {r['shards']} shards, QPiSSA r = {r['rank']}, "
+                 f"niter = {r['niter']}; {r['layers_bit_identical']} of {r['layers_compared']} layers "
+                 "bit-identical to in place")  # fmt: skip
+        return rows_table(header, rows) + "\n\n" + caption(env, source, extra)
+
+    return render
+
+
 STEP_NAMES = {"frozen base": "frozen base", "minipissa (fp32 masters)": "minipissa, fp32 masters",
               "PEFT LoRA bf16 adapters": "PEFT, bf16 adapters", "PEFT LoRA (default: fp32 adapters)": "PEFT, default",
               "minipissa, CUDA graph": "minipissa, whole step in a CUDA graph"}  # fmt: skip
@@ -155,6 +215,8 @@ FIGURES: dict[str, Callable[[], str]] = {
     "step-cpu-llama": step("benchmarks/results/step_cpu_llama_small_issue16.json", STEP_NAMES),
     "init-gpu-7b": init("benchmarks/results/init_gpu_llama7b_h200_issue16.json"),
     "qpissa-error": qpissa_error,
+    "stream-70b": stream_70b,
+    "stream-7b": stream_7b("benchmarks/results/stream_init_7b_ckpt_h200.jsonl"),
 }
 
 
