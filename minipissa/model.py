@@ -11,10 +11,12 @@ import torch
 from torch import nn
 
 from .core.dtensor import refuse_sharded
+from .core.errors import as_module
 from .nn import casts
 from .nn.layer import refuse_merged
 from .nn.weight_kinds import refuse_merge
-from .plan import trained
+from .plan import named, trained
+from .plan.add_adapter import add_adapter
 from .plan.config import MEMORY_BUDGET, InitConfig
 from .plan.factors import (
     plan_modules,
@@ -25,6 +27,7 @@ from .plan.targets import Targets
 from .plan.tree import (
     adapted_layers,
     module_aliases,
+    pissa_layers,
     replace_module,
     unwrap,
 )
@@ -52,6 +55,7 @@ def apply(
     quantize: str | None = None,
     quant_iters: int = 1,
     train_modules: Targets | None = None,
+    name: str = named.DEFAULT,
 ) -> nn.Module:
     """Replace the target layers of ``model`` by PiSSALinear layers, in place, and return it.
 
@@ -67,6 +71,8 @@ def apply(
             bar when tqdm is installed. The time taken is in :func:`summary`.
         train_modules: patterns (as ``targets``, any module kind) of modules to train in full beside the adapters,
             e.g. a new classification head; saved with the adapter, exported as PEFT's ``modules_to_save``.
+        name: the adapter's name. On a model that has adapters of other names, one more adapter is added beside
+            them (plan/add_adapter.py), and the active adapter stays as it was (:func:`minipissa.set_adapter`).
 
     After apply, only the A and B parameters (and ``train_modules``) require gradients; a target's bias unfrozen
     afterwards trains with them and is saved with the adapter (biases.py). A target whose replacement would drop
@@ -80,10 +86,16 @@ def apply(
     cfg = _config(config, given)
     if targets is None:
         raise TypeError("minipissa.apply: targets is required (module names, patterns, or 'all-linear')")
+    name = named.check_name(name, "apply")
+    if set(named.adapter_names(as_module(model, "apply"))) - {name}:  # adapters of other names: one more
+        add_adapter(model, cfg, targets, exclude, fan_in_fan_out, name, progress, train_modules)
+        return outer
+    was_active, before = named.active(model), {id(layer) for _, layer in pissa_layers(model)}
     plans = plan_modules(model, cfg, targets, exclude, fan_in_fan_out)
     full = trained.select(model, train_modules, [p.name for p in plans])
     run = trained.Run(tuple(full), trained.initial_values(model, full))  # held by the layers it makes
     adapt(model, plans, cfg, progress, run=run)
+    named.adopt(model, [layer for _, layer in pissa_layers(model) if id(layer) not in before], name, was_active)
     run.seconds = time.perf_counter() - start
     return outer
 
@@ -157,9 +169,10 @@ def _mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
     before = [(layer.mode, layer.initial_on_device) for layer in layers]
     for layer in layers:
         layer.mode = mode
-        if mode == "original" and layer.A0.device != layer.A.device:  # A0, B0 live on the host: copied once here
+        a0, b0, _ = layer.original_factors()  # those the residual was made from (several adapters: nn/adapters.py)
+        if mode == "original" and a0.device != layer.A.device:  # A0, B0 live on the host: copied once here
             device = layer.A.device
-            layer.initial_on_device = (layer.A0.to(device, non_blocking=True), layer.B0.to(device, non_blocking=True))
+            layer.initial_on_device = (a0.to(device, non_blocking=True), b0.to(device, non_blocking=True))
     try:
         with with_initial:
             yield model

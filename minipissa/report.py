@@ -11,6 +11,7 @@ from torch import nn
 from .core.decompose import explained_energy
 from .core.errors import as_module
 from .core.nf4 import BYTES_PER_PARAM as NF4_BYTES_PER_PARAM
+from .plan import named
 from .plan.trained import init_seconds
 from .plan.tree import pissa_layers, unwrap
 
@@ -34,6 +35,8 @@ class Summary:
     trainable: int = 0
     total: int = 0
     seconds: float | None = None
+    adapters: list[str] = field(default_factory=list)  # every named adapter (minipissa.adapters() has their settings)
+    active: str | None = None  # the one the model computes; each module's row shows the adapter the layer holds
 
     def __str__(self) -> str:
         quantized = any(m.quant_error is not None for m in self.modules)
@@ -48,6 +51,8 @@ class Summary:
                 line += f" {m.residual_bits:>5.2f} {errors[0]} {errors[1]}"
             lines.append(line)
         seconds = "" if self.seconds is None else f", init {self.seconds:.2f} s"
+        if len(self.adapters) > 1:
+            lines.append("adapters: " + ", ".join(a + " (active)" * (a == self.active) for a in self.adapters))
         lines.append(
             f"{len(self.modules)} adapted modules; trainable {self.trainable:,} of {self.total:,} parameters "
             f"({100 * self.trainable / max(self.total, 1):.3f}%){seconds}"
@@ -60,6 +65,7 @@ def summary(model: nn.Module) -> Summary:
     as_module(model, "summary")
     model = unwrap(model, "summary")
     result = Summary(seconds=init_seconds(model))  # held by the layers (trained.Run): copies keep it
+    result.adapters, result.active = named.adapter_names(model), named.active(model)
     for name, layer in pissa_layers(model):
         sigma = torch.tensor(layer.info.get("singular_values", []), dtype=torch.float64)
         norm = layer.info.get("weight_norm", 0.0)
