@@ -8,6 +8,10 @@ anchors measured with bitsandbytes' NF4 and an exact SVD (../shared/reference/qp
 
     python benchmarks/qpissa_error.py                       # exact init (the anchors' setting)
     python benchmarks/qpissa_error.py --niter 4             # randomized init, warm-started iterations
+    python benchmarks/qpissa_error.py --double-quant        # the absmax in 8 bits (QLoRA's double quantization)
+
+With ``--double-quant`` nf4 is the double-quantized quantizer on both sides of the ratio (the residual and QLoRA's
+weight alike), as the ``qlora_error`` the layers record.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from common import MINILM_TARGETS, environment, minilm
 from torch import nn
 
 import minipissa
-from minipissa.core import nf4
+from minipissa.core import qpissa
 
 #: (method, rank) -> mean reduction in %, measured with bitsandbytes 0.50.2 NF4 and an exact SVD.
 ANCHORS = {
@@ -54,7 +58,7 @@ def reductions(base: nn.Module, rank: int, niter: int | None, options: dict[str,
     for name, layer in minipissa.pissa_layers(model):
         w = weights[name]
         approx = layer.residual(torch.float32) + layer.scaling * (layer.B0 @ layer.A0)
-        qlora = nf4.dequantize(*nf4.quantize(w), tuple(w.shape), torch.float32)
+        qlora = qpissa.roundtrip(w, options.get("double_quant", False), torch.float32)
         out.append(1.0 - nuclear(w - approx) / nuclear(w - qlora))
     return out, seconds
 
@@ -63,15 +67,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--niter", type=int, default=None, help="randomized init with this many power iterations")
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--double-quant", action="store_true", help="double-quantized absmax (8 bits)")
     parser.add_argument("--json", help="write the table here")
     args = parser.parse_args()
     base = minilm()
     rows = []
-    print(f"all-MiniLM-L6-v2, 36 matrices, NF4 blocksize 64, init {'exact' if args.niter is None else args.niter}")
+    dq = {"double_quant": True} if args.double_quant else {}
+    print(f"all-MiniLM-L6-v2, 36 matrices, NF4 blocksize 64{' double-quantized' * args.double_quant}, init "
+          f"{'exact' if args.niter is None else args.niter}")  # fmt: skip
     print(f"{'method':<10} {'rank':>4} {'mean %':>7} {'min %':>6} {'max %':>6} {'anchor %':>8} {'apply s':>8}")
     for rank in args.ranks:
         for method, options in METHODS.items():
-            values, seconds = reductions(base, rank, args.niter, options)
+            values, seconds = reductions(base, rank, args.niter, options | dq)
             mean = 100 * sum(values) / len(values)
             anchor = ANCHORS.get((method, rank), 0.0)
             row = {"method": method, "rank": rank, "mean": mean, "min": 100 * min(values), "max": 100 * max(values)}
@@ -80,7 +87,8 @@ def main() -> None:
                   f"{anchor:8.1f} {seconds:8.2f}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": environment(), "niter": args.niter, "rows": rows}, f, indent=1)
+            json.dump({"environment": environment(), "niter": args.niter, "double_quant": args.double_quant,
+                       "rows": rows}, f, indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ def apply(
     progress: bool | Callable[[int, int], None] = False,
     quantize: str | None = None,
     quant_iters: int = 1,
+    double_quant: bool = False,
     train_modules: Targets | None = None,
     name: str = named.DEFAULT,
 ) -> nn.Module:
@@ -63,7 +64,8 @@ def apply(
         targets: module name, suffix, 're:' regex or compiled regex, a list of them, or 'all-linear'
             (every Linear/Conv1D but the output head).
         rank, alpha, rslora, init, niter, oversample, seed, components, dropout, adapter_dtype, memory_budget,
-            quantize, quant_iters: how the adapters are initialised, each as :class:`InitConfig` documents it.
+            quantize, quant_iters, double_quant: how the adapters are initialised, each as :class:`InitConfig`
+            documents it.
         config: all of those at once, an :class:`InitConfig` (then pass none of them here: a TypeError).
         exclude: patterns (same forms as ``targets``) never to adapt.
         fan_in_fan_out: force the weight layout; default detects Conv1D (weight stored (in, out)).

@@ -10,7 +10,7 @@ from torch import nn
 
 from .core.decompose import explained_energy
 from .core.errors import as_module
-from .core.nf4 import BYTES_PER_PARAM as NF4_BYTES_PER_PARAM
+from .core.nf4 import BYTES_PER_PARAM, DQ_BYTES_PER_PARAM, NF4Weight
 from .plan import named
 from .plan.trained import init_seconds
 from .plan.tree import pissa_layers, unwrap
@@ -24,9 +24,11 @@ class ModuleSummary:
     scaling: float
     explained_energy: float | None  # ||S_r||^2 / ||W||_F^2 of the initial weight; None for init='lora'
     dead_components: int  # singular values ~0: their rows of A / columns of B get no gradient
-    residual_bits: float  # bits per parameter of the stored residual: its dtype's, or NF4's 4.5
+    residual_bits: float  # bits per parameter of the stored residual: its dtype's, or NF4's 4.5 (4.13 double-quantized)
     quant_error: float | None = None  # QPiSSA: ||W_res - deq(nf4(W_res))||_F / ||W||_F at apply
     qlora_error: float | None = None  # QLoRA's for comparison: ||W - deq(nf4(W))||_F / ||W||_F
+    quantizer: str | None = None  # QPiSSA: "nf4", or "nf4+dq" (the absmax double-quantized, in 8 bits)
+    residual_bytes: int | None = None  # QPiSSA: bytes of the stored codes and statistics
 
 
 @dataclass
@@ -41,15 +43,22 @@ class Summary:
     def __str__(self) -> str:
         quantized = any(m.quant_error is not None for m in self.modules)
         header = f"{'module':<40} {'out x in':>12} {'rank':>5} {'energy':>7} {'dead':>5}"
-        lines = [header + (f" {'bits':>5} {'q-error':>8} {'QLoRA':>8}" if quantized else "")]
+        lines = [header + (f" {'quant':>6} {'bits':>5} {'q-error':>8} {'QLoRA':>8}" if quantized else "")]
         for m in self.modules:
             energy = "-" if m.explained_energy is None else f"{m.explained_energy:.3f}"
             shape = f"{m.shape[0]} x {m.shape[1]}"
             line = f"{m.name:<40} {shape:>12} {m.rank:>5} {energy:>7} {m.dead_components:>5}"
             if quantized:
                 errors = [" " * 8 if e is None else f"{e:8.4f}" for e in (m.quant_error, m.qlora_error)]
-                line += f" {m.residual_bits:>5.2f} {errors[0]} {errors[1]}"
+                line += f" {m.quantizer or '-':>6} {m.residual_bits:>5.2f} {errors[0]} {errors[1]}"
             lines.append(line)
+        stored = [m for m in self.modules if m.residual_bytes is not None]
+        if stored:
+            kinds = "/".join(sorted({str(m.quantizer) for m in stored}))
+            weights = sum(m.shape[0] * m.shape[1] for m in stored)
+            total = sum(m.residual_bytes or 0 for m in stored)
+            lines.append(f"4-bit residuals ({kinds}): {len(stored)} modules, {total:,} bytes ({total / weights:.4f} "
+                         "bytes per weight)")  # fmt: skip
         seconds = "" if self.seconds is None else f", init {self.seconds:.2f} s"
         if len(self.adapters) > 1:
             lines.append("adapters: " + ", ".join(a + " (active)" * (a == self.active) for a in self.adapters))
@@ -72,7 +81,10 @@ def summary(model: nn.Module) -> Summary:
         energy = explained_energy(sigma.tolist(), norm)
         tiny = torch.finfo(layer.A0.dtype).eps * max(layer.in_features, layer.out_features) * norm
         dead = int((sigma <= tiny).sum()) if sigma.numel() else 0
-        bits = 8 * NF4_BYTES_PER_PARAM if layer.quantized else 8.0 * layer.weight.dtype.itemsize
+        q = layer.weight if isinstance(layer.weight, NF4Weight) else None
+        bits = 8.0 * layer.weight.dtype.itemsize
+        if q is not None:
+            bits = 8 * (DQ_BYTES_PER_PARAM if q.double_quant else BYTES_PER_PARAM)
         result.modules.append(
             ModuleSummary(
                 name,
@@ -84,6 +96,8 @@ def summary(model: nn.Module) -> Summary:
                 bits,
                 layer.info.get("nf4_error"),
                 layer.info.get("qlora_error"),
+                None if q is None else ("nf4+dq" if q.double_quant else "nf4"),
+                None if q is None else q.bytes,
             )  # fmt: skip
         )
     params = {id(p): p for p in model.parameters()}.values()

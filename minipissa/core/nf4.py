@@ -11,7 +11,9 @@ share a byte, the first in the high nibble; an odd count is padded with index 7 
 multiplies in float32, then casts.
 
 :class:`NF4Weight` holds one such weight as a module (the codes and absmax as buffers), so it moves with
-``.to(device)`` and is saved under ``<module>.weight.codes`` / ``.absmax``.
+``.to(device)`` and is saved under ``<module>.weight.codes`` / ``.absmax``. Double-quantized (``double_quant``, QLoRA's
+scheme, :mod:`.nf4_stats`), the absmax is held in 8 bits instead: ``.absmax_codes`` (uint8, one per block),
+``.absmax_scale`` and ``.absmax_offset`` (float32, one per 256 blocks); the 4-bit codes are the same either way.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import functools
 import hashlib
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
+from . import nf4_stats
 from .fingerprint import raw_bytes
 
 BLOCK = 64
@@ -34,8 +38,22 @@ CODE = (
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0,
 )  # fmt: skip
-#: Storage of the residual alone: 4 bits per element plus a float32 absmax per 64 (adapters and tables aside).
+#: Storage of the residual alone: 4 bits per element plus a float32 absmax per 64 (adapters and tables aside);
+#: a 4096 x 11008 weight: 0.5625 bytes per element.
 BYTES_PER_PARAM = 0.5 + 4 / BLOCK
+#: The same, double-quantized: an 8-bit absmax per 64 and a float32 scale and offset per 64 * 256 elements; a
+#: 4096 x 11008 weight: 0.51611 bytes per element (4.129 bits).
+DQ_BYTES_PER_PARAM = 0.5 + 1 / BLOCK + 8 / (BLOCK * nf4_stats.GROUP)
+
+
+#: The statistics' buffer names, by double quantization: the float32 absmax, or its 8-bit form (nf4_stats.py).
+STATISTICS = {False: ("absmax",), True: ("absmax_codes", "absmax_scale", "absmax_offset")}
+
+
+def stored_bytes(numel: int, double_quant: bool = False) -> int:
+    """Bytes of the codes and statistics of a weight of ``numel`` elements (what :meth:`NF4Weight.packed` holds)."""
+    blocks = -(-numel // BLOCK)
+    return (numel + 1) // 2 + (nf4_stats.stored_bytes(blocks) if double_quant else 4 * blocks)
 
 
 def code_table(device: torch.device | str | None = None) -> Tensor:
@@ -107,7 +125,9 @@ def dequantize(
 
 
 class NF4Weight(nn.Module):
-    """A frozen weight stored in NF4: ``codes`` (uint8) and ``absmax`` (float32) buffers, no full-precision copy.
+    """A frozen weight stored in NF4: ``codes`` (uint8) and ``absmax`` (float32) buffers, no full-precision copy; or,
+    double-quantized (:attr:`double_quant`), ``codes`` and the 8-bit absmax: ``absmax_codes`` (uint8),
+    ``absmax_scale`` and ``absmax_offset`` (float32), :data:`STATISTICS` (:mod:`.nf4_stats`).
 
     Attributes:
         shape: the weight's stored shape, e.g. (out, in) for ``nn.Linear``.
@@ -116,46 +136,70 @@ class NF4Weight(nn.Module):
     """
 
     codes: Tensor
-    absmax: Tensor
     table: Tensor
 
-    def __init__(self, codes: Tensor, absmax: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    def __init__(
+        self, codes: Tensor, absmax: Tensor | nf4_stats.DoubleQuantized, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> None:
+        """``absmax``: float32 (ceil(numel / 64),), or its 8-bit form (:func:`nf4_stats.encode`)."""
         super().__init__()
         numel = math.prod(shape)
+        blocks = -(-numel // BLOCK)
         if codes.dtype != torch.uint8 or codes.shape != ((numel + 1) // 2,):
             raise ValueError(f"NF4Weight: codes must be uint8 of shape ({(numel + 1) // 2},) for {shape}")
-        if absmax.dtype != torch.float32 or absmax.shape != (-(-numel // BLOCK),):
-            raise ValueError(f"NF4Weight: absmax must be float32 of shape ({-(-numel // BLOCK)},) for {shape}")
+        if isinstance(absmax, nf4_stats.DoubleQuantized):
+            nf4_stats.check(absmax, blocks, f"NF4Weight of shape {shape}")
+        elif absmax.dtype != torch.float32 or absmax.shape != (blocks,):
+            raise ValueError(f"NF4Weight: absmax must be float32 of shape ({blocks},) for {shape}")
         self.shape, self.dtype = tuple(shape), dtype
         self.register_buffer("codes", codes)
-        self.register_buffer("absmax", absmax)
+        stats = absmax if isinstance(absmax, nf4_stats.DoubleQuantized) else (absmax,)
+        for name, t in zip(STATISTICS[len(stats) > 1], stats, strict=True):
+            self.register_buffer(name, t)
         self.register_buffer("table", _tables(codes.device)[1].clone(), persistent=False)  # clone: no host copy
 
     @classmethod
-    def quantized(cls, weight: Tensor, dtype: torch.dtype | None = None) -> NF4Weight:
-        """``weight`` quantized; ``dtype``: what it stands for (default: the weight's own dtype)."""
+    def quantized(cls, weight: Tensor, dtype: torch.dtype | None = None, double_quant: bool = False) -> NF4Weight:
+        """``weight`` quantized; ``dtype``: what it stands for (default: the weight's own dtype); ``double_quant``:
+        its absmax in 8 bits (the 4-bit codes are the same)."""
         codes, absmax = quantize(weight)
-        return cls(codes, absmax, tuple(weight.shape), dtype or weight.dtype)
+        stats = nf4_stats.encode(absmax) if double_quant else absmax
+        return cls(codes, stats, tuple(weight.shape), dtype or weight.dtype)
+
+    @property
+    def double_quant(self) -> bool:
+        """Whether the absmax is held in 8 bits."""
+        return STATISTICS[True][0] in self._buffers
+
+    def statistics(self) -> tuple[Tensor, ...]:
+        """The stored statistics, in the order of :data:`STATISTICS`: (absmax,) or (absmax_codes, scale, offset)."""
+        return tuple(cast(Tensor, self._buffers[name]) for name in STATISTICS[self.double_quant])
+
+    def absmax_values(self) -> Tensor:
+        """The float32 absmax (ceil(numel / 64),) that dequantization scales by: as stored, or decoded."""
+        stats = self.statistics()
+        return stats[0] if len(stats) == 1 else nf4_stats.decode(*stats)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The weight (``shape``) in ``dtype`` (default: the dtype it stands for)."""
-        return dequantize(self.codes, self.absmax, self.shape, dtype or self.dtype, self.table)
+        return dequantize(self.codes, self.absmax_values(), self.shape, dtype or self.dtype, self.table)
 
     def packed(self) -> Tensor:
-        """The codes and the absmax bytes as one uint8 tensor: what fingerprints and checksums cover."""
-        return torch.cat([self.codes, self.absmax.view(torch.uint8)])
+        """The codes and the statistics' bytes as one uint8 tensor: what fingerprints and checksums cover."""
+        return torch.cat([self.codes, *(t.view(torch.uint8) for t in self.statistics())])
 
     def sha256(self) -> str:
-        """sha256 of the codes then the absmax bytes (little-endian float32), computed on the CPU."""
+        """sha256 of the codes then the statistics' bytes (little-endian float32 absmax; or the absmax codes, the
+        scales, the offsets), computed on the CPU."""
         digest = hashlib.sha256()
-        for t in (self.codes, self.absmax):
+        for t in (self.codes, *self.statistics()):
             digest.update(raw_bytes(t))
         return digest.hexdigest()
 
     @property
     def bytes(self) -> int:
-        """Bytes of the stored codes and absmax."""
-        return self.codes.numel() + 4 * self.absmax.numel()
+        """Bytes of the stored codes and statistics."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, *self.statistics()))
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
         # .half() / .to(dtype) must not round absmax or the table: they follow device moves only. The dtype the weight
@@ -171,4 +215,4 @@ class NF4Weight(nn.Module):
         return super()._apply(device_only, recurse)
 
     def extra_repr(self) -> str:
-        return f"shape={self.shape}, dtype={self.dtype}, bytes={self.bytes}"
+        return f"shape={self.shape}, dtype={self.dtype}, double_quant={self.double_quant}, bytes={self.bytes}"

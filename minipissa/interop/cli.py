@@ -10,9 +10,11 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from math import prod
 
 from ..core.decompose import explained_energy
 from ..core.errors import StateError
+from ..core.nf4 import stored_bytes
 from ..io import adapter_file as state
 from ..io import records, trained_modules
 from ..io import residual_file as residual
@@ -77,9 +79,10 @@ def _inspect(args: argparse.Namespace) -> int:
         tied, modules, _, quantized = residual.read(args.file)
         print(f"residual weights of {len(modules)} modules; tied keys: {tied or 'none'}")
         if quantized:
-            print(
-                f"4-bit (NF4) residuals: {len(quantized)} modules, {sum(w.bytes for w in quantized.values()):,} bytes"
-            )
+            kinds = "/".join(sorted({"nf4+dq" if w.double_quant else "nf4" for w in quantized.values()}))
+            stored, weights = sum(w.bytes for w in quantized.values()), sum(prod(w.shape) for w in quantized.values())
+            print(f"4-bit (NF4) residuals: {len(quantized)} modules ({kinds}), {stored:,} bytes "
+                  f"({stored / weights:.4f} bytes per weight)")  # fmt: skip
         return 0
     info, recs, other = state.read(args.file)  # every field checked
     full, _ = trained_modules.unpack(info.get("trained"), dict(other), f"minipissa: '{args.file}'")
@@ -100,7 +103,12 @@ def _inspect(args: argparse.Namespace) -> int:
         errors = [(r.info["nf4_error"], r.info["qlora_error"]) for r in nf4_recs]
         mean = sum(1 - e / q for e, q in errors if q > 0) / len(errors)
         iters = nf4_recs[0].info["quant_iters"]
-        print(f"QPiSSA: {len(nf4_recs)} modules with a 4-bit NF4 residual, quant_iters={iters}; quantization error")
+        dq = [r.info.get("double_quant", False) for r in nf4_recs]
+        kinds = "/".join(sorted({"nf4+dq" if d else "nf4" for d in dq}))
+        weights = sum(r.in_features * r.out_features for r in nf4_recs)
+        stored = sum(stored_bytes(r.in_features * r.out_features, d) for r, d in zip(nf4_recs, dq, strict=True))
+        print(f"QPiSSA: {len(nf4_recs)} modules with a 4-bit NF4 residual ({kinds}: {stored:,} bytes, "
+              f"{stored / weights:.4f} per weight), quant_iters={iters}; quantization error")  # fmt: skip
         print(f"{mean:.1%} below QLoRA's (Frobenius norm, mean over modules)")
     return 0
 

@@ -166,6 +166,12 @@ def _check_nf4_base(module: NF4Linear, rec: ModuleRecord, base: str, where: str)
     stored = (rec.in_features, rec.out_features) if rec.fan_in_fan_out else (rec.out_features, rec.in_features)
     if module.weight.shape != stored or module.fan_in_fan_out != rec.fan_in_fan_out:
         raise StateError(f"{where}: its 4-bit residual is {module.weight.shape}, the adapter's {stored}")
+    if module.weight.double_quant != rec.info.get("double_quant", False):
+        kinds = ("single-quantized (float32 absmax)", "double-quantized (8-bit absmax)")
+        raise StateError(
+            f"{where}: its 4-bit residual is {kinds[module.weight.double_quant]}, the adapter was saved with a "
+            f"{kinds[not module.weight.double_quant]} one; load the residual file saved with this adapter"
+        )
     if module.weight.sha256() != rec.info["nf4_sha256"]:
         raise StateError(f"{where}: its 4-bit residual is not the one the adapter was saved with (sha256 differs)")
     biases.check(module.bias, rec, where)
@@ -227,7 +233,7 @@ def _rebuilt_nf4(weight: Tensor, rec: ModuleRecord, where: str) -> NF4Weight:
     """The 4-bit residual rebuilt from the original weight: the saved one, code for code."""
     with torch.no_grad():
         a0, b0 = rec.A0.to(weight.device), rec.B0.to(weight.device)
-        residual = residual_nf4(weight, a0, b0, rec.scaling, rec.fan_in_fan_out)
+        residual = residual_nf4(weight, a0, b0, rec.scaling, rec.fan_in_fan_out, rec.info.get("double_quant", False))
     if residual.sha256() != rec.info["nf4_sha256"]:
         raise StateError(
             f"{where}: its 4-bit residual, rebuilt from the original weight, has other codes than the saved one "

@@ -9,6 +9,9 @@ sampled fingerprints are still read. Version 3 adds QPiSSA (``quantize``, ``quan
 residual its errors and the sha256 of its codes and absmax, :data:`NF4_INFO`); a file without them is dense.
 Version 4 fingerprints the base's bias too (``bias_fingerprint``, None for a layer without one) and holds
 ``<module path>.bias`` for a bias trained since apply (:attr:`ModuleRecord.bias`); older files have neither.
+``double_quant`` (the NF4 absmax in 8 bits) is recorded only where true (:data:`~minipissa.plan.config.UNLESS_DEFAULT`):
+other files are what they were, and a reader that knows nothing of it refuses a file that has it (an unknown info
+key) rather than rebuild another residual.
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ from ..core.decompose import compute_dtype
 from ..core.dtensor import full_tensor
 from ..core.dtypes import FLOATS, dtype_name
 from ..core.errors import StateError
-from ..core.nf4 import BLOCK
+from ..core.nf4 import stored_bytes
 from ..nn import adapters as per_layer
 from ..nn.layer import PiSSALinear
-from ..plan.config import RECORDED, check_recorded
+from ..plan.config import RECORDED, UNLESS_DEFAULT, check_recorded
 from ..plan.settings import Settings, check_alpha, check_dropout, check_rank
 from . import optimizer_state, trained_modules
 
@@ -97,10 +100,8 @@ def config_summary(recs: list[ModuleRecord]) -> dict[str, Any]:
     def value(rec: ModuleRecord, key: str) -> Any:
         return getattr(rec, key) if hasattr(rec, key) else rec.info.get(key)
 
-    return {
-        key: value(recs[0], key) if len({repr(value(r, key)) for r in recs}) == 1 else "per-module"
-        for key in CONFIG_KEYS
-    }
+    keys = [k for k in CONFIG_KEYS if k not in UNLESS_DEFAULT or any(k in r.info for r in recs)]
+    return {key: value(recs[0], key) if len({repr(value(r, key)) for r in recs}) == 1 else "per-module" for key in keys}
 
 
 def parse(
@@ -194,12 +195,12 @@ def _bias(check: Check, info: dict[str, Any], bias: Tensor | None, out_f: int) -
 
 
 def _info(check: Check, value: Any, rank: int, shape: tuple[int, int], dtype: str) -> dict[str, Any]:
-    required = tuple(k for k in INFO if k not in DENSE_DEFAULTS)
+    required = tuple(k for k in INFO if k not in DENSE_DEFAULTS and k not in UNLESS_DEFAULT)
     info = check.mapping(
         value,
         "info",
         keys=required,
-        optional=("residual_edited", "bias_fingerprint", *DENSE_DEFAULTS, *NF4_INFO),
+        optional=("residual_edited", "bias_fingerprint", *DENSE_DEFAULTS, *UNLESS_DEFAULT, *NF4_INFO),
     )
     info = DENSE_DEFAULTS | info
     check_recorded(info, check)  # the very checks apply() runs on its arguments: what apply() accepts, a file holds
@@ -225,7 +226,7 @@ def _info(check: Check, value: Any, rank: int, shape: tuple[int, int], dtype: st
     if tuple(base["shape"]) != shape or base["dtype"] != dtype:
         check.fail("base_fingerprint", f"of a {dtype} weight of shape {list(shape)}", base)
     numel = shape[0] * shape[1]
-    stored = [(numel + 1) // 2 + 4 * -(-numel // BLOCK)] if quantized else list(shape)  # NF4: codes + absmax bytes
+    stored = [stored_bytes(numel, info.get("double_quant", False))] if quantized else list(shape)  # NF4: packed()
     if list(residual["shape"]) != stored or (residual["dtype"] == "uint8") != quantized:
         check.fail("residual_fingerprint", f"of a residual stored as {stored}", residual)
     if "residual_edited" in info:

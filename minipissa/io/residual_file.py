@@ -5,8 +5,11 @@ W_res (its A, B, A0, B0 left out: they belong in the adapter file written by ``s
 tensors (GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``) are written once under their
 first key and restored tied. Load the adapter on top with ``load(model, adapter, base="residual")``.
 
-A QPiSSA layer's residual is stored as it is held, in 4 bits (``<module>.weight.codes`` and ``.absmax``: 0.56
-bytes per weight instead of 2 in bf16), and loads bit-exactly into an :class:`NF4Linear` in the module's place.
+A QPiSSA layer's residual is stored as it is held, in 4 bits (``<module>.weight.codes`` and ``.absmax``: 0.5625
+bytes per weight instead of 2 in bf16; double-quantized, ``.absmax_codes``, ``.absmax_scale`` and ``.absmax_offset``
+in place of ``.absmax``: 0.516, and ``"double_quant": true`` in its entry), and loads bit-exactly into an
+:class:`NF4Linear` in the module's place. A reader that knows nothing of double quantization refuses such an entry
+(its ``.absmax`` is missing): it never loads other statistics.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from ..core.checks import Check
 from ..core.dtensor import full_tensor, is_dtensor, refuse_sharded, write_once
 from ..core.dtypes import FLOATS, dtype_name
 from ..core.errors import PathLike, StateError
-from ..core.nf4 import NF4Weight
+from ..core.nf4 import STATISTICS, NF4Weight
+from ..core.nf4_stats import DoubleQuantized
 from ..core.weights import is_conv1d
 from ..nn import adapters as per_layer
 from ..nn.nf4_linear import NF4Linear
@@ -67,9 +71,9 @@ def save_residual(model: nn.Module, path: PathLike) -> None:
         else:
             tensors[key] = full_tensor(value)
     quantized = {
-        name: {"shape": list(layer.weight.shape), "dtype": dtype_name(layer.weight.dtype),
-               "fan_in_fan_out": layer.fan_in_fan_out}
-        for name, layer in layers.items() if layer.quantized
+        name: {"shape": list(w.shape), "dtype": dtype_name(w.dtype), "fan_in_fan_out": layer.fan_in_fan_out}
+        | ({"double_quant": True} if w.double_quant else {})  # only then: other files stay what they were
+        for name, layer in layers.items() if isinstance(w := layer.weight, NF4Weight)
     }  # fmt: skip
     payload = {"tied": tied, "residual_modules": sorted(layers), "quantized": quantized}
     write_once(model, lambda: safefile.write(path, tensors, KIND, payload))  # rank 0 if sharded
@@ -100,22 +104,29 @@ def _mapping(value: Any, check: Check) -> dict[str, Any]:
 
 
 def _nf4_weight(meta: dict[str, Any], tensors: dict[str, Tensor], name: str, check: Check) -> NF4Weight:
-    """The 4-bit residual of module ``name``, its codes and absmax popped from ``tensors``."""
+    """The 4-bit residual of module ``name``, its codes and statistics popped from ``tensors``."""
     shape, dtype = meta.get("shape"), FLOATS.get(meta.get("dtype"))  # type: ignore[arg-type]
-    keys = (f"{name}.weight.codes", f"{name}.weight.absmax")
+    double_quant = meta.get("double_quant", False)  # absent: a file of before double quantization, or none
+    names = STATISTICS[double_quant] if isinstance(double_quant, bool) else ()
+    keys = [f"{name}.weight.{k}" for k in ("codes", *names)]
     well_formed = (
         isinstance(shape, list) and len(shape) == 2 and all(type(s) is int and s > 0 for s in shape)
-        and dtype is not None and isinstance(meta.get("fan_in_fan_out"), bool) and all(k in tensors for k in keys)
+        and dtype is not None and isinstance(meta.get("fan_in_fan_out"), bool) and isinstance(double_quant, bool)
+        and all(k in tensors for k in keys)
     )  # fmt: skip
     if not well_formed:
-        check.refuse("its 4-bit residual's shape, dtype, layout or tensors are malformed")
-    codes, absmax = (tensors.pop(k) for k in keys)
+        check.refuse("its 4-bit residual's shape, dtype, layout, double_quant or tensors are malformed")
+    codes, *stats = (tensors.pop(k) for k in keys)
     try:
-        weight = NF4Weight(codes, absmax, tuple(cast(list[int], shape)), cast(torch.dtype, dtype))
+        weight = NF4Weight(
+            codes, DoubleQuantized(*stats) if double_quant else stats[0], tuple(cast(list[int], shape)),
+            cast(torch.dtype, dtype),
+        )  # fmt: skip
     except ValueError as e:
         check.refuse(str(e))
-    if not bool((torch.isfinite(absmax) & (absmax >= 0)).all()):
-        check.refuse("its 4-bit residual's absmax holds negative or non-finite values")
+    floats = stats[1:] if double_quant else stats  # the absmax, or the scales and offsets it is decoded with
+    if not all(bool((torch.isfinite(t) & (t >= 0)).all()) for t in floats):
+        check.refuse("its 4-bit residual's absmax (or its scales and offsets) holds negative or non-finite values")
     return weight
 
 

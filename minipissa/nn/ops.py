@@ -18,13 +18,14 @@ Under ``torch.compile`` each dequantization fuses into one kernel.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.nf4 import NF4Weight, dequantize
+from ..core.nf4_stats import decode
 
 #: aten's reshape without view tracking (what torch.matmul returns), or None if a future torch drops it.
 _UNSAFE_VIEW = getattr(getattr(torch.ops.aten, "_unsafe_view", None), "default", None)
@@ -39,7 +40,13 @@ def _unflatten(y: Tensor, lead: torch.Size) -> Tensor:
     return y.reshape(shape).clone() if _UNSAFE_VIEW is None else _UNSAFE_VIEW(y, shape)
 
 
-def _dequantized(codes: Tensor, absmax: Tensor, table: Tensor, shape: Any, transposed: bool, dtype: Any) -> Tensor:
+def _dequantized(
+    codes: Tensor, stats: tuple[Tensor, Tensor | None, Tensor | None], table: Tensor, shape: Any, transposed: bool,
+    dtype: Any,
+) -> Tensor:  # fmt: skip
+    absmax, scale, offset = stats
+    if scale is not None:  # double-quantized: decoded here, in forward and again in backward
+        absmax = decode(absmax, scale, cast(Tensor, offset))
     weight = dequantize(codes, absmax, shape, dtype, table)
     return weight.mT if transposed else weight
 
@@ -61,7 +68,8 @@ class QuantizedAdaptedLinear(torch.autograd.Function):
     Shapes: x (..., in); xa (..., in) = dropout(x), or None for x itself (one tensor passed once: torch.compile
     cannot trace a function given the same tensor twice); codes, absmax, table, shape: the residual's
     :class:`~minipissa.core.nf4.NF4Weight`, ``transposed`` for a Conv1D (stored (in, out)); bias (out,) or None;
-    a (r, in), b (out, r) in x's dtype.
+    a (r, in), b (out, r) in x's dtype; double-quantized, absmax is its 8-bit codes and ``absmax_scale`` and
+    ``absmax_offset`` are given (else None): only those are saved, never the decoded float32 absmax.
 
     Kernels with s = 1: forward 4 (dequantize, h = xa A^T, the base GEMM, y += h B^T in place); backward 6
     (dequantize, dh = g B, dx = g W, dx += dh A in place, dA = dh^T xa, dB = g^T h).
@@ -81,20 +89,24 @@ class QuantizedAdaptedLinear(torch.autograd.Function):
         table: Tensor,
         shape: Any,
         transposed: bool,
+        absmax_scale: Tensor | None,
+        absmax_offset: Tensor | None,
     ) -> Tensor:
-        weight = _dequantized(codes, absmax, table, shape, transposed, x.dtype)
+        weight = _dequantized(codes, (absmax, absmax_scale, absmax_offset), table, shape, transposed, x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         xa2 = x2 if xa is None else xa.reshape(-1, xa.shape[-1])
         h = torch.mm(xa2, a.mT)  # (N, r)
         y = torch.mm(x2, weight.mT) if bias is None else torch.addmm(bias, x2, weight.mT)
         y = _add_product(y, h, b.mT, scaling)
         ctx.scaling, ctx.shared, ctx.quant = scaling, xa is None, (shape, transposed)
-        ctx.save_for_backward(xa2 if ctx.needs_input_grad[4] else None, h, codes, a, b, absmax, table)
+        ctx.save_for_backward(
+            xa2 if ctx.needs_input_grad[4] else None, h, codes, a, b, absmax, table, absmax_scale, absmax_offset
+        )
         return _unflatten(y, x.shape[:-1])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        xa2, h, codes, a, b, absmax, table = ctx.saved_tensors
+        xa2, h, codes, a, b, absmax, table, absmax_scale, absmax_offset = ctx.saved_tensors
         s = ctx.scaling
         g = grad.reshape(-1, grad.shape[-1])
         dx = dxa = da = db = None
@@ -104,7 +116,8 @@ class QuantizedAdaptedLinear(torch.autograd.Function):
             dh = _scale(dh, s)  # s once, on the small tensor: dx, dxa and dA below then carry it
         if need_x:
             shape, transposed = ctx.quant
-            dx = torch.mm(g, _dequantized(codes, absmax, table, shape, transposed, grad.dtype))
+            stats = (absmax, absmax_scale, absmax_offset)
+            dx = torch.mm(g, _dequantized(codes, stats, table, shape, transposed, grad.dtype))
             if ctx.shared:  # xa is x: one (N, in) gradient, the adapter's part accumulated in place
                 dx = _add_product(dx, dh, a, 1.0)
             dx = dx.view(*grad.shape[:-1], dx.shape[-1])
@@ -116,7 +129,7 @@ class QuantizedAdaptedLinear(torch.autograd.Function):
             db = torch.mm(g.mT, h)
             if s != 1.0:
                 db = _scale(db, s)
-        return dx, dxa, None, None, da, db, None, None, None, None, None
+        return dx, dxa, None, None, da, db, None, None, None, None, None, None, None
 
 
 def adapted_linear(
@@ -150,8 +163,10 @@ def quantized_adapted_linear(
     (in, out), a Conv1D's); the bias gets no gradient."""
     a = a if a.dtype == x.dtype else a.to(x.dtype)
     b = b if b.dtype == x.dtype else b.to(x.dtype)
-    codes, absmax, table, shape = weight.codes, weight.absmax, weight.table, weight.shape
-    out: Tensor = QuantizedAdaptedLinear.apply(x, xa, codes, bias, a, b, scaling, absmax, table, shape, transposed)
+    absmax, scale, offset = (*weight.statistics(), None, None)[:3]  # (absmax, None, None) unless double-quantized
+    out: Tensor = QuantizedAdaptedLinear.apply(
+        x, xa, weight.codes, bias, a, b, scaling, absmax, weight.table, weight.shape, transposed, scale, offset
+    )
     return out
 
 

@@ -16,7 +16,10 @@ INITS = ("pissa", "lora", "loftq")
 QUANTIZERS = (None, "nf4")
 COMPONENTS = ("principal", "minor")
 #: The options each layer's ``info`` records (and so the adapter file): what made its initial factors.
-RECORDED = ("init", "niter", "oversample", "seed", "components", "quantize", "quant_iters")
+RECORDED = ("init", "niter", "oversample", "seed", "components", "quantize", "quant_iters", "double_quant")
+#: Recorded options left out of ``info`` while they hold their default (given here): files that do not use them stay
+#: what they were, readable by the versions of minipissa that knew nothing of them.
+UNLESS_DEFAULT = {"double_quant": False}
 #: Default bound (bytes) on the extra memory a chunk of stacked weights and its workspace may take.
 MEMORY_BUDGET = 1 << 30
 #: apply()'s arguments: checked as a file's fields are, with a ValueError.
@@ -43,6 +46,9 @@ def check_recorded(options: Mapping[str, Any], check: Check) -> None:
     if quantize not in QUANTIZERS:
         check.fail("quantize", "None or 'nf4'", quantize)
     check.integer(quant_iters, "quant_iters", 1, expected="an int in [1, 2**63)")
+    double_quant = check.boolean(options.get("double_quant", False), "double_quant")
+    if double_quant and quantize is None:
+        check.refuse("double_quant=True stores the 4-bit residual's absmax in 8 bits: pass quantize='nf4' too")
     if quantize is None and (init == "loftq" or quant_iters != 1):
         check.refuse("init='loftq' and quant_iters > 1 choose the adapter against a quantizer: pass quantize='nf4' too")
     if init == "lora" and quant_iters != 1:
@@ -80,6 +86,10 @@ class InitConfig:
         quant_iters: with ``quantize``, how many times the adapter is chosen against the quantizer: the top-r of
             W, then ``quant_iters - 1`` times the top-r of W - deq(nf4(W - P)) (the authors' multi-iteration
             QPiSSA; 5 in their checkpoints); with init='loftq', LoftQ's iterations.
+        double_quant: with ``quantize``, each NF4 absmax (one per 64 weights) is stored in 8 bits, with a float32
+            scale and offset per 256 of them (QLoRA's double quantization, deterministic: core/nf4_stats.py):
+            0.516 bytes per weight instead of 0.5625; the 4-bit codes are the same, and the iterations choose the
+            adapter against this quantizer.
     """
 
     rank: int | Mapping[str, int]
@@ -96,6 +106,7 @@ class InitConfig:
     stack: bool | None = None
     quantize: str | None = None
     quant_iters: int = 1
+    double_quant: bool = False
 
     def __post_init__(self) -> None:
         for name in ("rank", "alpha"):  # a private copy: the user's dict may change after apply()
@@ -137,5 +148,7 @@ class InitConfig:
         return device.type != "cpu" if self.stack is None else self.stack
 
     def recorded(self) -> dict[str, Any]:
-        """The options a layer's ``info`` (and so the adapter file) records."""
-        return {key: getattr(self, key) for key in RECORDED}
+        """The options a layer's ``info`` (and so the adapter file) records (those of :data:`UNLESS_DEFAULT` only where
+        they differ from it)."""
+        options = {key: getattr(self, key) for key in RECORDED}
+        return {k: v for k, v in options.items() if k not in UNLESS_DEFAULT or v is not UNLESS_DEFAULT[k]}

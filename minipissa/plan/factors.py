@@ -142,7 +142,8 @@ def initial_factors(weight: Tensor, plan: Plan, cfg: InitConfig) -> tuple[Tensor
         return decompose.principal_factors(target, plan.rank, plan.scaling, niter=cfg.niter, omega=sketch, minor=minor)
 
     first = None if cfg.init == "loftq" else cold(matrix)
-    return qpissa.alternate(matrix, plan.scaling, plan.fan_in_fan_out, cfg.quant_iters, first, omega, cold)
+    iters, dq = cfg.quant_iters, cfg.double_quant
+    return qpissa.alternate(matrix, plan.scaling, plan.fan_in_fan_out, iters, first, omega, cold, dq)
 
 
 def factors(plans: Sequence[Plan], cfg: InitConfig) -> Iterator[Factors]:

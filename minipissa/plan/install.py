@@ -161,8 +161,9 @@ def _put_all(
                 plan = item.plan
                 with torch.no_grad():
                     residual, errors = quantize_residual(
-                        plan.weight, item.a0, item.b0, plan.scaling, plan.fan_in_fan_out, qlora_too=cfg.init != "lora"
-                    )
+                        plan.weight, item.a0, item.b0, plan.scaling, plan.fan_in_fan_out, qlora_too=cfg.init != "lora",
+                        double_quant=cfg.double_quant,
+                    )  # fmt: skip
                 quant_errors.append(errors)
             layer = put(
                 model, item.plan, item.a0, item.b0, cfg.recorded(), run, aliases,

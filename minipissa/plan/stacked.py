@@ -149,6 +149,7 @@ def _finish(
         if cfg.iterates:  # QPiSSA: chosen again against the quantizer, the whole chunk at once
             fresh = _sketches(chunk, cfg, dtype, decompose.sketch_columns(rank, cfg.oversample, *chunk[0].shape))
             a, b, s = qpissa.alternate(  # the stack is freed before the chunk is yielded
-                _stack(chunk, dtype), scaling, chunk[0].fan_in_fan_out, cfg.quant_iters, (a, b, s), fresh
-            )
+                _stack(chunk, dtype), scaling, chunk[0].fan_in_fan_out, cfg.quant_iters, (a, b, s), fresh,
+                double_quant=cfg.double_quant,
+            )  # fmt: skip
     yield from zip(chunk, a, b, s, strict=True)
