@@ -39,7 +39,7 @@ def adapters(model: nn.Module) -> dict[str, dict[str, Any]]:
         values["exact"] = not any(per_layer.corrected(h) for _, h in found)
         rows = [
             {"rank": h.rank, "alpha": h.alpha, "rslora": h.rslora, "dropout": _dropout(h.dropout)}
-            | {k: h.info.get(k) for k in RECORDED}
+            | dict(zip(RECORDED, named.init_options(h.info), strict=True))
             for _, h in found
         ]
         for key in rows[0]:

@@ -37,6 +37,7 @@ def _upgrade(layer: PiSSALinear) -> None:
     layer.__dict__.setdefault("adapter_name", "default")
     layer.__dict__.setdefault("active", layer.adapter_name)
     layer.__dict__.setdefault("residual_init", (layer.A0, layer.B0, layer.scaling))
+    layer.__dict__.setdefault("order", [layer.adapter_name])
     for name in BUFFERS:
         if name not in layer._buffers:
             layer.register_buffer(name, None, persistent=False)
@@ -49,8 +50,10 @@ def slots(layer: PiSSALinear) -> dict[str, Slot]:
 
 
 def names(layer: PiSSALinear) -> list[str]:
-    """The names of the layer's adapters, its own first."""
-    return [layer.__dict__.get("adapter_name", "default"), *slots(layer)]
+    """The names of the layer's adapters, in the order they came (switching reorders the slots, not this)."""
+    have = [layer.__dict__.get("adapter_name", "default"), *slots(layer)]
+    order = layer.__dict__.get("order", [])
+    return sorted(have, key=lambda n: order.index(n) if n in order else len(order))
 
 
 def holder(layer: PiSSALinear, name: str) -> Holder | None:
@@ -119,6 +122,7 @@ def add(
     if "adapters" not in layer._modules:
         layer.adapters = nn.ModuleDict()
     cast(nn.ModuleDict, layer.adapters)[name] = slot
+    layer.order = [*names(layer)[:-1], name]
     return slot
 
 
@@ -167,6 +171,7 @@ def remove(layer: PiSSALinear, name: str) -> None:
         swap(layer, next(iter(slots(layer))))
     registry = cast(nn.ModuleDict, layer.adapters)
     del registry[name]
+    layer.order = [n for n in layer.order if n != name]
     if not len(registry):
         del layer.adapters
 

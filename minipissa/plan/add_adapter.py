@@ -32,8 +32,6 @@ from .settings import Settings
 from .targets import Targets, find_targets
 from .tree import Plan, pissa_layers
 
-#: Recorded options that layers made before QPiSSA lack, and their values there.
-DENSE: dict[str, Any] = {"quantize": None, "quant_iters": 1}
 Initial = tuple[Tensor, Tensor, dict[str, Any]]  # A0 (r, in), B0 (out, r) in host memory, the adapter's info
 
 
@@ -113,10 +111,10 @@ def _plan(name: str, layer: PiSSALinear, cfg: InitConfig) -> Plan:
 def _same_init(layer: PiSSALinear, plan: Plan, cfg: InitConfig) -> Initial | None:
     """The initial factors (and info) of an adapter of the layer that its residual was made from, if it was made
     with the very settings of ``plan`` and ``cfg``: they are what the stream would make of W."""
-    want = (plan.rank, plan.alpha, plan.rslora, *(cfg.recorded()[k] for k in RECORDED))
+    want = (plan.rank, plan.alpha, plan.rslora, *named.init_options(cfg.recorded()))
     for name in per_layer.names(layer):
         h = cast(per_layer.Holder, per_layer.holder(layer, name))
-        mine = (h.rank, h.alpha, h.rslora, *(h.info.get(k, DENSE.get(k)) for k in RECORDED))
+        mine = (h.rank, h.alpha, h.rslora, *named.init_options(h.info))
         if mine == want and per_layer.shares_residual(layer, h.A0, h.B0, h.scaling):
             return h.A0, h.B0, dict(h.info)
     return None

@@ -19,9 +19,12 @@ from ..core.errors import StateError
 from ..nn import adapters as per_layer
 from ..nn.layer import PiSSALinear
 from . import trained
+from .config import RECORDED, UNLESS_DEFAULT
 from .tree import pissa_layers
 
 DEFAULT = "default"
+#: Recorded init options that layers made before QPiSSA (or double quantization) lack, and their values there.
+OLD_DEFAULTS = {"quantize": None, "quant_iters": 1, **UNLESS_DEFAULT}
 #: Layer modes of the contexts original(), disabled() and per_example(): no adapter changes inside them.
 CONTEXTS = ("original", "disabled", "mixed")
 
@@ -34,6 +37,11 @@ def check_name(name: object, what: str) -> str:
             f"nn.ModuleDict, e.g. 'math'; got {name!r:.60}"
         )
     return name
+
+
+def init_options(info: dict[str, object]) -> tuple[object, ...]:
+    """The values of every recorded init option (:data:`RECORDED`) in a layer's or a record's ``info``."""
+    return tuple(info.get(k, OLD_DEFAULTS.get(k)) for k in RECORDED)
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -140,6 +148,7 @@ def adopt(model: nn.Module, layers: Sequence[PiSSALinear], name: str, was_active
     active adapter before they came; None: it had no PiSSA layers, and ``name`` is active now)."""
     for layer in layers:
         layer.adapter_name = layer.active = name
+        layer.order = [name]
     settle(model, was_active or name)
 
 
