@@ -11,8 +11,8 @@ minipissa.convert_to_lora("adapter.safetensors", "lora_dir")  # PEFT LoRA for th
 from .adapters import active_adapter, adapter, adapters, delete_adapter, per_example, set_adapter
 from .core.errors import StateError
 from .core.version import __version__ as __version__
-from .interop.peft_export import ConversionReport, convert_to_lora
 from .interop.lora_import import load_lora
+from .interop.peft_export import ConversionReport, convert_to_lora
 from .interop.peft_import import import_peft
 from .io.adapter_file import load, save
 from .io.residual_file import load_residual, save_residual

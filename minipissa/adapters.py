@@ -21,7 +21,7 @@ from .core.errors import StateError
 from .nn import adapters as per_layer
 from .plan import named, trained
 from .plan.config import RECORDED
-from .plan.tree import adapted_layers, pissa_layers, unwrap
+from .plan.tree import adapted_layers, unwrap
 
 
 def adapters(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -67,12 +67,11 @@ def set_adapter(model: nn.Module, name: str) -> nn.Module:
     disabled() or per_example(), and under DistributedDataParallel (which keeps the parameters that required grad
     when it was built: switch before wrapping)."""
     outer, model = model, unwrap(model, "set_adapter", adds_parameters=True)
-    refuse_sharded(model, "set_adapter")
     layers = adapted_layers(model, "set_adapter")
-    name = named.known(model, name, "set_adapter")
-    if name != named.active(model):
+    name = named.known(layers, name, "set_adapter")
+    if name != named.active(layers):
         named.refuse_busy(layers, "set_adapter")
-    named.settle(model, name)
+    named.settle(layers, name)
     return outer
 
 
@@ -126,7 +125,9 @@ def per_example(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Mo
     model = unwrap(model, "per_example")
     layers = adapted_layers(model, "per_example")
     if isinstance(names, (str, bytes)) or not isinstance(names, Sequence) or not names:
-        raise StateError(f"minipissa.per_example: names must be a non-empty list of adapter names or None, got {names!r:.60}")
+        raise StateError(
+            f"minipissa.per_example: names must be a non-empty list of adapter names or None, got {names!r:.60}"
+        )
     chosen = [None if n is None else named.known(model, n, "per_example") for n in names]
     named.refuse_busy(layers, "per_example")
     if trained.names(model, "per_example"):

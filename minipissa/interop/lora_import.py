@@ -56,7 +56,12 @@ def load_lora(model: nn.Module, directory: PathLike, *, name: str = "lora") -> n
 def _base_of(module: nn.Module, where: str) -> tuple[dict[str, Any], Any, bool, torch.dtype]:
     """The fingerprints of the base weight and bias under ``module``, its layout and its decomposition dtype."""
     if isinstance(module, PiSSALinear):
-        return module.info["base_fingerprint"], module.info.get("bias_fingerprint"), module.fan_in_fan_out, module.A0.dtype
+        return (
+            module.info["base_fingerprint"],
+            module.info.get("bias_fingerprint"),
+            module.fan_in_fan_out,
+            module.A0.dtype,
+        )
     if not is_supported(module):
         raise StateError(f"{where} is a {type(module).__name__}; a LoRA adapts an nn.Linear or Conv1D")
     weight, bias = full_tensor(cast(Tensor, module.weight)), module.bias
@@ -96,4 +101,3 @@ def _record(
         out_features=out_f, base_dtype=base["dtype"], info=info, A=a.to(dtype), B=b.to(dtype), A0=zeros[0],
         B0=zeros[1],
     )  # fmt: skip
-

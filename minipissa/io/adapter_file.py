@@ -26,7 +26,6 @@ from ..plan.tree import (
     Plan,
     adapted_layers,
     module_aliases,
-    pissa_layers,
     unwrap,
 )
 from . import biases, optimizer_state, records, safefile, trained_modules

@@ -122,7 +122,7 @@ def add(
     if "adapters" not in layer._modules:
         layer.adapters = nn.ModuleDict()
     cast(nn.ModuleDict, layer.adapters)[name] = slot
-    layer.order = [*names(layer)[:-1], name]
+    layer.__dict__["order"] = [*names(layer)[:-1], name]
     return slot
 
 
@@ -171,7 +171,7 @@ def remove(layer: PiSSALinear, name: str) -> None:
         swap(layer, next(iter(slots(layer))))
     registry = cast(nn.ModuleDict, layer.adapters)
     del registry[name]
-    layer.order = [n for n in layer.order if n != name]
+    layer.__dict__["order"] = [n for n in layer.__dict__["order"] if n != name]
     if not len(registry):
         del layer.adapters
 

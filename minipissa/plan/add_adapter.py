@@ -25,7 +25,7 @@ from ..core.weights import residual_weight
 from ..nn import adapters as per_layer
 from ..nn.layer import PiSSALinear
 from . import named, trained
-from .config import RECORDED, InitConfig
+from .config import InitConfig
 from .factors import _refuse_unused_patterns, factors, nonfinite_factors, plan_modules, refuse_nonfinite
 from .install import adapt
 from .settings import Settings
@@ -59,7 +59,9 @@ def add_adapter(
     plans = [_plan(n, layer, cfg) for n, layer in layers]
     fresh = [n for n, m in found if not isinstance(m, PiSSALinear)]
     fresh_cfg = _exactly(cfg, fresh)
-    fresh_plans = plan_modules(model, fresh_cfg, [f"re:{re.escape(n)}" for n in fresh], None, fan_in_fan_out) if fresh else []
+    fresh_plans = (
+        plan_modules(model, fresh_cfg, [f"re:{re.escape(n)}" for n in fresh], None, fan_in_fan_out) if fresh else []
+    )
     _refuse_unused_patterns(cfg, [*plans, *fresh_plans])
     initial = [_initial(plan, layer, cfg) for plan, (_, layer) in zip(plans, layers, strict=True)]  # no change yet
     was_active, before = named.active(model), {id(layer) for _, layer in pissa_layers(model)}
@@ -142,7 +144,9 @@ def _initial(plan: Plan, layer: PiSSALinear, cfg: InitConfig) -> Initial:
     try:
         (item,) = list(factors([plan], cfg))
         refuse_nonfinite(nonfinite_factors([item]), "initial factors")
-        residual = residual_weight(shell.weight, item.a0, item.b0, plan.scaling, plan.fan_in_fan_out, layer.weight.dtype)
+        residual = residual_weight(
+            shell.weight, item.a0, item.b0, plan.scaling, plan.fan_in_fan_out, layer.weight.dtype
+        )
         info = cfg.recorded() | describe(item.sigma, layer.info["base_fingerprint"])
     finally:
         del shell.weight

@@ -44,17 +44,25 @@ def init_options(info: dict[str, object]) -> tuple[object, ...]:
     return tuple(info.get(k, OLD_DEFAULTS.get(k)) for k in RECORDED)
 
 
-def adapter_names(model: nn.Module) -> list[str]:
+#: A model, or its PiSSA layers (name, layer) already found (switching walks the model's modules once).
+Layers = nn.Module | Sequence[tuple[str, PiSSALinear]]
+
+
+def _layers(model: Layers) -> Sequence[tuple[str, PiSSALinear]]:
+    return list(pissa_layers(model)) if isinstance(model, nn.Module) else model
+
+
+def adapter_names(model: Layers) -> list[str]:
     """Every adapter's name, in the order the model's layers first show them."""
     found: dict[str, None] = {}
-    for _, layer in pissa_layers(model):
+    for _, layer in _layers(model):
         found.update(dict.fromkeys(per_layer.names(layer)))
     return list(found)
 
 
-def active(model: nn.Module) -> str | None:
+def active(model: Layers) -> str | None:
     """The model's active adapter (None: no PiSSA layers)."""
-    seen = {layer.__dict__.get("active", DEFAULT) for _, layer in pissa_layers(model)}
+    seen = {layer.__dict__.get("active", DEFAULT) for _, layer in _layers(model)}
     if len(seen) > 1:
         raise StateError(
             f"minipissa: the model's PiSSA layers have different active adapters {sorted(seen)} (layers of two models "
@@ -63,7 +71,7 @@ def active(model: nn.Module) -> str | None:
     return next(iter(seen), None)
 
 
-def known(model: nn.Module, name: object, what: str) -> str:
+def known(model: Layers, name: object, what: str) -> str:
     """``name`` if the model has an adapter of that name; a named error listing them if not."""
     have = adapter_names(model)
     if name not in have:
@@ -135,11 +143,12 @@ def switched(model: nn.Module, name: str, what: str) -> Iterator[list[tuple[str,
                 per_layer.swap(layer, previous)
 
 
-def settle(model: nn.Module, name: str | None = None) -> None:
+def settle(model: Layers, name: str | None = None) -> None:
     """Make ``name`` (default: the model's active adapter) active on every layer: each layer that has it holds it,
     with its A and B alone requiring grad among the adapters; the others compute the original weight."""
-    name = name or active(model) or DEFAULT
-    for _, layer in pissa_layers(model):
+    layers = _layers(model)
+    name = name or active(layers) or DEFAULT
+    for _, layer in layers:
         per_layer.settle(layer, name)
 
 
@@ -148,7 +157,7 @@ def adopt(model: nn.Module, layers: Sequence[PiSSALinear], name: str, was_active
     active adapter before they came; None: it had no PiSSA layers, and ``name`` is active now)."""
     for layer in layers:
         layer.adapter_name = layer.active = name
-        layer.order = [name]
+        layer.__dict__["order"] = [name]
     settle(model, was_active or name)
 
 

@@ -155,9 +155,8 @@ def test_each_adapter_computes_its_model_alone(setup, data, tmp_path: Path) -> N
             else:
                 assert bool(((got - want).abs() <= bound(singles[name], shared, x)).all()), name
         _check_mixed(shared, x, data.draw(st.lists(st.sampled_from([*singles, None]), min_size=5, max_size=5)))
-        with minipissa.original(shared):
-            with minipissa.original(singles[f"a{order[0]}"]):
-                assert torch.equal(shared(x), singles[f"a{order[0]}"](x))
+        with minipissa.original(shared), minipissa.original(singles[f"a{order[0]}"]):
+            assert torch.equal(shared(x), singles[f"a{order[0]}"](x))
         gone = data.draw(st.sampled_from(sorted(singles)))
         minipissa.set_adapter(shared, next(n for n in singles if n != gone))
         minipissa.delete_adapter(shared, gone)
@@ -223,4 +222,3 @@ def test_training_one_adapter_leaves_the_others(tmp_path: Path) -> None:
     with torch.no_grad(), minipissa.adapter(model, "q"):
         assert torch.equal(model(x), before)
         assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
-
