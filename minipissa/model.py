@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from .core.dtensor import refuse_sharded
-from .core.errors import as_module
 from .nn import casts
 from .nn.layer import refuse_merged
 from .nn.weight_kinds import refuse_merge
@@ -88,18 +87,30 @@ def apply(
     cfg = _config(config, given)
     if targets is None:
         raise TypeError("minipissa.apply: targets is required (module names, patterns, or 'all-linear')")
+    run = _apply(model, cfg, (targets, exclude, fan_in_fan_out), progress, train_modules, name)
+    run.seconds = time.perf_counter() - start
+    return outer
+
+
+def _apply(
+    model: nn.Module,
+    cfg: InitConfig,
+    where: tuple[Targets, Targets | None, bool | None],
+    progress: bool | Callable[[int, int], None],
+    train_modules: Targets | None,
+    name: str,
+) -> trained.Run:
+    """apply()'s work after its checks (``where`` = targets, exclude, fan_in_fan_out); the run it made."""
     name = named.check_name(name, "apply")
-    if set(named.adapter_names(as_module(model, "apply"))) - {name}:  # adapters of other names: one more
-        add_adapter(model, cfg, targets, exclude, fan_in_fan_out, name, progress, train_modules)
-        return outer
+    if set(named.adapter_names(model)) - {name}:  # adapters of other names: one more
+        return add_adapter(model, cfg, *where, name, progress, train_modules)
     was_active, before = named.active(model), {id(layer) for _, layer in pissa_layers(model)}
-    plans = plan_modules(model, cfg, targets, exclude, fan_in_fan_out)
+    plans = plan_modules(model, cfg, *where)
     full = trained.select(model, train_modules, [p.name for p in plans])
     run = trained.Run(tuple(full), trained.initial_values(model, full))  # held by the layers it makes
     adapt(model, plans, cfg, progress, run=run)
     named.adopt(model, [layer for _, layer in pissa_layers(model) if id(layer) not in before], name, was_active)
-    run.seconds = time.perf_counter() - start
-    return outer
+    return run
 
 
 #: apply()'s keywords that are InitConfig's options (``stack`` is set through ``config=`` only), and their defaults.

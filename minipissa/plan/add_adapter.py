@@ -44,7 +44,7 @@ def add_adapter(
     name: str,
     progress: bool | Callable[[int, int], None],
     train_modules: Targets | None,
-) -> None:
+) -> trained.Run:
     """Adapter ``name`` on the ``targets`` of ``model`` (the bare one), which has PiSSA layers; see the module."""
     found = find_targets(model, targets, exclude, adapted=True)
     layers = [(n, m) for n, m in found if isinstance(m, PiSSALinear)]
@@ -78,6 +78,7 @@ def add_adapter(
         )  # fmt: skip
     new = [layer for _, layer in pissa_layers(model) if id(layer) not in before]
     named.adopt(model, new, name, was_active)
+    return run
 
 
 def _exactly(cfg: InitConfig, names: Sequence[str]) -> InitConfig:

@@ -99,7 +99,7 @@ def bound(single: nn.Module, shared: nn.Module, x: Tensor) -> Tensor:
     Per layer: W_res0 + C·D - W_res_j = d0 - dj + e, the roundings of the two residuals (|d| <= u·|W_res|) and of
     C, D to the residual's dtype (|e| <= 2u·|C|·|D|); every product and sum of the two forwards rounds by at most
     gamma_n of the sum of |terms| (n = in + k + r + 3 terms, bias and the three partial sums included)."""
-    u = bounds.unit(next(iter(single.parameters())).dtype)
+    u = bounds.unit(x.dtype)
     steps = []
     for one, two in zip(pissa(single), pissa(shared), strict=True):
         w_j, w_0 = bounds.stored(one), bounds.stored(two)
@@ -118,7 +118,7 @@ def bound(single: nn.Module, shared: nn.Module, x: Tensor) -> Tensor:
 def setups(draw: st.DrawFn) -> tuple[bool, tuple[int, ...], torch.dtype, list[Spec], list[int]]:
     conv1d = draw(st.booleans())
     sizes = tuple(draw(st.lists(st.integers(5, 9), min_size=3, max_size=3)))
-    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
     first = draw(specs)
     # Some adapters share the first one's initialisation (trained otherwise), the others are drawn freely.
     rest = [draw(st.one_of(st.just(first), specs)) for _ in range(draw(st.integers(1, 3)))]
