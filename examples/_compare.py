@@ -7,7 +7,10 @@ import argparse
 import copy
 import csv
 import dataclasses
+import datetime
+import json
 import os
+import platform
 import random
 import time
 from dataclasses import dataclass, field
@@ -179,6 +182,47 @@ def print_table(results: list[Result], cfg: TrainConfig) -> None:
         secs = "-" if r.curve is None else f"{r.curve.seconds:.1f}"
         speed = "-" if r.curve is None else f"{r.curve.tokens_per_s:,.0f}"
         print(f"{r.name:<16} {lr:>8} {r.train_loss:>8.3f} {r.heldout_loss:>9.3f} {secs:>8} {speed:>8}")
+
+
+def machine() -> dict[str, Any]:
+    """Where a run was measured: CPU model, cores, torch threads, versions, date (printed beside its figures)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write_results(results: list[Result], cfg: TrainConfig, out: str, stem: str, seconds: float) -> None:
+    """``<stem>_results.json``: the final table, each held-out curve, the wall time and :func:`machine` (the
+    figures in the READMEs are rendered from it by benchmarks/figures.py, not typed)."""
+    rows = [
+        {
+            "method": r.name,
+            "lr": r.lr,
+            "train_loss": r.train_loss,
+            "heldout_loss": r.heldout_loss,
+            "seconds": None if r.curve is None else r.curve.seconds,
+            "tokens_per_s": None if r.curve is None else r.curve.tokens_per_s,
+            "heldout_curve": None if r.curve is None else dict(zip(r.curve.eval_steps, r.curve.heldout, strict=True)),
+        }
+        for r in results
+    ]
+    path = os.path.join(out, f"{stem}_results.json")
+    run = {"steps": cfg.steps, "batch": cfg.batch, "seq": cfg.seq, "wall_seconds": seconds}
+    with open(path, "w") as f:
+        json.dump({"machine": machine(), "run": run, "rows": rows}, f, indent=1)
+    print(f"wrote {path}")
 
 
 def write_curves(results: list[Result], out: str, stem: str, start: dict[str, float] | None = None) -> None:

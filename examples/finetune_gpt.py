@@ -36,6 +36,7 @@ from _compare import (
     setup,
     sweep,
     write_curves,
+    write_results,
 )
 from _convert_check import check_conversion
 from _train import TrainConfig, evaluate
@@ -202,7 +203,9 @@ def main() -> None:
     assert pissa is not None
     check_conversion(pissa, original, ft_data[1][: 2 * size["seq"]].view(2, -1).to(args.device), args.out, "gpt")
     print(f"pretrained-model held-out loss on code: {evaluate(original, pre_held, cfg):.3f}")
-    print(f"total wall time {time.perf_counter() - started:.1f} s on {args.device}")
+    wall = time.perf_counter() - started
+    write_results(results, cfg, args.out, "gpt", wall)
+    print(f"total wall time {wall:.1f} s on {args.device}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,18 @@ import _corpus
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
-from _compare import Method, common_args, compare, describe_data, pretrain, print_table, setup, sweep, write_curves
+from _compare import (
+    Method,
+    common_args,
+    compare,
+    describe_data,
+    pretrain,
+    print_table,
+    setup,
+    sweep,
+    write_curves,
+    write_results,
+)
 from _convert_check import check_conversion
 from torch import Tensor, nn
 
@@ -221,7 +232,9 @@ def main() -> None:
     )
     sample = ft_data[1][: 2 * size["seq"]].view(2, -1).to(args.device)
     check_conversion(exact, original, sample, args.out, "llama")
-    print(f"total wall time {time.perf_counter() - started:.1f} s on {args.device}")
+    wall = time.perf_counter() - started
+    write_results(results, cfg, args.out, "llama", wall)
+    print(f"total wall time {wall:.1f} s on {args.device}")
 
 
 if __name__ == "__main__":

@@ -59,17 +59,18 @@ def apply(
 ) -> nn.Module:
     """Replace the target layers of ``model`` by PiSSALinear layers, in place, and return it.
 
+    ``rank``, ``alpha``, ``rslora``, ``init``, ``niter``, ``oversample``, ``seed``, ``components``, ``dropout``,
+    ``adapter_dtype``, ``memory_budget``, ``quantize``, ``quant_iters`` and ``double_quant`` say how the adapters
+    are initialised, each as :class:`InitConfig` documents it.
+
     Args:
         targets: module name, suffix, 're:' regex or compiled regex, a list of them, or 'all-linear'
             (every Linear/Conv1D but the output head).
-        rank, alpha, rslora, init, niter, oversample, seed, components, dropout, adapter_dtype, memory_budget,
-            quantize, quant_iters, double_quant: how the adapters are initialised, each as :class:`InitConfig`
-            documents it.
         config: all of those at once, an :class:`InitConfig` (then pass none of them here: a TypeError).
         exclude: patterns (same forms as ``targets``) never to adapt.
         fan_in_fan_out: force the weight layout; default detects Conv1D (weight stored (in, out)).
-        progress: ``progress(done, total)`` is called after each adapted module; True shows a tqdm
-            bar when tqdm is installed. The time taken is in :func:`summary`.
+        progress: ``progress(done, total)`` is called after each adapted module; True writes a progress line
+            to stderr. The time taken is in :func:`summary`.
         train_modules: patterns (as ``targets``, any module kind) of modules to train in full beside the adapters,
             e.g. a new classification head; saved with the adapter, exported as PEFT's ``modules_to_save``.
         name: the adapter's name. On a model that has adapters of other names, one more adapter is added beside

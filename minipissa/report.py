@@ -11,6 +11,7 @@ from torch import nn
 from .core.decompose import explained_energy
 from .core.errors import as_module
 from .core.nf4 import BYTES_PER_PARAM, DQ_BYTES_PER_PARAM, NF4Weight
+from .core.table import table
 from .plan import named
 from .plan.trained import init_seconds
 from .plan.tree import pissa_layers, unwrap
@@ -42,16 +43,17 @@ class Summary:
 
     def __str__(self) -> str:
         quantized = any(m.quant_error is not None for m in self.modules)
-        header = f"{'module':<40} {'out x in':>12} {'rank':>5} {'energy':>7} {'dead':>5}"
-        lines = [header + (f" {'quant':>6} {'bits':>5} {'q-error':>8} {'QLoRA':>8}" if quantized else "")]
+        header = ["module", "out x in", "rank", "energy", "dead"]
+        header += ["quant", "bits", "q-error", "QLoRA"] if quantized else []
+        rows = []
         for m in self.modules:
             energy = "-" if m.explained_energy is None else f"{m.explained_energy:.3f}"
-            shape = f"{m.shape[0]} x {m.shape[1]}"
-            line = f"{m.name:<40} {shape:>12} {m.rank:>5} {energy:>7} {m.dead_components:>5}"
+            row = [m.name, f"{m.shape[0]} x {m.shape[1]}", str(m.rank), energy, str(m.dead_components)]
             if quantized:
-                errors = [" " * 8 if e is None else f"{e:8.4f}" for e in (m.quant_error, m.qlora_error)]
-                line += f" {m.quantizer or '-':>6} {m.residual_bits:>5.2f} {errors[0]} {errors[1]}"
-            lines.append(line)
+                errors = ["-" if e is None else f"{e:.4f}" for e in (m.quant_error, m.qlora_error)]
+                row += [m.quantizer or "-", f"{m.residual_bits:.2f}", *errors]
+            rows.append(row)
+        lines = table(header, rows)
         stored = [m for m in self.modules if m.residual_bytes is not None]
         if stored:
             kinds = "/".join(sorted({str(m.quantizer) for m in stored}))

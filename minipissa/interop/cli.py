@@ -15,6 +15,7 @@ from math import prod
 from ..core.decompose import explained_energy
 from ..core.errors import StateError
 from ..core.nf4 import stored_bytes
+from ..core.table import table
 from ..io import adapter_file as state
 from ..io import records, trained_modules
 from ..io import residual_file as residual
@@ -89,16 +90,18 @@ def _inspect(args: argparse.Namespace) -> int:
     print("config: " + ", ".join(f"{k}={v}" for k, v in records.config_summary(recs).items()))
     print(f"optimizer state: {'yes, ' + info['optimizer']['class'] if info.get('optimizer') else 'no'}")
     print(f"modules trained in full: {', '.join(sorted(full)) or 'none'}")
-    print(f"{'module':<40} {'out x in':>11} {'rank':>4} {'alpha':>6} {'dtype':>8} {'energy':>7}  top singular values")
     nf4_recs = [rec for rec in recs if rec.info["quantize"] is not None]
+    rows = []
     for rec in recs:
         sigma = rec.info["singular_values"]
         share = explained_energy(sigma, rec.info["weight_norm"])
-        energy = "-" if share is None else f"{share:.3f}"
         top = ", ".join(f"{s:.4g}" for s in sigma[:4]) + (", ..." if len(sigma) > 4 else "")
-        flag = " (fan_in_fan_out)" if rec.fan_in_fan_out else ""
         shape = f"{rec.out_features} x {rec.in_features}"
-        print(f"{rec.name:<40} {shape:>11} {rec.rank:>4} {rec.alpha:>6g} {rec.base_dtype:>8} {energy:>7}  {top}{flag}")
+        energy = "-" if share is None else f"{share:.3f}"
+        flag = " (fan_in_fan_out)" if rec.fan_in_fan_out else ""
+        rows.append([rec.name, shape, str(rec.rank), f"{rec.alpha:g}", energy, rec.base_dtype, top + flag])
+    header = ["module", "out x in", "rank", "alpha", "energy", "dtype", "top singular values"]
+    print("\n".join(table(header, rows, left=(0, len(header) - 1))))
     if nf4_recs:  # QPiSSA: what the 4-bit residual costs, against QLoRA's
         errors = [(r.info["nf4_error"], r.info["qlora_error"]) for r in nf4_recs]
         mean = sum(1 - e / q for e, q in errors if q > 0) / len(errors)

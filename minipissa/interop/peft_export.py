@@ -129,7 +129,8 @@ def convert_to_lora(
             trained on a LlamaModel and served as LlamaForCausalLM.
         rank: cap the output rank at k by a truncated SVD of each module's update; the report gives the
             relative error introduced (:func:`snap_rank` gives a value vLLM accepts).
-        base_model_name_or_path, task_type: written into the config as PEFT does (e.g. "CAUSAL_LM").
+        base_model_name_or_path: written into the config as PEFT does.
+        task_type: written into the config as PEFT does (e.g. "CAUSAL_LM").
         name: which adapter of a live model with several (default: the active one).
 
     Neither ``src`` nor the live model is modified.

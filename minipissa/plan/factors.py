@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
@@ -275,27 +275,3 @@ def _workspace(p: Plan, cfg: InitConfig) -> int:
     m, n = p.shape
     columns = None if cfg.niter is None else decompose.sketch_columns(p.rank, cfg.oversample, m, n)
     return batching.workspace_bytes(m, n, columns, decompose.compute_dtype(p.weight.dtype), cfg.iterates)
-
-
-def progress_reporter(progress: bool | Callable[[int, int], None], total: int) -> Callable[[int], None]:
-    """A ``report(done)`` for apply's loop: the user's callback, a tqdm bar, or nothing."""
-    if not (isinstance(progress, bool) or callable(progress)):
-        raise TypeError(
-            f"minipissa: progress must be True/False or a callable progress(done, total), got {progress!r:.40}"
-        )
-    if callable(progress):
-        return lambda done: progress(done, total)
-    if not progress:
-        return lambda done: None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional
-        return lambda done: None
-    bar = tqdm(total=total, desc="minipissa init", unit="module")
-
-    def report(done: int) -> None:
-        bar.update(done - bar.n)
-        if done == total:
-            bar.close()
-
-    return report

@@ -26,9 +26,9 @@ from .factors import (
     factors,
     nonfinite_factors,
     overflowing_residuals,
-    progress_reporter,
     refuse_overflow,
 )
+from .progress import progress_reporter
 from .sharded.factors import check_finite_shards, check_layouts, sharded_factors
 from .sharded.fsdp import FsdpAdoption
 from .tree import (

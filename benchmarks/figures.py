@@ -1,0 +1,196 @@
+"""The figures in the READMEs and docs/, rendered from recorded benchmark and example output, never typed.
+
+Each figure is a block in a markdown file between ``<!-- figure: NAME -->`` and ``<!-- /figure -->``; its content is
+made here from a results file (JSON written by a benchmark or an example; a log where a run predates JSON output),
+with the machine, threads, versions and date the run recorded beside it.
+
+    python benchmarks/figures.py            # re-render every block in place (after a new run wrote its results)
+    python benchmarks/figures.py --check    # exit 1 and name the stale blocks (tests/api/test_figures.py runs it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCUMENTS = ["README.md", "examples/README.md", "benchmarks/README.md"] + [
+    f"docs/{p.name}" for p in sorted((ROOT / "docs").glob("*.md"))
+]
+BLOCK = re.compile(r"(<!-- figure: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /figure -->)", re.S)
+
+
+def load(path: str) -> Any:
+    return json.loads((ROOT / path).read_text())
+
+
+def rows_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def caption(env: dict[str, Any], source: str, extra: str = "") -> str:
+    """Where and when: device (or CPU model and cores), threads, torch, date, and the results file."""
+    where = env.get("device", "?")
+    if where == "cpu":
+        where = (
+            "CPU"
+            if not env.get("cpu")
+            else f"{env['cpu']} CPU" + (f", {env['cores']} cores" if env.get("cores") else "")
+        )
+    threads = env.get("torch_threads", env.get("cpu_threads"))
+    parts = [where, f"{threads} torch thread{'s' * (threads != 1)}" if threads else "",
+             f"torch {env.get('torch', '?')}", env.get("date", "?")]  # fmt: skip
+    return f"*Measured on {', '.join(p for p in parts if p)}{extra}; raw output: `{source}`.*"
+
+
+def spread(median: float, low: float, high: float, fmt: str = "{:.1f}") -> str:
+    return f"{fmt.format(median)} ({fmt.format(low)}–{fmt.format(high)})"
+
+
+def example(stem: str) -> Callable[[], str]:
+    """An example's final table: losses, held-out loss at the first evaluation, time and speed."""
+
+    def render() -> str:
+        source = f"examples/results/{stem}_results.json"
+        data = load(source)
+        first = min((int(s) for r in data["rows"] if r["heldout_curve"] for s in r["heldout_curve"]), default=None)
+        header = ["method", "lr", "train loss", f"held-out @ step {first}", "held-out (end)", "seconds", "tokens/s"]
+        rows = []
+        for r in data["rows"]:
+            early = "-" if not r["heldout_curve"] else f"{r['heldout_curve'][str(first)]:.3f}"
+            rows.append([r["method"], "-" if r["lr"] is None else f"{r['lr']:g}", f"{r['train_loss']:.3f}", early,
+                         f"{r['heldout_loss']:.3f}", "-" if r["seconds"] is None else f"{r['seconds']:.1f}",
+                         "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"])  # fmt: skip
+        run = data["run"]
+        extra = f"; {run['steps']} steps of batch {run['batch']} × {run['seq']}, whole run {run['wall_seconds']:.0f} s"
+        return rows_table(header, rows) + "\n\n" + caption(data["machine"], source, extra)
+
+    return render
+
+
+def minilm_classify() -> str:
+    """The MiniLM example's 3-seed table, from its log (the run predates the JSON output; its machine is recorded
+    in the sidecar .json, its torch and threads in the log's header)."""
+    source = "examples/results/minilm_sweep_seeds3.log"
+    text = (ROOT / source).read_text()
+    table = text[text.rindex("\nmethod ") + 1 :].split("\n(")[0].strip().splitlines()
+    header = ["method", "lr", "held-out accuracy", "held-out loss", "steps to 0.703", "train s"]
+    rows = [line.split()[:5] + [line.split()[6]] for line in table[1:]]
+    return rows_table(header, rows) + "\n\n" + caption(load(source.replace(".log", ".json")), source, "; 3 seeds")
+
+
+def step(source: str, names: dict[str, str]) -> Callable[[], str]:
+    """A training-step benchmark: each contender's median ms (min–max), its multiple of the frozen base, peak."""
+
+    def render() -> str:
+        data = load(source)
+        rows = []
+        for r in data["rows"]:
+            if r["contender"] in names:
+                peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
+                rows.append([names[r["contender"]], spread(r["ms"], r["ms_min"], r["ms_max"]),
+                             f"{r['x_frozen']:.2f}x", peak])  # fmt: skip
+        extra = f"; {data['setting']}, batch {' × '.join(map(str, data['batch']))}, r = {data['rank']}"
+        header = ["", "ms per step, median (min–max)", "× frozen base", "peak GiB"]
+        return rows_table(header, rows) + "\n\n" + caption(data["env"], source, extra)
+
+    return render
+
+
+def init(source: str) -> Callable[[], str]:
+    """An init benchmark: seconds, median (min–max) over its rounds, and the memory above the model's."""
+
+    def render() -> str:
+        data = load(source)
+        rows = []
+        for r in data["rows"]:
+            peak = "-" if r.get("peak_extra_gib") is None else f"{r['peak_extra_gib']:.2f}"
+            rows.append([r["contender"], spread(r["s_median"], r["s_min"], r["s_max"], "{:.2f}"), peak])
+        extra = (
+            f"; {data['setting']}, {data['matrices']} matrices, r = {data['rank']}, {data['rows'][0]['rounds']} rounds"
+        )
+        header = ["", "seconds, median (min–max)", "GiB above the model"]
+        return rows_table(header, rows) + "\n\n" + caption(data["env"], source, extra)
+
+    return render
+
+
+def qpissa_error() -> str:
+    """Quantization error below QLoRA's on real MiniLM weights, single and double-quantized absmax."""
+    single, double = (
+        "benchmarks/results/qpissa_error_minilm_niter4.json",
+        "benchmarks/results/qpissa_error_minilm_double_quant.json",
+    )
+    runs = [load(single), load(double)]
+    header = [
+        "method",
+        "rank",
+        "error below QLoRA's, mean (min–max) %",
+        "with double quantization %",
+        "paper/PEFT anchor %",
+    ]
+    rows = []
+    for a, b in zip(runs[0]["rows"], runs[1]["rows"], strict=True):
+        if a["method"] != "QLoRA":
+            rows.append([a["method"], str(a["rank"]), spread(a["mean"], a["min"], a["max"]),
+                         spread(b["mean"], b["min"], b["max"]), f"{a['anchor']:g}"])  # fmt: skip
+    note = f"; 36 matrices; double quantization run {runs[1]['environment']['date']}"
+    return rows_table(header, rows) + "\n\n" + caption(runs[0]["environment"], single, note)
+
+
+STEP_NAMES = {"frozen base": "frozen base", "minipissa (fp32 masters)": "minipissa, fp32 masters",
+              "PEFT LoRA bf16 adapters": "PEFT, bf16 adapters", "PEFT LoRA (default: fp32 adapters)": "PEFT, default",
+              "minipissa, CUDA graph": "minipissa, whole step in a CUDA graph"}  # fmt: skip
+FIGURES: dict[str, Callable[[], str]] = {
+    "example-gpt": example("gpt"),
+    "example-minilm": minilm_classify,
+    "step-gpu-7b": step("benchmarks/results/step_gpu_llama7b_h200_issue16_after.json", STEP_NAMES),
+    "step-cpu-minilm": step("benchmarks/results/step_cpu_minilm_issue16.json", STEP_NAMES),
+    "step-cpu-llama": step("benchmarks/results/step_cpu_llama_small_issue16.json", STEP_NAMES),
+    "init-gpu-7b": init("benchmarks/results/init_gpu_llama7b_h200_issue16.json"),
+    "qpissa-error": qpissa_error,
+}
+
+
+def render_document(text: str) -> tuple[str, list[str]]:
+    """``text`` with every figure block re-rendered, and the names of the blocks whose content changed."""
+    stale: list[str] = []
+
+    def fill(m: re.Match[str]) -> str:
+        name = m.group("name")
+        if name not in FIGURES:
+            raise SystemExit(f"figures.py: no figure named '{name}' (known: {', '.join(FIGURES)})")
+        body = FIGURES[name]() + "\n"
+        if body != m.group("body"):
+            stale.append(name)
+        return m.group(1) + body + m.group(4)
+
+    return BLOCK.sub(fill, text), stale
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block is stale")
+    args = parser.parse_args(argv)
+    stale_all = []
+    for doc in DOCUMENTS:
+        path = ROOT / doc
+        if not path.exists():
+            continue
+        text, stale = render_document(path.read_text())
+        stale_all += [f"{doc}: {name}" for name in stale]
+        if stale and not args.check:
+            path.write_text(text)
+    for s in stale_all:
+        print(("stale: " if args.check else "re-rendered: ") + s)
+    return 1 if args.check and stale_all else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
