@@ -118,17 +118,18 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
 def per_example(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     """``with minipissa.per_example(model, ["math", "code", None]):`` example i of a batch (dimension 0 of every
     PiSSA layer's input) runs with adapter ``names[i]``; None (or an adapter a layer has not got) runs the original
-    model. Each example's output equals that of the model with its adapter active, run on that example alone (bit for
-    bit where it is the only example with its adapter; otherwise to the rounding of a matrix product of more rows).
+    model. The examples of one adapter get bit for bit what the model with that adapter active gives them without
+    the others (each group runs through the ops its adapter runs; an example's output in a group of several may
+    differ from its output alone by the rounding of a matrix product of another row count, as in any model).
     For evaluation and serving: a forward in training mode with gradients is refused. Refused on a merged model and
     with modules trained in full (one set of values per model, not per example)."""
-    model = unwrap(model, "per_example")
+    outer, model = model, unwrap(model, "per_example")
     layers = adapted_layers(model, "per_example")
     if isinstance(names, (str, bytes)) or not isinstance(names, Sequence) or not names:
         raise StateError(
             f"minipissa.per_example: names must be a non-empty list of adapter names or None, got {names!r:.60}"
         )
-    chosen = [None if n is None else named.known(model, n, "per_example") for n in names]
+    chosen = [None if n is None else named.known(layers, n, "per_example") for n in names]
     named.refuse_busy(layers, "per_example")
     if trained.names(model, "per_example"):
         raise StateError("minipissa.per_example: the model has modules trained in full, one set for all examples")
@@ -137,7 +138,7 @@ def per_example(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Mo
         layer.per_example = _inference_only(per_layer.per_example(layer, chosen), layer)
         layer.mode = "mixed"
     try:
-        yield model
+        yield outer
     finally:
         for (_, layer), mode in zip(layers, before, strict=True):
             layer.mode = mode

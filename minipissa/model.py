@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .core.dtensor import refuse_sharded
+from .core.errors import as_module
 from .nn import casts
 from .nn.layer import refuse_merged
 from .nn.weight_kinds import refuse_merge
@@ -103,7 +104,7 @@ def _apply(
 ) -> trained.Run:
     """apply()'s work after its checks (``where`` = targets, exclude, fan_in_fan_out); the run it made."""
     name = named.check_name(name, "apply")
-    if set(named.adapter_names(model)) - {name}:  # adapters of other names: one more
+    if set(named.adapter_names(as_module(model, "apply"))) - {name}:  # adapters of other names: one more
         return add_adapter(model, cfg, *where, name, progress, train_modules)
     was_active, before = named.active(model), {id(layer) for _, layer in pissa_layers(model)}
     plans = plan_modules(model, cfg, *where)

@@ -45,11 +45,11 @@ def init_options(info: dict[str, object]) -> tuple[object, ...]:
 
 
 #: A model, or its PiSSA layers (name, layer) already found (switching walks the model's modules once).
-Layers = nn.Module | Sequence[tuple[str, PiSSALinear]]
+Layers = nn.Module | list[tuple[str, PiSSALinear]]
 
 
-def _layers(model: Layers) -> Sequence[tuple[str, PiSSALinear]]:
-    return list(pissa_layers(model)) if isinstance(model, nn.Module) else model
+def _layers(model: Layers) -> list[tuple[str, PiSSALinear]]:
+    return model if isinstance(model, list) else list(pissa_layers(model))  # a named error for a non-module
 
 
 def adapter_names(model: Layers) -> list[str]:
