@@ -68,6 +68,15 @@ def adapters_on(model: nn.Module, rank: int, lora_dir: str) -> None:
     minipissa.load_lora(model, lora_dir, name="lora")
 
 
+def held(model: nn.Module, measured: int) -> dict[str, int]:
+    """What the added adapters hold on the device: their A and B, the corrections C, D of those of another
+    initialisation; beside ``measured``, the allocator's growth while they were added (CUDA; 0 on the CPU)."""
+    slots = [slot for _, layer in minipissa.pissa_layers(model) for slot in layer.adapters.values()]
+    ab = sum(t.nbytes for slot in slots for t in (slot.A, slot.B))
+    cd = sum(t.nbytes for slot in slots for t in (slot.correction_a, slot.correction_b) if t is not None)
+    return {"measured_bytes": measured, "a_b_bytes": ab, "correction_bytes": cd}
+
+
 def memory(device: str) -> int:
     return torch.cuda.memory_allocated() if device.startswith("cuda") else 0
 
@@ -90,8 +99,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         print(json.dumps(rows[-1]), flush=True)
 
     record("forward, one adapter", median_ms(forward, args.device, args.repeats))
+    before = memory(args.device)
     with tempfile.TemporaryDirectory() as lora_dir:
         adapters_on(model, args.rank, lora_dir)
+    grown = memory(args.device) - before
+    rows.append(env | shape | {"what": "device memory of adapters b, c, lora"} | held(model, grown))
+    print(json.dumps(rows[-1]), flush=True)
     for name in ("a", "b", "c", "lora"):
         minipissa.set_adapter(model, name)
         record(f"forward, adapter {name} of 4", median_ms(forward, args.device, args.repeats),
