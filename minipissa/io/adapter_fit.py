@@ -21,6 +21,7 @@ from ..core.weights import is_conv1d, weight_matrix
 from ..nn import adapters as per_layer
 from ..nn.layer import PiSSALinear
 from ..nn.nf4_linear import NF4Linear
+from ..plan.quantized_base import dense_stand_in
 from ..plan.replaceable import refusal
 from ..plan.targets import is_supported
 from . import biases
@@ -135,8 +136,13 @@ def fit(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike, name: st
         return Loading(rec, module, existing=True)
     if problem := refusal(rec.name, module):  # what a PiSSA layer in its place would drop: hooks, own forward...
         raise StateError(problem)
-    if isinstance(module, NF4Linear):
+    if isinstance(module, NF4Linear) and base == "residual":
         return _check_nf4_base(module, rec, base, where)
+    stand_in = dense_stand_in(rec.name, module)  # a 4-bit base (bitsandbytes, NF4Linear): its dequantized weight
+    dense = None if stand_in is None else cast(Tensor, stand_in.weight)
+    if isinstance(module, NF4Linear) and dense is not None and not same(rec.info["base_fingerprint"], dense):
+        return _check_nf4_base(module, rec, base, where)  # not the base: a residual put in place by load_residual?
+    module = stand_in or module
     if not is_supported(module):
         raise StateError(f"{where} is a {type(module).__name__}; the file adapts an nn.Linear or Conv1D there")
     weight = full_tensor(cast(Tensor, module.weight))
@@ -160,7 +166,8 @@ def _check_nf4_base(module: NF4Linear, rec: ModuleRecord, base: str, where: str)
     """A 4-bit residual put in place by load_residual(): the QPiSSA adapter saved with those very codes."""
     if base != "residual" or rec.info["quantize"] is None:
         raise StateError(
-            f"{where} holds a 4-bit residual (minipissa.load_residual); load the QPiSSA adapter saved with it, with "
+            f"{where} holds a 4-bit residual (minipissa.load_residual), or another 4-bit weight than the adapter's "
+            "base (its dequantized weight's fingerprint differs); load the QPiSSA adapter saved with it, with "
             "base='residual'"
         )
     stored = (rec.in_features, rec.out_features) if rec.fan_in_fan_out else (rec.out_features, rec.in_features)

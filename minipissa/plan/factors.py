@@ -25,6 +25,7 @@ from ..core import decompose, qpissa
 from ..core.dtypes import dtype_name
 from ..core.errors import as_module
 from ..core.weights import is_conv1d, residual_weight, weight_matrix
+from . import quantized_base
 from . import stacked as batching
 from .config import InitConfig
 from .settings import Settings
@@ -51,7 +52,7 @@ def plan_modules(
             "nn.Parameter(module.weight.detach().clone()))"
         )
     plans = []
-    for name, module in found:
+    for name, module in quantized_base.with_dense_weights(found):  # 4-bit targets: stand-ins, dequantized
         weight = cast(Tensor, module.weight)
         if weight.is_meta or not weight.is_floating_point():
             raise TypeError(

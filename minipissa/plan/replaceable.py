@@ -15,6 +15,8 @@ from typing import cast
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .quantized_base import is_four_bit
+
 #: The hook tables of an nn.Module (torch 2.x), with what they hold; a table a torch version lacks reads as empty.
 HOOK_TABLES = {
     "_forward_pre_hooks": "forward pre-hooks",
@@ -68,7 +70,8 @@ def replacement_losses(module: nn.Module) -> list[str]:
         )
     if "forward" in vars(module):
         lost.append("a forward of its own (an instance attribute, set e.g. by accelerate's hooks): remove it")
-    elif isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward:
+    elif isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward and not is_four_bit(module):
+        # (a 4-bit Linear's forward, dequantize then matmul, is what a PiSSA layer computes: quantized_base.py)
         lost.append(
             f"its own forward ({type(module).__qualname__}.forward overrides nn.Linear's), which a PiSSA layer would "
             "not run: adapt a plain nn.Linear (dequantize or convert it first)"

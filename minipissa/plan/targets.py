@@ -15,6 +15,7 @@ from torch.nn.utils import parametrize
 
 from ..core.weights import is_conv1d
 from ..nn.layer import PiSSALinear
+from ..nn.nf4_linear import NF4Linear
 from .replaceable import refusal
 
 Pattern = str | re.Pattern[str]
@@ -36,7 +37,13 @@ def matches(name: str, pattern: Pattern) -> bool:
 
 
 def is_supported(module: nn.Module) -> bool:
+    """A Linear (bitsandbytes' Linear4bit among them) or a Conv1D."""
     return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def is_target(module: nn.Module) -> bool:
+    """What apply() adapts: :func:`is_supported`, or a 4-bit NF4Linear (its dequantized weight: quantized_base.py)."""
+    return is_supported(module) or isinstance(module, NF4Linear)
 
 
 def check_pattern(pattern: object, what: str) -> Pattern:
@@ -123,7 +130,7 @@ def find_targets(
             hits[id(p)] += 1
         if out:
             continue
-        linear = is_supported(module) or (adapted and isinstance(module, PiSSALinear))
+        linear = is_target(module) or (adapted and isinstance(module, PiSSALinear))
         if all_linear and linear and name not in heads and name not in bypassed:
             hit.append(ALL_LINEAR)
         if hit:
@@ -158,7 +165,7 @@ def _check_target(name: str, module: nn.Module, pattern: Pattern, bypassed: bool
             f"minipissa: module '{name}' already is a PiSSALinear; apply() runs once per module and adapter: pass "
             "name='...' to add another adapter beside it"
         )
-    if not is_supported(module):
+    if not is_target(module):
         raise TypeError(
             f"minipissa: module '{name}' matched target {pattern!r} but is a {type(module).__name__}; "
             f"supported are {SUPPORTED}. Use a more specific pattern or `exclude`."
@@ -206,7 +213,7 @@ def shared_tensors(model: nn.Module, found: Sequence[tuple[str, nn.Module]]) -> 
 
 
 def _candidates(named: list[tuple[str, nn.Module]], limit: int = 8) -> str:
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in named if is_supported(m)})
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in named if is_target(m)})
     shown = ", ".join(suffixes[:limit]) + (", ..." if len(suffixes) > limit else "")
     return shown or f"none ({SUPPORTED} only)"
 
