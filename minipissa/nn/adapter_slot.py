@@ -61,7 +61,7 @@ class HostState(nn.Module):
         )
 
 
-class Holder(HostState):
+class AdapterHost(HostState):
     """What a PiSSA layer needs to hold one adapter of several: where the model's active adapter is not on the layer
     (:attr:`absent`), the factors its residual was made from (:meth:`original_factors`), the forward and the fold of
     an adapter whose correction C·D turns that residual into its own. (PiSSALinear's other half: nn/layer.py.)"""

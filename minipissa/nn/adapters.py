@@ -159,8 +159,10 @@ def settle(layer: PiSSALinear, active: str) -> None:
         slot.A.requires_grad_(False)
         slot.B.requires_grad_(False)
     a0, b0, _ = layer.residual_init
-    on_host = present or layer.A.device == a0.device
-    layer.initial_on_device = None if on_host else (a0.to(layer.A.device), b0.to(layer.A.device))
+    if present or layer.A.device == a0.device:
+        layer.initial_on_device = None
+    elif layer.initial_on_device is None:  # absent: W_res + s0·B0·A0 on the device (rank-sized, copied once)
+        layer.initial_on_device = (a0.to(layer.A.device), b0.to(layer.A.device))
 
 
 def remove(layer: PiSSALinear, name: str) -> None:

@@ -33,7 +33,7 @@ from ..core.host import host_copies
 from ..core.made import Made
 from ..core.nf4 import NF4Weight
 from ..core.weights import factor_rank, frozen, is_conv1d, lora_scaling, residual_weight, weight_matrix
-from .adapter_slot import BUFFERS, Holder, device_only
+from .adapter_slot import BUFFERS, AdapterHost, device_only
 from .casts import SharedCasts
 from .ops import low_rank_linear
 from .weight_kinds import DENSE, NF4, WeightKind, refuse_merge
@@ -45,7 +45,7 @@ def refuse_merged(layers: Iterable[PiSSALinear], mode: str) -> None:
         raise RuntimeError(f"minipissa.{mode}(): the model is merged; call minipissa.unmerge(model) first")
 
 
-class PiSSALinear(Holder):
+class PiSSALinear(AdapterHost):
     """A linear layer split into a frozen residual and a trainable low-rank adapter.
 
     Built from a base ``nn.Linear`` or ``Conv1D`` and factors A0 (r, in), B0 (out, r) in the decomposition dtype

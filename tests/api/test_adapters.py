@@ -13,15 +13,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import bounds
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from models import Conv1D, train_steps
 from torch import Tensor, nn
 
 import minipissa
 from minipissa.nn.layer import PiSSALinear
-from tests import bounds
-from tests.models import Conv1D, train_steps
 
 
 class Chain(nn.Module):

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import MLP, tiny_gpt2, train_steps
 from torch import Tensor, nn
 
 import minipissa
 from minipissa import StateError
-from tests.models import MLP, tiny_gpt2, train_steps
 
 
 def state(model: nn.Module) -> dict[str, Tensor]:
