@@ -5,6 +5,12 @@ Each adapter computes exactly the model it was trained as, whatever else is load
 keep one residual, that of their first adapter; an adapter of the same initialisation uses it as its own (outputs
 bit-identical to a model with that adapter alone), any other adapter adds a thin correction C·D to it (W up to the
 residual's rounding, minus its own initial part). Switching swaps Parameters: no copy, no decomposition.
+
+Refused by name, the model unchanged: an adapter made for another base weight (fingerprints); on a 4-bit (QPiSSA)
+residual, any adapter of another initialisation (its residual's quantization error is another everywhere, and no
+low-rank term gives it back) and any dense one; modules trained in full or trained biases beside a second adapter
+(a model holds one set of them); switching or adding while merged, inside original()/disabled()/per_example(),
+under DistributedDataParallel or FSDP2 (switch before wrapping).
 """
 
 from __future__ import annotations
