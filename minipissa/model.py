@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import fields
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .core.dtensor import refuse_sharded
+from .core.dtensor import is_dtensor, refuse_sharded
 from .core.errors import as_module
+from .io.checkpoint import open_source
 from .nn import casts
 from .nn.layer import refuse_merged
 from .nn.weight_kinds import refuse_merge
@@ -21,10 +23,13 @@ from .plan.config import MEMORY_BUDGET, InitConfig
 from .plan.factors import (
     plan_modules,
 )
+from .plan.fetch import Fetcher, check_device
 from .plan.install import adapt
 from .plan.replaceable import hooks_on
+from .plan.sourced import ModelSource
 from .plan.targets import Targets
 from .plan.tree import (
+    Plan,
     adapted_layers,
     module_aliases,
     pissa_layers,
@@ -57,6 +62,8 @@ def apply(
     double_quant: bool = False,
     train_modules: Targets | None = None,
     name: str = named.DEFAULT,
+    device: torch.device | str | None = None,
+    weights: str | os.PathLike[str] | Mapping[str, Tensor] | None = None,
 ) -> nn.Module:
     """Replace the target layers of ``model`` by PiSSALinear layers, in place, and return it.
 
@@ -76,6 +83,12 @@ def apply(
             e.g. a new classification head; saved with the adapter, exported as PEFT's ``modules_to_save``.
         name: the adapter's name. On a model that has adapters of other names, one more adapter is added beside
             them (plan/add_adapter.py), and the active adapter stays as it was (:func:`minipissa.set_adapter`).
+        device: stream the targets' weights onto ``device`` ("cuda:0", "cpu"), one at a time; there only the residual
+            (4-bit with ``quantize``), A, B and the bias stay, A0 and B0 go to host memory, the other modules stay
+            where they are (``model.to(device)`` moves them after). None: decomposed in place (plan/streamed.py).
+        weights: a meta model's values: a ``.safetensors`` file, a ``model.safetensors.index.json``, their directory,
+            or a Mapping {key: tensor}; read a tensor at a time, targets streamed, the rest put on ``device``, all
+            checked first (plan/sourced.py).
 
     After apply, only the A and B parameters (and ``train_modules``) require gradients; a target's bias unfrozen
     afterwards trains with them and is saved with the adapter (biases.py). A target whose replacement would drop
@@ -89,7 +102,7 @@ def apply(
     cfg = _config(config, given)
     if targets is None:
         raise TypeError("minipissa.apply: targets is required (module names, patterns, or 'all-linear')")
-    run = _apply(model, cfg, (targets, exclude, fan_in_fan_out), progress, train_modules, name)
+    run = _apply(model, cfg, (targets, exclude, fan_in_fan_out), progress, train_modules, name, (device, weights))
     run.seconds = time.perf_counter() - start
     return outer
 
@@ -97,21 +110,57 @@ def apply(
 def _apply(
     model: nn.Module,
     cfg: InitConfig,
-    where: tuple[Targets, Targets | None, bool | None],
+    chosen: tuple[Targets, Targets | None, bool | None],
     progress: bool | Callable[[int, int], None],
     train_modules: Targets | None,
     name: str,
+    stream: tuple[torch.device | str | None, str | os.PathLike[str] | Mapping[str, Tensor] | None],
 ) -> trained.Run:
-    """apply()'s work after its checks (``where`` = targets, exclude, fan_in_fan_out); the run it made."""
+    """apply()'s work after its checks (``chosen`` = targets, exclude, fan_in_fan_out; ``stream`` = device,
+    weights); the run it made."""
     name = named.check_name(name, "apply")
     if set(named.adapter_names(as_module(model, "apply"))) - {name}:  # adapters of other names: one more
-        return add_adapter(model, cfg, *where, name, progress, train_modules)
+        if stream != (None, None):
+            raise ValueError("minipissa.apply: device=/weights= make a model's first adapter; add more without them")
+        return add_adapter(model, cfg, *chosen, name, progress, train_modules)
     was_active, before = named.active(model), {id(layer) for _, layer in pissa_layers(model)}
-    plans = plan_modules(model, cfg, *where)
+    where = check_device(stream[0])
+    sourced = None if stream[1] is None else ModelSource(model, open_source(stream[1]))
+    plans = plan_modules(model, cfg, *chosen, sourced=sourced is not None)
     full = trained.select(model, train_modules, [p.name for p in plans])
-    run = trained.Run(tuple(full), trained.initial_values(model, full))  # held by the layers it makes
-    adapt(model, plans, cfg, progress, run=run)
+    if where is None and sourced is None:
+        run = trained.Run(tuple(full), trained.initial_values(model, full))  # held by the layers it makes
+        adapt(model, plans, cfg, progress, run=run)
+    else:
+        run = _streamed(model, plans, cfg, progress, full, where, sourced)
     named.adopt(model, [layer for _, layer in pissa_layers(model) if id(layer) not in before], name, was_active)
+    return run
+
+
+def _streamed(
+    model: nn.Module,
+    plans: list[Plan],
+    cfg: InitConfig,
+    progress: bool | Callable[[int, int], None],
+    full: list[str],
+    where: torch.device | None,
+    sourced: ModelSource | None,
+) -> trained.Run:
+    """apply() through the streaming init onto ``where`` (the host if None); ``sourced``: the model's values come from
+    a checkpoint, the targets' through the stream, the rest read first (checked) and put in place after the layers."""
+    sharded = [p.name for p in plans if is_dtensor(p.weight)]
+    if sharded:
+        raise ValueError(
+            f"minipissa.apply: device=/weights= stream plain weights; {sharded[:3]} are FSDP2-sharded. Apply before "
+            "fully_shard, or leave device=None (sharded weights are decomposed on their ranks)"
+        )
+    with Fetcher(where or torch.device("cpu"), None if sourced is None else sourced.read) as fetch:
+        rest = None if sourced is None else sourced.load_rest(plans, fetch.transfers)
+        run = trained.Run(tuple(full), {} if sourced else trained.initial_values(model, full))
+        adapt(model, plans, cfg, progress, run=run, fetch=fetch)
+    if rest is not None:
+        rest.assign()
+        run.initial = trained.initial_values(model, full)  # their values exist now
     return run
 
 

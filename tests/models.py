@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -68,3 +71,23 @@ def train_steps(model: nn.Module, x: torch.Tensor, steps: int, lr: float = 1e-2)
         opt.step()
         opt.zero_grad()
     return opt
+
+
+@contextlib.contextmanager
+def meta_parameters() -> Iterator[None]:
+    """Modules built inside have their parameters on the meta device and their buffers real (as accelerate's
+    init_empty_weights() does, without accelerate): the road to ``apply(..., weights=...)`` for models whose
+    constructors compute buffers (rotary inv_freq, BERT's position_ids). A parameter assigned again (a tied one)
+    stays the one Parameter."""
+    register = nn.Module.register_parameter
+
+    def on_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(self, name, param)
+        if param is not None and not param.is_meta:
+            self._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]

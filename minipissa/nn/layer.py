@@ -51,7 +51,8 @@ class PiSSALinear(AdapterHost):
     Built from a base ``nn.Linear`` or ``Conv1D`` and factors A0 (r, in), B0 (out, r) in the decomposition dtype
     (float32, or float64 for float64 weights). The base's weight tensor is not modified: the residual is a new
     tensor (``base_is_residual=True``: the base already holds W_res), or ``residual``, W_res already made (QPiSSA:
-    quantized). The layer takes the base's tensors over and drops them from the base module.
+    quantized; or dense, by the streaming init). The layer takes the base's tensors over and drops them from the
+    base module.
 
     Attributes:
         weight: residual W_res, the base's dtype and layout, frozen; or an :class:`NF4Weight` (QPiSSA).
@@ -95,10 +96,12 @@ class PiSSALinear(AdapterHost):
         adapter_dtype: torch.dtype | None = None,
         info: dict[str, Any] | None = None,
         base_is_residual: bool = False,
-        residual: NF4Weight | None = None,
+        residual: NF4Weight | Tensor | None = None,
         initial: tuple[Tensor, Tensor] | None = None,
     ) -> None:
-        """``initial``: A0 and B0 already copied to host memory (apply() copies all layers' in one transfer)."""
+        """``residual``: W_res made already, 4-bit or dense (the streaming init makes it on the device, and the base
+        may hold no values then). ``initial``: A0 and B0 already copied to host memory (apply() copies all layers' in
+        one transfer)."""
         super().__init__()
         base_weight = cast(Tensor, base.weight)
         self.fan_in_fan_out = is_conv1d(base) if fan_in_fan_out is None else fan_in_fan_out
@@ -118,10 +121,10 @@ class PiSSALinear(AdapterHost):
         a0 = a0.detach().to(compute_dtype(base_weight.dtype))
         b0 = b0.detach().to(a0.dtype)
         dtype = adapter_dtype or a0.dtype
-        dense = base_weight  # base_is_residual: a residual file, or sharded init
+        dense = base_weight if residual is None else residual  # base_is_residual: a residual file, or sharded init
         if residual is None and not base_is_residual:  # W_res = W - s B0 A0, a new tensor (no grad: all detached)
             dense = residual_weight(base_weight.detach(), a0, b0, self.scaling, self.fan_in_fan_out)
-        self.weight, self.weight_kind = (frozen(dense), DENSE) if residual is None else (residual, NF4)
+        self.weight, self.weight_kind = (dense, NF4) if isinstance(dense, NF4Weight) else (frozen(dense), DENSE)
         self.bias = None if base.bias is None else frozen(cast(Tensor, base.bias))
         self.A = nn.Parameter(a0.clone().to(dtype))
         self.B = nn.Parameter(b0.clone().to(dtype))

@@ -28,6 +28,7 @@ from ..core.weights import is_conv1d, residual_weight, weight_matrix
 from . import quantized_base
 from . import stacked as batching
 from .config import InitConfig
+from .fetch import IN_PLACE, Streamed, Weights
 from .settings import Settings
 from .targets import Targets, find_targets, matches, shared_tensors
 from .tree import Plan
@@ -39,8 +40,10 @@ def plan_modules(
     targets: Targets,
     exclude: Targets | None = None,
     fan_in_fan_out: bool | None = None,
+    sourced: bool = False,
 ) -> list[Plan]:
-    """One :class:`Plan` per matched module, every setting checked before anything is changed."""
+    """One :class:`Plan` per matched module, every setting checked before anything is changed. ``sourced``: the
+    weights' values come from elsewhere (apply's ``weights=``), so a meta weight is expected."""
     if fan_in_fan_out is not None and not isinstance(fan_in_fan_out, bool):
         raise TypeError(f"minipissa: fan_in_fan_out must be None (detect) or a bool, got {fan_in_fan_out!r:.40}")
     found = find_targets(as_module(model, "apply"), targets, exclude)
@@ -54,11 +57,12 @@ def plan_modules(
     plans = []
     for name, module in quantized_base.with_dense_weights(found):  # 4-bit targets: stand-ins, dequantized
         weight = cast(Tensor, module.weight)
-        if weight.is_meta or not weight.is_floating_point():
+        if (weight.is_meta and not sourced) or not weight.is_floating_point():
             raise TypeError(
                 f"minipissa: module '{name}' has a {'meta' if weight.is_meta else str(weight.dtype)} weight; "
                 "PiSSA needs the real floating-point weight to decompose. Load the weights (and dequantize "
-                "quantized layers) before apply(), or `exclude` this module."
+                "quantized layers) before apply(), pass them (a meta model: weights='model.safetensors'), or "
+                "`exclude` this module."
             )
         if cfg.quantize and weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(
@@ -117,6 +121,7 @@ class Factors:
     base_print: dict[str, Any] | None = None
     residual_print: dict[str, Any] | None = None
     weight_is_residual: bool = False
+    made: Streamed | None = None  # the streamed road's residual and fingerprints, made while W was on the device
 
 
 def initial_factors(weight: Tensor, plan: Plan, cfg: InitConfig) -> tuple[Tensor, Tensor, Tensor]:
@@ -147,13 +152,15 @@ def initial_factors(weight: Tensor, plan: Plan, cfg: InitConfig) -> tuple[Tensor
     return qpissa.alternate(matrix, plan.scaling, plan.fan_in_fan_out, iters, first, omega, cold, dq)
 
 
-def factors(plans: Sequence[Plan], cfg: InitConfig) -> Iterator[Factors]:
-    """The initial factors of every plan (whose weights are plain tensors), in no promised order."""
-    stacked = [p for p in plans if cfg.stacks(p.weight.device)]
-    single = [p for p in plans if not cfg.stacks(p.weight.device)]
-    for p, a0, b0, sigma in _one_at_a_time(single, cfg):
+def factors(plans: Sequence[Plan], cfg: InitConfig, weights: Weights = IN_PLACE) -> Iterator[Factors]:
+    """The initial factors of every plan (whose weights are plain tensors), in no promised order; each weight read
+    through ``weights``: in place, or fetched onto a device (fetch.py, told the order first)."""
+    stacked = [p for p in plans if cfg.stacks(weights.device(p))]
+    single = [p for p in plans if not cfg.stacks(weights.device(p))]
+    weights.expect(single + [p for group in batching.groups(stacked, weights).values() for p in group])
+    for p, a0, b0, sigma in _one_at_a_time(single, cfg, weights):
         yield Factors(p, a0, b0, sigma)
-    for p, a0, b0, sigma in batching.chunks(stacked, cfg):
+    for p, a0, b0, sigma in batching.chunks(stacked, cfg, weights):
         yield Factors(p, a0, b0, sigma)
 
 
@@ -241,14 +248,16 @@ def refuse_overflow(named: Sequence[tuple[str, Tensor]], kind: str, where: str) 
     )
 
 
-def _one_at_a_time(plans: Sequence[Plan], cfg: InitConfig) -> Iterator[tuple[Plan, Tensor, Tensor, Tensor]]:
+def _one_at_a_time(
+    plans: Sequence[Plan], cfg: InitConfig, weights: Weights
+) -> Iterator[tuple[Plan, Tensor, Tensor, Tensor]]:
     """Each weight factored on its own, in plan order. On the CPU, where each decomposition runs on one
     thread (thread-count independent factors, see linalg.one_thread), as many weights at once as torch
-    has threads and the memory budget allows."""
-    workers = torch.get_num_threads() if any(p.weight.device.type == "cpu" for p in plans) else 1
+    has threads and the memory budget allows (each read through ``weights`` here, in order)."""
+    workers = torch.get_num_threads() if any(weights.device(p).type == "cpu" for p in plans) else 1
     if workers <= 1 or len(plans) <= 1 or cfg.init == "lora":
         for p in plans:
-            yield (p, *_factored(p, cfg))
+            yield (p, *_factored(p, weights(p), cfg))
         return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="minipissa-init") as pool:
         running: deque[tuple[Plan, int, Future]] = deque()
@@ -259,17 +268,17 @@ def _one_at_a_time(plans: Sequence[Plan], cfg: InitConfig) -> Iterator[tuple[Pla
                 done, size, future = running.popleft()
                 in_flight -= size
                 yield (done, *future.result())
-            running.append((p, cost, pool.submit(_factored, p, cfg)))
+            running.append((p, cost, pool.submit(_factored, p, weights(p), cfg)))
             in_flight += cost
         while running:
             done, _, future = running.popleft()
             yield (done, *future.result())
 
 
-def _factored(p: Plan, cfg: InitConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`initial_factors` of one plan; an error names the module."""
+def _factored(p: Plan, weight: Tensor, cfg: InitConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`initial_factors` of one plan's ``weight``; an error names the module."""
     with batching.naming([p]):
-        return initial_factors(p.weight, p, cfg)
+        return initial_factors(weight, p, cfg)
 
 
 def _workspace(p: Plan, cfg: InitConfig) -> int:

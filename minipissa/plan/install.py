@@ -17,6 +17,7 @@ from ..core.host import host_copies
 from ..core.made import Made
 from ..core.nf4 import NF4Weight
 from ..core.qpissa import ERRORS, quantize_residual
+from ..core.weights import frozen
 from ..nn import casts
 from ..nn.layer import PiSSALinear
 from . import trained
@@ -28,9 +29,11 @@ from .factors import (
     overflowing_residuals,
     refuse_overflow,
 )
+from .fetch import Fetcher
 from .progress import progress_reporter
 from .sharded.factors import check_finite_shards, check_layouts, sharded_factors
 from .sharded.fsdp import FsdpAdoption
+from .streamed import overflowing, streamed_factors
 from .tree import (
     Plan,
     build_layer,
@@ -48,6 +51,7 @@ def adapt(
     progress: bool | Callable[[int, int], None] = False,
     given: Sequence[Factors] | None = None,
     run: trained.Run | None = None,
+    fetch: Fetcher | None = None,
 ) -> None:
     """apply() after planning, in steps such that an error before the last leaves the model as it was:
 
@@ -60,18 +64,23 @@ def adapt(
     checked in steps 1-2 alike, but their residuals are written into the shards as their factors come.
     ``given``: the initial factors made elsewhere (an imported PEFT adapter), one per plan, in place of the stream.
     ``run``: what each new layer records of this run (:class:`~minipissa.trained.Run`: modules trained in full...).
+    ``fetch``: the streaming init (streamed.py): each plain weight fetched onto its device, and its residual and
+    fingerprint made there in step 1; the layers then take their residuals and biases from the stream.
     """
     run = trained.Run() if run is None else run
     sharded = [p for p in plans if is_dtensor(p.weight)]
     plain = [p for p in plans if not is_dtensor(p.weight)]
     fsdp = _adopt_sharded(model, sharded, cfg)
-    queued = [fingerprint_later(p.weight) for p in plain]  # read back once the factors are queued too
     # The biases are part of the base: fingerprinted (every rank alike, in plan order), so that load() can tell a
     # base with other biases and save() a bias trained since
     biased = [p for p in plans if p.module.bias is not None]
-    queued += [fingerprint_later(full_tensor(cast(Tensor, p.module.bias))) for p in biased]
+    queued = None  # streamed: each weight's fingerprint is made with its factors, where the weight is fetched
+    if fetch is None:
+        queued = [fingerprint_later(p.weight) for p in plain]  # read back once the factors are queued too
+        queued += [fingerprint_later(full_tensor(cast(Tensor, p.module.bias))) for p in biased]
     report_progress = progress_reporter(progress, len(plans))
-    items, base_print, bias_prints = _checked_factors(plain, biased, queued, cfg, given, report_progress)
+    stream = given if given is not None else streamed_factors(plain, cfg, fetch) if fetch else factors(plain, cfg)
+    items, base_print, bias_prints = _checked_factors(plain, biased, queued, stream, fetch, report_progress)
     # Every A0 and B0 to host memory, queued now to run beside the loop below (not two syncs per layer inside it).
     on_host = host_copies([t for item in items for t in (item.a0, item.b0)], wait=False)
     initial = {id(item): (on_host[2 * i], on_host[2 * i + 1]) for i, item in enumerate(items)}
@@ -82,7 +91,7 @@ def adapt(
     for device in {item.a0.device for item in items if item.a0.is_cuda}:  # the host copies of A0 and B0 have landed
         torch.cuda.current_stream(device).synchronize()
     for layer, item in built:
-        layer.info.update(describe(item.sigma, item.base_print or base_print[item.plan.name]))
+        layer.info.update(describe(item.sigma, base_print.get(item.plan.name) or cast(dict, item.base_print)))
         layer.info["bias_fingerprint"] = bias_prints.get(item.plan.name)
     made = [layer for layer, _ in built]
     record_made(made, read_all(residual_prints), [(item.a0, item.b0) for _, item in built])  # what the host copies hold
@@ -110,29 +119,46 @@ def _adopt_sharded(model: nn.Module, sharded: Sequence[Plan], cfg: InitConfig) -
 def _checked_factors(
     plans: Sequence[Plan],
     biased: Sequence[Plan],
-    queued: list[Pending],
-    cfg: InitConfig,
-    given: Sequence[Factors] | None,
+    queued: list[Pending] | None,
+    stream: Iterable[Factors],
+    fetch: Fetcher | None,
     report_progress: Callable[[int], None],
 ) -> tuple[list[Factors], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Steps 1-2 of :func:`adapt` for the plain weights ``plans``: their factors (the stream, or ``given``), and the
-    fingerprints ``queued`` (of ``plans``' weights, then of ``biased``'s biases) read back; a named error for a
-    weight or bias that is not finite or too large, for non-finite factors and for an overflowing residual.
-    Returns the factors and the fingerprints of the weights and of the biases, by module name."""
-    items = []
+    """Steps 1-2 of :func:`adapt` for the plain weights ``plans``: their factors (``stream``), and the fingerprints
+    ``queued`` (of ``plans``' weights, then of ``biased``'s biases; None: streamed, made with each item) read back; a
+    named error for a weight or bias that is not finite or too large, for non-finite factors and for an overflowing
+    residual. Returns the factors and the fingerprints of the weights and of the biases, by module name."""
+    items: list[Factors] = []
+    weight_of = (lambda p: p.weight) if fetch is None else fetch.host_weight  # where an error message measures W
     try:
-        for item in factors(plans, cfg) if given is None else given:
+        for item in stream:
             items.append(item)
             report_progress(len(items))
     except Exception:
-        _refuse_unusable(plans, biased, queued)  # the cause, if the weights were not finite or too large
+        _refuse_unusable(*_streamed_prints(plans, biased, items, queued), fetch)  # the cause, if not finite
         raise
-    prints, bias_prints = _refuse_unusable(plans, biased, queued)
+    prints, bias_prints = _refuse_unusable(*_streamed_prints(plans, biased, items, queued), fetch)
     bad = set(nonfinite_factors(items))
-    refuse_overflow([(i.plan.name, i.plan.weight) for i in items if i.plan.name in bad], "weights", "initial factors")
+    refuse_overflow(
+        [(i.plan.name, weight_of(i.plan)) for i in items if i.plan.name in bad], "weights", "initial factors"
+    )
     base_print = {p.name: fp for p, fp in zip(plans, prints, strict=True)}
-    _refuse_overflow(overflowing_residuals(items, base_print))
+    in_place = [i for i in items if i.made is None]
+    _refuse_overflow(overflowing_residuals(in_place, base_print) + overflowing(items))
     return items, base_print, bias_prints
+
+
+def _streamed_prints(
+    plans: Sequence[Plan], biased: Sequence[Plan], items: Sequence[Factors], queued: list[Pending] | None
+) -> tuple[Sequence[Plan], Sequence[Plan], list[Pending]]:
+    """What :func:`_refuse_unusable` reads: ``queued`` for ``plans`` and ``biased``; streamed (``queued`` None), the
+    fingerprints made with the ``items`` so far, for the plans among them."""
+    if queued is not None:
+        return plans, biased, queued
+    made = {i.plan.name: i.made for i in items if i.made is not None}
+    done, done_biased = [p for p in plans if p.name in made], [p for p in biased if p.name in made]
+    weights = [made[p.name].weight_print for p in done]
+    return done, done_biased, weights + [cast(Pending, made[p.name].bias_print) for p in done_biased]
 
 
 def _put_all(
@@ -156,8 +182,15 @@ def _put_all(
     aliases = module_aliases(model)
     try:
         for item in stream:
-            residual = None
-            if cfg.quantize:
+            residual: NF4Weight | Tensor | None = None
+            if item.made is not None:  # streamed: made on the device already, the bias moved there too
+                residual = item.made.residual
+                bias = item.plan.module.bias
+                if item.made.bias is not None and (bias.is_meta or bias.device != item.made.bias.device):
+                    item.plan.module.bias = frozen(item.made.bias)  # where it stays (the module's own if it was)
+                if item.made.errors is not None:
+                    quant_errors.append(item.made.errors)
+            elif cfg.quantize:
                 plan = item.plan
                 with torch.no_grad():
                     residual, errors = quantize_residual(
@@ -204,7 +237,7 @@ def put(
     aliases: dict[int, list[str]],
     *,
     weight_is_residual: bool = False,
-    residual: NF4Weight | None = None,
+    residual: NF4Weight | Tensor | None = None,
     initial: tuple[Tensor, Tensor] | None = None,
 ) -> PiSSALinear:
     """The PiSSA layer for ``plan``, from its initial factors A0 (r, in) and B0 (out, r) (:func:`build_layer`), put
@@ -235,15 +268,18 @@ def finish(model: nn.Module, what: str) -> None:
 
 
 def _refuse_unusable(
-    plans: Sequence[Plan], biased: Sequence[Plan], queued: list[Pending]
+    plans: Sequence[Plan], biased: Sequence[Plan], queued: list[Pending], fetch: Fetcher | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """The fingerprints of the weights of ``plans`` and of the biases of ``biased`` (queued in that order), read
-    back at once; a named error if a weight or bias holds NaN or inf, or is too large for them (init.py)."""
+    back at once; a named error if a weight or bias holds NaN or inf, or is too large for them (init.py). ``fetch``:
+    the streamed road's, which reads a refused tensor again for the message."""
     prints = read_all(queued)
     weights, biases = prints[: len(plans)], prints[len(plans) :]
-    bad = [(p.name, p.weight) for p, fp in zip(plans, weights, strict=True) if not is_finite(fp)]
+    weight_of = (lambda p: p.weight) if fetch is None else fetch.host_weight
+    bias_of = (lambda p: p.module.bias) if fetch is None else fetch.host_bias
+    bad = [(p.name, weight_of(p)) for p, fp in zip(plans, weights, strict=True) if not is_finite(fp)]
     refuse_overflow(bad, "weights", "fingerprint")
-    bad = [(p.name, cast(Tensor, p.module.bias)) for p, fp in zip(biased, biases, strict=True) if not is_finite(fp)]
+    bad = [(p.name, cast(Tensor, bias_of(p))) for p, fp in zip(biased, biases, strict=True) if not is_finite(fp)]
     refuse_overflow(bad, "biases", "fingerprint")
     return weights, {p.name: fp for p, fp in zip(biased, biases, strict=True)}
 

@@ -22,6 +22,7 @@ from torch import Tensor
 from ..core import decompose, linalg, qpissa
 from ..core.weights import weight_matrix
 from .config import InitConfig
+from .fetch import IN_PLACE, Weights
 from .tree import Plan
 
 Item = tuple[Plan, Tensor, Tensor, Tensor]  # plan, A0 (r, in), B0 (out, r), kept singular values (r,)
@@ -55,15 +56,22 @@ def naming(plans: Sequence[Plan]) -> Iterator[None]:
         raise RuntimeError(f"minipissa: decomposing module(s) {names} failed: {type(e).__name__}: {e}") from e
 
 
-def chunks(plans: Sequence[Plan], cfg: InitConfig) -> Iterator[Item]:
-    """The factors of every plan (top-r, exact or randomized; ``cfg.init == "pissa"``), in group order."""
-    groups: dict[tuple, list[Plan]] = {}
+def groups(plans: Sequence[Plan], weights: Weights = IN_PLACE) -> dict[tuple, list[Plan]]:
+    """The plans stacked together: one group per (shape, dtype, device, rank, scaling, layout), in plan order."""
+    found: dict[tuple, list[Plan]] = {}
     for p in plans:
-        key = (p.shape, p.weight.dtype, p.weight.device, p.rank, p.scaling, p.fan_in_fan_out)
-        groups.setdefault(key, []).append(p)
+        key = (p.shape, p.weight.dtype, weights.device(p), p.rank, p.scaling, p.fan_in_fan_out)
+        found.setdefault(key, []).append(p)
+    return found
+
+
+def chunks(plans: Sequence[Plan], cfg: InitConfig, weights: Weights = IN_PLACE) -> Iterator[Item]:
+    """The factors of every plan (top-r, exact or randomized; ``cfg.init == "pissa"``), in group order; each weight
+    read through ``weights`` (fetch.py), which holds it until its item is yielded (a chunk's weights are stacked
+    again for QPiSSA's iterations, or a Householder restart)."""
     with ThreadPoolExecutor(max_workers=1) as host:
         pending: Callable[[], Iterator[Item]] | None = None
-        for ((m, n), weight_dtype, _, rank, scaling, _), members in groups.items():
+        for ((m, n), weight_dtype, _, rank, scaling, _), members in groups(plans, weights).items():
             dtype = decompose.compute_dtype(weight_dtype)
             columns = None if cfg.niter is None else decompose.sketch_columns(rank, cfg.oversample, m, n)
             size = max(1, cfg.memory_budget // workspace_bytes(m, n, columns, dtype, cfg.iterates))
@@ -71,40 +79,51 @@ def chunks(plans: Sequence[Plan], cfg: InitConfig) -> Iterator[Item]:
                 chunk = members[start : start + size]
                 if cfg.components == "minor":  # a full SVD per chunk: nothing to pipeline
                     with naming(chunk):
-                        a, b, sigma = decompose.principal_factors(_stack(chunk, dtype), rank, scaling, minor=True)
+                        a, b, sigma = decompose.principal_factors(
+                            _stack(chunk, dtype, weights), rank, scaling, minor=True
+                        )
                     yield from zip(chunk, a, b, sigma, strict=True)
                     continue
                 with naming(chunk):
-                    started = _start(chunk, cfg, dtype, columns, rank)
+                    started = _start(chunk, cfg, dtype, columns, rank, weights)
                 vectors = host.submit(_host_eigh, *_to_host(started.gram))
                 if pending is not None:
                     yield from pending()
-                pending = functools.partial(_finish, chunk, started, vectors, cfg, dtype, columns, rank, scaling)
+                pending = functools.partial(
+                    _finish, chunk, started, vectors, cfg, dtype, columns, rank, scaling, weights
+                )
         if pending is not None:
             yield from pending()
 
 
 def _start(
-    chunk: list[Plan], cfg: InitConfig, dtype: torch.dtype, columns: int | None, rank: int, householder: bool = False
+    chunk: list[Plan],
+    cfg: InitConfig,
+    dtype: torch.dtype,
+    columns: int | None,
+    rank: int,
+    weights: Weights,
+    householder: bool = False,
 ) -> decompose.Started:
     """The chunk's device work, queued; its stacked weights and sketches are freed when this returns."""
-    omega = None if columns is None else _sketches(chunk, cfg, dtype, columns)
-    return decompose.start(_stack(chunk, dtype), rank, niter=cfg.niter, omega=omega, householder=householder)
+    omega = None if columns is None else _sketches(chunk, cfg, dtype, columns, weights.device(chunk[0]))
+    stacked = _stack(chunk, dtype, weights)
+    return decompose.start(stacked, rank, niter=cfg.niter, omega=omega, householder=householder)
 
 
-def _sketches(chunk: list[Plan], cfg: InitConfig, dtype: torch.dtype, columns: int) -> Tensor:
+def _sketches(chunk: list[Plan], cfg: InitConfig, dtype: torch.dtype, columns: int, device: torch.device) -> Tensor:
     """Each module's own sketch (n, columns), from its seed, stacked."""
-    n, device = chunk[0].shape[1], chunk[0].weight.device
+    n = chunk[0].shape[1]
     seeds = [decompose.module_seed(cfg.seed, p.name) for p in chunk]
     return torch.stack([decompose.sketch(n, columns, seed, dtype, device) for seed in seeds])
 
 
-def _stack(chunk: list[Plan], dtype: torch.dtype) -> Tensor:
+def _stack(chunk: list[Plan], dtype: torch.dtype, weights: Weights) -> Tensor:
     """The chunk's weights as (out, in) matrices in ``dtype``, stacked (c, m, n)."""
     m, n = chunk[0].shape
-    matrix = torch.empty((len(chunk), m, n), dtype=dtype, device=chunk[0].weight.device)
+    matrix = torch.empty((len(chunk), m, n), dtype=dtype, device=weights.device(chunk[0]))
     for i, p in enumerate(chunk):  # converted straight into the stack: no second copy
-        matrix[i].copy_(weight_matrix(p.weight.detach(), p.fan_in_fan_out))
+        matrix[i].copy_(weight_matrix(weights(p).detach(), p.fan_in_fan_out))
     return matrix
 
 
@@ -135,21 +154,24 @@ def _finish(
     columns: int | None,
     rank: int,
     scaling: float,
+    weights: Weights,
 ) -> Iterator[Item]:
     """The factors of a pipelined chunk, once its eigenvectors are back from the host. A chunk whose
-    Cholesky-QR broke down is started again from its weights (still in their modules) with Householder QR."""
+    Cholesky-QR broke down is started again from its weights (still in their modules, or held by the fetch) with
+    Householder QR."""
 
     def again() -> decompose.Started:
         vectors.cancel()  # its input was garbage; its result (or error) is not wanted
-        return _start(chunk, cfg, dtype, columns, rank, householder=True)
+        return _start(chunk, cfg, dtype, columns, rank, weights, householder=True)
 
     with naming(chunk):
         u, s, v = decompose.triplets(started, lambda: vectors.result().to(started.gram.device), again)
         a, b = decompose.split_factors(u, s, v, scaling)
         if cfg.iterates:  # QPiSSA: chosen again against the quantizer, the whole chunk at once
-            fresh = _sketches(chunk, cfg, dtype, decompose.sketch_columns(rank, cfg.oversample, *chunk[0].shape))
+            fresh_columns = decompose.sketch_columns(rank, cfg.oversample, *chunk[0].shape)
+            fresh = _sketches(chunk, cfg, dtype, fresh_columns, weights.device(chunk[0]))
             a, b, s = qpissa.alternate(  # the stack is freed before the chunk is yielded
-                _stack(chunk, dtype), scaling, chunk[0].fan_in_fan_out, cfg.quant_iters, (a, b, s), fresh,
+                _stack(chunk, dtype, weights), scaling, chunk[0].fan_in_fan_out, cfg.quant_iters, (a, b, s), fresh,
                 double_quant=cfg.double_quant,
             )  # fmt: skip
     yield from zip(chunk, a, b, s, strict=True)

@@ -53,15 +53,15 @@ def build_layer(
     info: dict[str, Any],
     *,
     weight_is_residual: bool = False,
-    residual: NF4Weight | None = None,
+    residual: NF4Weight | Tensor | None = None,
     initial: tuple[Tensor, Tensor] | None = None,
 ) -> PiSSALinear:
     """The PiSSALinear for ``plan`` from its initial factors A0 (r, in), B0 (out, r); it takes the module's
     tensors over. ``weight_is_residual``: the module's weight already holds W_res (a residual file, or
     sharded init, which wrote it into the shards): the layer keeps that very Parameter. ``residual``: W_res
-    made already, in 4 bits (QPiSSA: qpissa.py), for a quantizing plan. ``initial``: A0 and B0 copied to host memory
-    already (:func:`~minipissa.core.host.host_copies`)."""
-    if bool(plan.quantize) != (residual is not None):
+    made already: in 4 bits (QPiSSA: qpissa.py), for a quantizing plan, or dense (the streamed road made it).
+    ``initial``: A0 and B0 copied to host memory already (:func:`~minipissa.core.host.host_copies`)."""
+    if bool(plan.quantize) != isinstance(residual, NF4Weight):
         raise ValueError(f"build_layer: module '{plan.name}': quantize={plan.quantize!r} needs its NF4 residual")
     base = plan.module
     weight, bias = base.weight, base.bias

@@ -1,0 +1,243 @@
+"""Where the factor stream reads each target's weight (:class:`Weights`): in place, the module's own tensor on its own
+device (:data:`IN_PLACE`, apply()'s default road), or fetched onto one device a weight at a time (:class:`Fetcher`,
+the streaming init of ``apply(..., device=...)`` and ``weights=...``), from the module or from a source of tensors
+(plan/sourced.py).
+
+A fetch on CUDA overlaps the decompositions: a worker thread reads the next weight, stages it in pinned host memory
+and copies it on a copy stream while the device decomposes the current one; the compute stream waits for the copy's
+event only where it uses the weight. On the CPU the same code runs without the worker (nothing to overlap).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+import torch
+from torch import Tensor
+
+from ..core.fingerprint import Pending
+from ..core.nf4 import NF4Weight
+from .tree import Plan
+
+#: The bare model's state-dict name -> its tensor where the values come from (a checkpoint, a mapping), checked against
+#: the model's own (plan/sourced.py); None: each module's own tensor.
+Read = Callable[[str], Tensor]
+
+
+class Weights(Protocol):
+    """Where the factor stream reads each plan's weight (factors.py, stacked.py)."""
+
+    def device(self, plan: Plan) -> torch.device:
+        """Where the plan's weight is decomposed."""
+        ...
+
+    def __call__(self, plan: Plan) -> Tensor:
+        """The plan's stored weight on :meth:`device` (a fetch holds it until dropped)."""
+        ...
+
+    def expect(self, plans: Sequence[Plan]) -> None:
+        """The order in which the stream will ask for the weights (a fetch reads ahead in it)."""
+        ...
+
+
+class InPlace:
+    """Each plan's weight where it is: the module's own tensor, decomposed on its own device."""
+
+    def device(self, plan: Plan) -> torch.device:
+        return plan.weight.device
+
+    def __call__(self, plan: Plan) -> Tensor:
+        return plan.weight
+
+    def expect(self, plans: Sequence[Plan]) -> None:
+        pass
+
+
+IN_PLACE: Weights = InPlace()
+
+
+@dataclass
+class Streamed:
+    """What the streamed road made of one target while its weight was on the device (streamed.py), before the device
+    copy was dropped: all the installer needs of W, whose module may hold no values (a meta model)."""
+
+    residual: Tensor | NF4Weight  # W_res = W - s·B0·A0 in W's dtype, or nf4(W_res) (QPiSSA)
+    weight_print: Pending  # W's fingerprint, queued
+    bias: Tensor | None  # the module's bias, on the device
+    bias_print: Pending | None
+    finite: Tensor  # () bool: the residual fits its dtype's range (as factors.overflowing_residuals tells in place)
+    errors: Tensor | None  # QPiSSA: (nf4_error, qlora_error), qpissa.quantize_residual's
+
+
+def dense_weight(plan: Plan, read: Read | None) -> Tensor:
+    """The one place a streamed target's dense weight comes from: ``read`` (a source of tensors), else the module's own
+    weight. Stored layout ((out, in), or (in, out) for a Conv1D), in the source's dtype (the fetch casts it)."""
+    return plan.weight.detach() if read is None else read(f"{plan.name}.weight")
+
+
+def dense_bias(plan: Plan, read: Read | None) -> Tensor | None:
+    """A streamed target's bias (out,), from where its weight comes (:func:`dense_weight`); None if it has none."""
+    bias = plan.module.bias
+    if bias is None:
+        return None
+    return cast(Tensor, bias).detach() if read is None else read(f"{plan.name}.bias")
+
+
+def check_device(device: object) -> torch.device | None:
+    """apply()'s ``device``: None, or a CUDA device or the CPU, as a ``torch.device`` with its index; a named
+    ValueError otherwise (nothing is changed yet)."""
+    if device is None:
+        return None
+    try:
+        where = torch.device(cast(Any, device))
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"minipissa.apply: device={device!r:.60} is not a device ({e}); pass e.g. 'cuda:0'") from None
+    if where.type == "cpu":
+        return torch.device("cpu")
+    if where.type != "cuda":
+        raise ValueError(
+            f"minipissa.apply: device={device!r}: the streaming init runs on a CUDA device or the CPU; for another "
+            "device, move the model there and leave device=None (each weight is then decomposed where it is)"
+        )
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = where.index if where.index is not None else (torch.cuda.current_device() if count else 0)
+    if not 0 <= index < count:
+        raise ValueError(
+            f"minipissa.apply: device={device!r}, but this process sees {count} CUDA device(s) "
+            f"(torch.cuda.is_available() is {torch.cuda.is_available()}); pass one of them, or 'cpu'"
+        )
+    return torch.device("cuda", index)
+
+
+class Transfers:
+    """Tensors read and copied onto ``device``. On CUDA each :meth:`submit` runs in a worker thread, in order: read,
+    staged in pinned host memory, copied on a copy stream, cast there; elsewhere it runs at once."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="minipissa-fetch") if self.cuda else None
+        self._stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def submit(self, read: Callable[[], Sequence[Tensor | None]], dtypes: Sequence[torch.dtype | None]) -> Future:
+        """Start reading ``read()``'s tensors onto the device, each cast to its entry of ``dtypes``; :meth:`result`
+        gives them. A read's error comes out of :meth:`result`."""
+        if self._pool is None:
+            done: Future = Future()
+            try:
+                done.set_result(([_moved(t, self.device, d) for t, d in zip(read(), dtypes, strict=True)], None))
+            except Exception as e:  # noqa: BLE001 - raised by result(), where the CUDA road raises it too
+                done.set_exception(e)
+            return done
+        return self._pool.submit(self._staged, read, dtypes)
+
+    def _staged(
+        self, read: Callable[[], Sequence[Tensor | None]], dtypes: Sequence[torch.dtype | None]
+    ) -> tuple[list[Tensor | None], torch.cuda.Event]:
+        """The worker's part: read, pin (pageable memory is copied through the driver's own staging, synchronously),
+        copy and cast on the copy stream, and an event marking it done."""
+        tensors = read()
+        with torch.cuda.device(self.device), torch.cuda.stream(cast(torch.cuda.Stream, self._stream)):
+            staged = [t if t is None or t.is_cuda or t.is_pinned() else t.pin_memory() for t in tensors]
+            out = [_moved(t, self.device, d, non_blocking=True) for t, d in zip(staged, dtypes, strict=True)]
+            done = torch.cuda.Event()
+            done.record()
+        return out, done
+
+    def result(self, pending: Future) -> list[Tensor | None]:
+        """The tensors of a :meth:`submit`, usable on the current stream (which waits for their copy, on the device)."""
+        tensors, done = pending.result()
+        if done is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(done)
+            for t in tensors:
+                if t is not None:
+                    t.record_stream(stream)  # made on the copy stream: not reused before this stream is done with it
+        return cast(list[Tensor | None], tensors)
+
+    def close(self) -> None:
+        """Wait for the transfers in flight and stop the worker."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _moved(t: Tensor | None, device: torch.device, dtype: torch.dtype | None, non_blocking: bool = False) -> Any:
+    if t is None:
+        return None
+    t = t.to(device, non_blocking=non_blocking)
+    return t if dtype is None else t.to(dtype)
+
+
+class Fetcher:
+    """:class:`Weights` for the streamed road: each plan's dense weight (:func:`dense_weight`) and bias fetched onto
+    ``device`` when the stream asks for it, the next expected one read ahead, held until :meth:`drop`. Cast to the
+    module's dtype there (a checkpoint's bfloat16 into a float32 model, as from_pretrained casts)."""
+
+    #: Weights read ahead of the one in use: the next transfer runs while this one is decomposed.
+    LOOKAHEAD = 1
+
+    def __init__(self, device: torch.device, read: Read | None = None) -> None:
+        self.target, self.read = device, read
+        self.transfers = Transfers(device)
+        self._order: list[Plan] = []
+        self._position: dict[str, int] = {}
+        self._pending: dict[str, Future] = {}
+        self._held: dict[str, tuple[Plan, Tensor, Tensor | None]] = {}
+
+    def device(self, plan: Plan) -> torch.device:
+        return self.target
+
+    def expect(self, plans: Sequence[Plan]) -> None:
+        self._order = list(plans)
+        self._position = {p.name: i for i, p in enumerate(self._order)}
+
+    def __call__(self, plan: Plan) -> Tensor:
+        return self.fetched(plan)[0]
+
+    def fetched(self, plan: Plan) -> tuple[Tensor, Tensor | None]:
+        """The plan's weight and bias on the device."""
+        if plan.name not in self._held:
+            pending = self._pending.pop(plan.name, None) or self._submit(plan)
+            weight, bias = self.transfers.result(pending)
+            self._held[plan.name] = (plan, cast(Tensor, weight), bias)
+            start = self._position.get(plan.name, len(self._order)) + 1
+            for ahead in self._order[start : start + self.LOOKAHEAD]:
+                if ahead.name not in self._held and ahead.name not in self._pending:
+                    self._pending[ahead.name] = self._submit(ahead)
+        _, weight, bias = self._held[plan.name]
+        return weight, bias
+
+    def _submit(self, plan: Plan) -> Future:
+        bias = plan.module.bias
+        dtypes = (plan.weight.dtype, None if bias is None else cast(Tensor, bias).dtype)
+        return self.transfers.submit(lambda: (dense_weight(plan, self.read), dense_bias(plan, self.read)), dtypes)
+
+    def drop(self, plan: Plan) -> None:
+        """Release the device copies of the plan's weight and bias (its residual is made)."""
+        self._held.pop(plan.name, None)
+
+    def held(self) -> list[tuple[Plan, Tensor]]:
+        """The plans whose weights are on the device now, with them (the ones being decomposed)."""
+        return [(plan, weight) for plan, weight, _ in self._held.values()]
+
+    def host_weight(self, plan: Plan) -> Tensor:
+        """The plan's weight where it comes from, read again (an error's message measures it)."""
+        return dense_weight(plan, self.read)
+
+    def host_bias(self, plan: Plan) -> Tensor | None:
+        return dense_bias(plan, self.read)
+
+    def close(self) -> None:
+        """Stop reading ahead and let go of every device copy."""
+        self.transfers.close()
+        self._pending.clear()
+        self._held.clear()
+
+    def __enter__(self) -> Fetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
