@@ -8,8 +8,10 @@ minipissa.save(model, "adapter.safetensors")
 minipissa.convert_to_lora("adapter.safetensors", "lora_dir")  # PEFT LoRA for the original weights
 """
 
+from .adapters import active_adapter, adapter, adapters, delete_adapter, per_example, set_adapter
 from .core.errors import StateError
 from .core.version import __version__ as __version__
+from .interop.lora_import import load_lora
 from .interop.peft_export import ConversionReport, convert_to_lora
 from .interop.peft_import import import_peft
 from .io.adapter_file import load, save
@@ -44,4 +46,12 @@ __all__ = [
     "import_peft",
     "ConversionReport",
     "StateError",
+    # several named adapters on one model
+    "adapters",
+    "active_adapter",
+    "set_adapter",
+    "adapter",
+    "delete_adapter",
+    "per_example",
+    "load_lora",
 ]

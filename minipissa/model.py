@@ -12,11 +12,13 @@ import torch
 from torch import Tensor, nn
 
 from .core.dtensor import is_dtensor, refuse_sharded
+from .core.errors import as_module
 from .io.checkpoint import open_source
 from .nn import casts
 from .nn.layer import refuse_merged
 from .nn.weight_kinds import refuse_merge
-from .plan import trained
+from .plan import named, trained
+from .plan.add_adapter import add_adapter
 from .plan.config import MEMORY_BUDGET, InitConfig
 from .plan.factors import (
     plan_modules,
@@ -30,6 +32,7 @@ from .plan.tree import (
     Plan,
     adapted_layers,
     module_aliases,
+    pissa_layers,
     replace_module,
     unwrap,
 )
@@ -58,6 +61,7 @@ def apply(
     quant_iters: int = 1,
     double_quant: bool = False,
     train_modules: Targets | None = None,
+    name: str = named.DEFAULT,
     device: torch.device | str | None = None,
     weights: str | os.PathLike[str] | Mapping[str, Tensor] | None = None,
 ) -> nn.Module:
@@ -77,6 +81,8 @@ def apply(
             to stderr. The time taken is in :func:`summary`.
         train_modules: patterns (as ``targets``, any module kind) of modules to train in full beside the adapters,
             e.g. a new classification head; saved with the adapter, exported as PEFT's ``modules_to_save``.
+        name: the adapter's name. On a model that has adapters of other names, one more adapter is added beside
+            them (plan/add_adapter.py), and the active adapter stays as it was (:func:`minipissa.set_adapter`).
         device: stream the targets' weights onto ``device`` ("cuda:0", "cpu"), one at a time; there only the residual
             (4-bit with ``quantize``), A, B and the bias stay, A0 and B0 go to host memory, the other modules stay
             where they are (``model.to(device)`` moves them after). None: decomposed in place (plan/streamed.py).
@@ -96,17 +102,39 @@ def apply(
     cfg = _config(config, given)
     if targets is None:
         raise TypeError("minipissa.apply: targets is required (module names, patterns, or 'all-linear')")
-    where = check_device(device)
-    sourced = None if weights is None else ModelSource(model, open_source(weights))
-    plans = plan_modules(model, cfg, targets, exclude, fan_in_fan_out, sourced=sourced is not None)
+    run = _apply(model, cfg, (targets, exclude, fan_in_fan_out), progress, train_modules, name, (device, weights))
+    run.seconds = time.perf_counter() - start
+    return outer
+
+
+def _apply(
+    model: nn.Module,
+    cfg: InitConfig,
+    chosen: tuple[Targets, Targets | None, bool | None],
+    progress: bool | Callable[[int, int], None],
+    train_modules: Targets | None,
+    name: str,
+    stream: tuple[torch.device | str | None, str | os.PathLike[str] | Mapping[str, Tensor] | None],
+) -> trained.Run:
+    """apply()'s work after its checks (``chosen`` = targets, exclude, fan_in_fan_out; ``stream`` = device,
+    weights); the run it made."""
+    name = named.check_name(name, "apply")
+    if set(named.adapter_names(as_module(model, "apply"))) - {name}:  # adapters of other names: one more
+        if stream != (None, None):
+            raise ValueError("minipissa.apply: device=/weights= make a model's first adapter; add more without them")
+        return add_adapter(model, cfg, *chosen, name, progress, train_modules)
+    was_active, before = named.active(model), {id(layer) for _, layer in pissa_layers(model)}
+    where = check_device(stream[0])
+    sourced = None if stream[1] is None else ModelSource(model, open_source(stream[1]))
+    plans = plan_modules(model, cfg, *chosen, sourced=sourced is not None)
     full = trained.select(model, train_modules, [p.name for p in plans])
     if where is None and sourced is None:
         run = trained.Run(tuple(full), trained.initial_values(model, full))  # held by the layers it makes
         adapt(model, plans, cfg, progress, run=run)
     else:
         run = _streamed(model, plans, cfg, progress, full, where, sourced)
-    run.seconds = time.perf_counter() - start
-    return outer
+    named.adopt(model, [layer for _, layer in pissa_layers(model) if id(layer) not in before], name, was_active)
+    return run
 
 
 def _streamed(
@@ -205,9 +233,10 @@ def _mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
     before = [(layer.mode, layer.initial_on_device) for layer in layers]
     for layer in layers:
         layer.mode = mode
-        if mode == "original" and layer.A0.device != layer.A.device:  # A0, B0 live on the host: copied once here
+        a0, b0, _ = layer.original_factors()  # those the residual was made from (several adapters: nn/adapters.py)
+        if mode == "original" and a0.device != layer.A.device:  # A0, B0 live on the host: copied once here
             device = layer.A.device
-            layer.initial_on_device = (layer.A0.to(device, non_blocking=True), layer.B0.to(device, non_blocking=True))
+            layer.initial_on_device = (a0.to(device, non_blocking=True), b0.to(device, non_blocking=True))
     try:
         with with_initial:
             yield model

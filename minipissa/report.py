@@ -12,6 +12,7 @@ from .core.decompose import explained_energy
 from .core.errors import as_module
 from .core.nf4 import BYTES_PER_PARAM, DQ_BYTES_PER_PARAM, NF4Weight
 from .core.table import table
+from .plan import named
 from .plan.trained import init_seconds
 from .plan.tree import pissa_layers, unwrap
 
@@ -37,6 +38,8 @@ class Summary:
     trainable: int = 0
     total: int = 0
     seconds: float | None = None
+    adapters: list[str] = field(default_factory=list)  # every named adapter (minipissa.adapters() has their settings)
+    active: str | None = None  # the one the model computes; each module's row shows the adapter the layer holds
 
     def __str__(self) -> str:
         quantized = any(m.quant_error is not None for m in self.modules)
@@ -59,6 +62,8 @@ class Summary:
             lines.append(f"4-bit residuals ({kinds}): {len(stored)} modules, {total:,} bytes ({total / weights:.4f} "
                          "bytes per weight)")  # fmt: skip
         seconds = "" if self.seconds is None else f", init {self.seconds:.2f} s"
+        if len(self.adapters) > 1:
+            lines.append("adapters: " + ", ".join(a + " (active)" * (a == self.active) for a in self.adapters))
         lines.append(
             f"{len(self.modules)} adapted modules; trainable {self.trainable:,} of {self.total:,} parameters "
             f"({100 * self.trainable / max(self.total, 1):.3f}%){seconds}"
@@ -71,6 +76,7 @@ def summary(model: nn.Module) -> Summary:
     as_module(model, "summary")
     model = unwrap(model, "summary")
     result = Summary(seconds=init_seconds(model))  # held by the layers (trained.Run): copies keep it
+    result.adapters, result.active = named.adapter_names(model), named.active(model)
     for name, layer in pissa_layers(model):
         sigma = torch.tensor(layer.info.get("singular_values", []), dtype=torch.float64)
         norm = layer.info.get("weight_norm", 0.0)

@@ -33,7 +33,7 @@ from ..io import trained_modules
 from ..io.atomic import atomic_write_dir, write_target
 from ..io.records import ModuleRecord
 from ..io.safefile import write_safetensors
-from ..plan.tree import adapted_layers, unwrap
+from ..plan.tree import unwrap
 
 PEFT_PREFIX = "base_model.model."
 #: vLLM's default ``max_lora_rank``: adapters of higher rank need server flags or ``rank=``.
@@ -117,6 +117,7 @@ def convert_to_lora(
     rank: int | None = None,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
+    name: str | None = None,
 ) -> ConversionReport:
     """Write a PEFT LoRA adapter (``adapter_model.safetensors``, ``adapter_config.json`` and a ``README.md``
     model card) for the original base weights, equivalent to the PiSSA adapter in ``src`` (a saved file or a
@@ -130,11 +131,12 @@ def convert_to_lora(
             relative error introduced (:func:`snap_rank` gives a value vLLM accepts).
         base_model_name_or_path: written into the config as PEFT does.
         task_type: written into the config as PEFT does (e.g. "CAUSAL_LM").
+        name: which adapter of a live model with several (default: the active one).
 
     Neither ``src`` nor the live model is modified.
     """
     _check_options(prefix, rank, base_model_name_or_path, task_type)
-    recs, full = _records(src)
+    recs, full = _records(src, name)
     out = as_path(out_dir, "output directory")
     write_target(out, "directory")  # checked before the work: a file in the way, the working directory, ...
     factors, errors, overall = _lora_of(recs, rank)
@@ -182,15 +184,15 @@ def _check_options(prefix: str, rank: int | None, base: str | None, task_type: s
         raise StateError(f"minipissa.convert_to_lora: task_type must be None or one of {TASK_TYPES}, got {task_type!r}")
 
 
-def _records(src: PathLike | nn.Module) -> tuple[list[ModuleRecord], dict[str, dict[str, Tensor]]]:
+def _records(src: PathLike | nn.Module, name: str | None) -> tuple[list[ModuleRecord], dict[str, dict[str, Tensor]]]:
     """The module records of ``src`` (a saved file or a live model) and its modules trained in full (by module
     name: parameter name -> tensor); a StateError if a residual was edited since apply (no LoRA gives the model)."""
     meta: Any
     if isinstance(src, nn.Module):
-        src = unwrap(src, "convert_to_lora")
-        recs = state.records_of(adapted_layers(src, "convert_to_lora"))
-        full_tensors, meta = trained_modules.pack(src)
+        recs, full_tensors, meta = state.adapter_records(unwrap(src, "convert_to_lora"), name, "convert_to_lora")
     else:
+        if name is not None:
+            raise StateError("minipissa.convert_to_lora: name= picks an adapter of a live model; a file holds one")
         info, recs, full_tensors = state.read(src)
         meta = info.get("trained")
     full, _ = trained_modules.unpack(meta, dict(full_tensors), f"minipissa.convert_to_lora('{src}')")

@@ -18,6 +18,7 @@ from ..core.fingerprint import same
 from ..core.nf4 import NF4Weight
 from ..core.qpissa import residual_nf4
 from ..core.weights import is_conv1d, weight_matrix
+from ..nn import adapters as per_layer
 from ..nn.layer import PiSSALinear
 from ..nn.nf4_linear import NF4Linear
 from ..plan.quantized_base import dense_stand_in
@@ -33,6 +34,7 @@ class Loading:
     module: nn.Module
     existing: bool  # already this PiSSALinear: only A and B are set
     residual: NF4Weight | None = None  # QPiSSA: the 4-bit residual, rebuilt and checked against the file
+    adds: bool = False  # a PiSSALinear with other adapters: this one is added beside them (nn/adapters.py)
 
 
 def _check_existing(layer: PiSSALinear, rec: ModuleRecord, where: str) -> None:
@@ -42,7 +44,8 @@ def _check_existing(layer: PiSSALinear, rec: ModuleRecord, where: str) -> None:
     if same_setup != saved or not (torch.equal(a0, rec.A0) and torch.equal(b0, rec.B0)):
         raise StateError(
             f"{where} already is a PiSSA layer with a different adapter (rank, alpha, layout or initial "
-            "factors differ); load onto the plain base model instead"
+            "factors differ); load onto the plain base model instead, or pass name='...' to minipissa.load to add "
+            "the file beside the model's adapter"
         )
     _check_same_residual(layer, rec, where)
     if layer.merged:
@@ -63,6 +66,15 @@ def _check_same_residual(layer: PiSSALinear, rec: ModuleRecord, where: str) -> N
             f"{where} already is a PiSSA layer with {mine} residual; the file's adapter was trained on {saved} one. "
             "Load onto the plain base model instead (the residual is then rebuilt as the file says)"
         )
+    _check_same_base(layer, rec, where)
+    if (sha256 := layer.weight_kind.sha256(layer.weight)) is not None and sha256 != rec.info["nf4_sha256"]:
+        raise StateError(
+            f"{where}: its 4-bit residual is not the one the file's adapter was trained on (sha256 differs)"
+        )
+
+
+def _check_same_base(layer: PiSSALinear, rec: ModuleRecord, where: str) -> None:
+    """The layer was made from the very base weight the file's adapter was (fingerprints: shape, dtype, digest)."""
     made, want = layer.info.get("base_fingerprint"), rec.info["base_fingerprint"]
     made = made if isinstance(made, dict) else {}
     # Fingerprints of two format versions (an exact hash, a sampled digest) share only the shape and dtype.
@@ -72,13 +84,43 @@ def _check_same_residual(layer: PiSSALinear, rec: ModuleRecord, where: str) -> N
             f"{where} already is a PiSSA layer made from another base weight than the file's adapter (their "
             "fingerprints differ: another checkpoint or dtype); load onto the plain base model it was trained on"
         )
-    if (sha256 := layer.weight_kind.sha256(layer.weight)) is not None and sha256 != rec.info["nf4_sha256"]:
+
+
+def _check_addable(layer: PiSSALinear, rec: ModuleRecord, base: str, where: str) -> Loading:
+    """Adapter ``rec`` beside the layer's others: the same module (layout, shape) of the same base weight and dtype;
+    a 4-bit residual only for an adapter of the same initialisation (its codes are nf4(W - s0·B0·A0): the
+    quantization error of another adapter's residual is another, and no low-rank term corrects it)."""
+    if base != "original":
+        raise StateError(f"{where} already is a PiSSA layer: base='{base}' loads onto plain base modules only")
+    if layer.merged or layer.mode in ("original", "disabled", "mixed"):
+        raise StateError(f"{where} is merged or inside original()/disabled()/per_example(); unmerge or leave it first")
+    mine = (layer.in_features, layer.out_features, layer.fan_in_fan_out)
+    if mine != (rec.in_features, rec.out_features, rec.fan_in_fan_out):
         raise StateError(
-            f"{where}: its 4-bit residual is not the one the file's adapter was trained on (sha256 differs)"
+            f"{where} is a PiSSA layer of (in, out, fan_in_fan_out) = {mine}; the file's adapter is for "
+            f"{(rec.in_features, rec.out_features, rec.fan_in_fan_out)}"
         )
+    _check_same_base(layer, rec, where)
+    if rec.A0.dtype != layer.A0.dtype:
+        raise StateError(f"{where} holds {layer.A0.dtype} initial factors, the file {rec.A0.dtype}")
+    if rec.info.get("residual_edited"):
+        raise StateError(f"{where}: the file's adapter was saved from an edited residual; it cannot be rebuilt here")
+    if layer.quantized or rec.info["quantize"] is not None:
+        shared = per_layer.shares_residual(layer, rec.A0, rec.B0, rec.scaling)
+        if not (layer.quantized and shared and layer.weight_kind.sha256(layer.weight) == rec.info.get("nf4_sha256")):
+            raise StateError(
+                f"{where}: a 4-bit (QPiSSA) residual serves only adapters of its own initialisation on its own codes: "
+                f"the layer's residual is {'4-bit' if layer.quantized else 'full-precision'}, the file's adapter "
+                f"{'shares its initialisation' if shared else 'has another initialisation'} and was trained on a "
+                f"{'4-bit' if rec.info['quantize'] else 'full-precision'} one. The quantization error of another "
+                "residual differs from this one everywhere, and no low-rank correction gives it back: load it onto "
+                "its own base model"
+            )
+    biases.check(layer.bias, rec, where, layer)
+    return Loading(rec, layer, existing=False, adds=True)
 
 
-def fit(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike) -> Loading:
+def fit(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike, name: str = "default") -> Loading:
     where = f"minipissa: module '{rec.name}'"
     try:
         module = model.get_submodule(rec.name)
@@ -88,6 +130,8 @@ def fit(model: nn.Module, rec: ModuleRecord, base: str, path: PathLike) -> Loadi
             "(with the same module paths)"
         ) from None
     if isinstance(module, PiSSALinear):
+        if per_layer.holder(module, name) is None:
+            return _check_addable(module, rec, base, where)  # adapter ``name`` is not on the layer yet
         _check_existing(module, rec, where)
         return Loading(rec, module, existing=True)
     if problem := refusal(rec.name, module):  # what a PiSSA layer in its place would drop: hooks, own forward...

@@ -30,6 +30,7 @@ from ..core.dtensor import full_tensor
 from ..core.dtypes import FLOATS, dtype_name
 from ..core.errors import StateError
 from ..core.nf4 import stored_bytes
+from ..nn import adapters as per_layer
 from ..nn.layer import PiSSALinear
 from ..plan.config import RECORDED, UNLESS_DEFAULT, check_recorded
 from ..plan.settings import Settings, check_alpha, check_dropout, check_rank
@@ -79,7 +80,8 @@ def from_layer(
         info["nf4_sha256"] = sha256
     if layer.made is not None and layer.made.edits(residual_print, factor_hashes):
         info["residual_edited"] = True
-    info["residual_fingerprint"] = residual_print
+    if not per_layer.corrected(layer):  # else the layer's residual is another adapter's; this one's own is recorded
+        info["residual_fingerprint"] = residual_print
     dropout = layer.dropout.p if isinstance(layer.dropout, torch.nn.Dropout) else 0.0
     base = info.get("base_fingerprint")
     base_dtype = base["dtype"] if isinstance(base, dict) else dtype_name(layer.weight.dtype)

@@ -26,6 +26,7 @@ from ..core.errors import PathLike, StateError
 from ..core.nf4 import STATISTICS, NF4Weight
 from ..core.nf4_stats import DoubleQuantized
 from ..core.weights import is_conv1d
+from ..nn import adapters as per_layer
 from ..nn.nf4_linear import NF4Linear
 from ..plan.targets import is_supported
 from ..plan.tree import adapted_layers, module_aliases, pissa_layers, replace_module, unwrap
@@ -48,6 +49,13 @@ def save_residual(model: nn.Module, path: PathLike) -> None:
     safefile.as_path(path)
     model = unwrap(model, "save_residual")
     layers = dict(adapted_layers(model, "save_residual"))
+    several = [n for n, layer in layers.items() if len(per_layer.names(layer)) > 1 or per_layer.corrected(layer)]
+    if several:
+        raise StateError(
+            f"minipissa.save_residual: module '{several[0]}' has several adapters (or one made on another's "
+            "residual), whose residuals are not the one it stores; save each adapter with save(name=...) and load it "
+            "onto the base model, or delete_adapter the others from a model whose residual is its own"
+        )
     adapter_keys = {f"{name}.{k}" for name in layers for k in ("A", "B", "A0", "B0")}
     state = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in adapter_keys}
     for name, layer in layers.items():

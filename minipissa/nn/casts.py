@@ -26,6 +26,8 @@ from torch.utils.hooks import RemovableHandle
 from ..core.dtensor import is_dtensor
 
 MastersKey = tuple[int, int, int, int]
+#: The layer modes whose forward takes A and B from the casts: its own adapter, with or without a correction.
+CASTING = ("adapter", "corrected")
 
 
 class _Typed(Protocol):
@@ -138,7 +140,7 @@ class SharedCasts:
         # Host time matters here (once per forward for every adapter): each attribute is read once.
         groups: dict[tuple[torch.device, torch.dtype], list[tuple[Adapter, Tensor, Tensor]]] = {}
         for layer in self.layers:
-            if layer.mode != "adapter":
+            if layer.mode not in CASTING:
                 continue
             a, b, dtype = layer.A, layer.B, layer.weight.dtype
             if a.dtype == b.dtype != dtype and not layer.merged and not (is_dtensor(a) or is_dtensor(b)):

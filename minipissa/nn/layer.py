@@ -33,7 +33,9 @@ from ..core.host import host_copies
 from ..core.made import Made
 from ..core.nf4 import NF4Weight
 from ..core.weights import factor_rank, frozen, is_conv1d, lora_scaling, residual_weight, weight_matrix
+from .adapter_slot import BUFFERS, AdapterHost, device_only
 from .casts import SharedCasts
+from .ops import low_rank_linear
 from .weight_kinds import DENSE, NF4, WeightKind, refuse_merge
 
 
@@ -43,7 +45,7 @@ def refuse_merged(layers: Iterable[PiSSALinear], mode: str) -> None:
         raise RuntimeError(f"minipissa.{mode}(): the model is merged; call minipissa.unmerge(model) first")
 
 
-class PiSSALinear(nn.Module):
+class PiSSALinear(AdapterHost):
     """A linear layer split into a frozen residual and a trainable low-rank adapter.
 
     Built from a base ``nn.Linear`` or ``Conv1D`` and factors A0 (r, in), B0 (out, r) in the decomposition dtype
@@ -61,7 +63,10 @@ class PiSSALinear(nn.Module):
         A0, B0: frozen copies of the initial factors in host memory, in the decomposition dtype whatever ``.to()``
             does to the module, so that :meth:`original` and conversion stay exact after ``model.half()``.
         info: metadata of the initialisation (init method, singular values, ...), JSON-able.
-        mode: "adapter" (the default), "original" (W_res + s B0 A0) or "disabled" (W_res alone).
+        mode: "adapter" (the default), "original" (W_res + s B0 A0) or "disabled" (W_res alone); with several
+            adapters (nn/adapters.py) also "corrected", "absent" and "mixed".
+        adapter_name, active: the name of the adapter the layer holds, and of the model's active adapter.
+        residual_init: (A0, B0, s) that W_res was made from: the layer's own, or another adapter's.
         made: what the layer was made with (:class:`~minipissa.made.Made`), set by apply() and load(); what save()
             compares against to tell an edited residual or A0/B0. None for a layer built otherwise.
         shared_casts: the model's :class:`SharedCasts`, asked for A and B in the activations' dtype.
@@ -124,6 +129,10 @@ class PiSSALinear(nn.Module):
         self.A = nn.Parameter(a0.clone().to(dtype))
         self.B = nn.Parameter(b0.clone().to(dtype))
         self.A0, self.B0 = initial if initial is not None else host_copies([a0, b0])
+        self.adapter_name = self.active = "default"
+        self.residual_init = (self.A0, self.B0, self.scaling)
+        for name in BUFFERS:  # this adapter's correction of another adapter's residual (nn/adapters.py): None here
+            self.register_buffer(name, None, persistent=False)
         self.initial_on_device: tuple[Tensor, Tensor] | None = None  # set while in original() (model.py)
         # trained.Origin, set by apply()/load(): the run that made this layer (its modules trained in full, init
         # time) and this layer's name then. On the layer, so that every copy and wrapper of the model keeps it.
@@ -173,16 +182,25 @@ class PiSSALinear(nn.Module):
         return self._reference(x)
 
     def _reference(self, x: Tensor) -> Tensor:
-        """The formula itself: y = W_res x + bias + s * B (A dropout(x)); A0, B0 in mode "original"."""
-        if self.mode != "adapter":
-            refuse_merged((self,), self.mode)
-        y = F.linear(x, weight_matrix(self.residual(x.dtype), self.fan_in_fan_out), self.bias)
-        if self.mode == "disabled" or self.merged:
+        """The formula itself: y = W_res x + bias + s * B (A dropout(x)); W_res + s0·B0·A0 in mode "original" (and
+        where the active adapter is absent); W_res + C·D for an adapter made on another one's residual."""
+        mode = self.mode
+        if mode in ("original", "disabled", "mixed"):
+            refuse_merged((self,), mode)
+        if mode == "mixed":  # minipissa.per_example(): each example with its own adapter (nn/adapters.py)
+            return cast(Callable[[Tensor], Tensor], self.per_example)(x)
+        if mode == "corrected" and not self.merged and self._fast_path_applies(x):
+            return self._fast_corrected(x)
+        weight = weight_matrix(self.residual(x.dtype), self.fan_in_fan_out)
+        if self.merged:
+            return F.linear(x, weight, self.bias)
+        if mode == "original" or (mode in ("absent", "disabled") and self.absent):
+            return low_rank_linear(x, weight, self.bias, *self.original_factors())
+        c, d = self._buffers.get("correction_b"), self._buffers.get("correction_a")
+        y = F.linear(x, weight, self.bias) if c is None or d is None else low_rank_linear(x, weight, self.bias, d, c, 1)
+        if mode == "disabled":
             return y
-        if self.mode == "original":
-            a, b = self.initial_on_device or (self.A0, self.B0)
-        else:
-            a, b, x = self.A, self.B, self.dropout(x)
+        a, b, x = self.A, self.B, self.dropout(x)
         # Scale the rank-r intermediate, not the (..., out) output: r/out of the multiplications.
         return y + F.linear(F.linear(x, a.to(x.device, x.dtype)) * self.scaling, b.to(x.device, x.dtype))
 
@@ -206,8 +224,8 @@ class PiSSALinear(nn.Module):
     @torch.no_grad()
     def _folded(self) -> Tensor:
         """W_res + s·B·A in the stored layout and the weight's dtype, rounded once: merge's and unload's one fold
-        (of an unmerged layer)."""
-        delta = self.delta_weight()
+        (of an unmerged layer); with several adapters, of what the layer computes (:meth:`_reference`)."""
+        delta = self.added_delta()
         return self.weight_kind.folded(self.weight, delta.mT if self.fan_in_fan_out else delta)
 
     @torch.no_grad()
@@ -249,15 +267,6 @@ class PiSSALinear(nn.Module):
         # Module.to(dtype) / .half() would round the fp32 master A/B to the new dtype (A0/B0 are not module tensors:
         # they stay as they are, on the host). Adapter tensors follow device moves only; change their dtype
         # explicitly via `adapter_dtype`.
-        kept = [self.A, self.B, self.A.grad, self.B.grad]
-        kept_ids = {id(t) for t in kept if t is not None}
-
-        def device_only(t: Tensor) -> Tensor:
-            if id(t) not in kept_ids:
-                return fn(t)
-            target = fn(torch.empty(0, dtype=t.dtype, device=t.device))
-            return t.to(device=target.device)
-
         # A cast of the residual (not a move: that changes no bit) is followed by `made`, so that save() can tell
         # whether load() then the same cast gives it back: two fingerprints per cast, as apply() takes. (An NF4
         # residual is not cast: NF4Weight follows device moves only.)
@@ -266,35 +275,12 @@ class PiSSALinear(nn.Module):
             residual = self.stored_residual()  # dense: the tensor itself
             probe = fn(torch.empty(0, dtype=residual.dtype, device=residual.device))
             before = fingerprint(full_tensor(residual)) if probe.dtype != residual.dtype else None
-        module = super()._apply(device_only, recurse)
+        module = super()._apply(device_only(fn, [self.A, self.B, self.A.grad, self.B.grad]), recurse)
+        if self.initial_on_device is not None:  # A0, B0 on the device, for original() or an absent adapter
+            self.initial_on_device = (fn(self.initial_on_device[0]), fn(self.initial_on_device[1]))
         if before is not None and self.made is not None:
             self.made.cast(before, fingerprint(full_tensor(self.stored_residual())))
         return module
-
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "A0"], destination[prefix + "B0"] = self.A0, self.B0
-
-    def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
-        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
-    ) -> None:  # fmt: skip
-        # A0 and B0 as buffers would load: copied into the host tensors, shapes checked (load_state_dict works on
-        # its own copy of the dict, so taking the two keys out of it is safe).
-        for key, mine in ((prefix + "A0", self.A0), (prefix + "B0", self.B0)):
-            if key not in state_dict:
-                missing_keys.append(key)
-                continue
-            value = state_dict.pop(key)
-            if not isinstance(value, Tensor) or value.shape != mine.shape:
-                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                error_msgs.append(f"size mismatch for {key}: copying {shape}, the layer holds {tuple(mine.shape)}.")
-                continue
-            with torch.no_grad():
-                mine.copy_(value)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def extra_repr(self) -> str:
         layout = ", fan_in_fan_out" if self.fan_in_fan_out else ""

@@ -168,3 +168,33 @@ def quantized_adapted_linear(
         x, xa, weight.codes, bias, a, b, scaling, absmax, weight.table, weight.shape, transposed, scale, offset
     )
     return out
+
+
+def corrected_linear(
+    x: Tensor,
+    xa: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    a: Tensor,
+    b: Tensor,
+    scaling: float,
+    d: Tensor,
+    c: Tensor,
+) -> Tensor:
+    """:func:`adapted_linear` over the residual of another adapter, corrected by a frozen low-rank term:
+    ``x W^T + bias + (x D^T) C^T + s (xa A^T) B^T``; ``d`` (k, in), ``c`` (out, k) (nn/adapters.py: W + C·D is this
+    adapter's own residual, up to rounding). Not the fast path of a model with one adapter: that never has C·D."""
+    a, b, c, d = (t if t.dtype == x.dtype else t.to(x.dtype) for t in (a, b, c, d))
+    x2 = x.reshape(-1, x.shape[-1])
+    xa2 = x2 if xa is None else xa.reshape(-1, xa.shape[-1])
+    y = F.linear(x2, weight, bias)
+    y.addmm_(torch.mm(x2, d.mT), c.mT)
+    y.addmm_(torch.mm(xa2, a.mT), b.mT, alpha=scaling)
+    return _unflatten(y, x.shape[:-1])
+
+
+def low_rank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float) -> Tensor:
+    """``x W^T + bias + s (x A^T) B^T`` by the formula, A and B cast to x's device and dtype: the layer's reference
+    road (autocast), ``original()`` (A0, B0) and a correction alone (``disabled()``, s = 1)."""
+    y = F.linear(x, weight, bias)
+    return y + F.linear(F.linear(x, a.to(x.device, x.dtype)) * scaling, b.to(x.device, x.dtype))

@@ -102,8 +102,10 @@ def read_by_owner(model: nn.Module) -> set[str]:
     }
 
 
-def find_targets(model: nn.Module, targets: Targets, exclude: Targets | None = None) -> list[tuple[str, nn.Module]]:
-    """The (name, module) pairs to adapt, in model order.
+def find_targets(
+    model: nn.Module, targets: Targets, exclude: Targets | None = None, *, adapted: bool = False
+) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs to adapt, in model order (``adapted``: PiSSA layers too, to add an adapter to).
 
     Raises:
         ValueError: a pattern (of ``targets`` or ``exclude``) matches no module (lists candidate names), or a
@@ -128,10 +130,12 @@ def find_targets(model: nn.Module, targets: Targets, exclude: Targets | None = N
             hits[id(p)] += 1
         if out:
             continue
-        if all_linear and is_target(module) and name not in heads and name not in bypassed:
+        linear = is_target(module) or (adapted and isinstance(module, PiSSALinear))
+        if all_linear and linear and name not in heads and name not in bypassed:
             hit.append(ALL_LINEAR)
         if hit:
-            _check_target(name, module, hit[0], name in bypassed)
+            if not (adapted and isinstance(module, PiSSALinear)):
+                _check_target(name, module, hit[0], name in bypassed)
             found.append((name, module))
 
     unmatched = [p for p in patterns if hits[id(p)] == 0]
@@ -157,7 +161,10 @@ def find_targets(model: nn.Module, targets: Targets, exclude: Targets | None = N
 def _check_target(name: str, module: nn.Module, pattern: Pattern, bypassed: bool) -> None:
     """A named error if the module ``pattern`` matched cannot be adapted."""
     if isinstance(module, PiSSALinear):
-        raise ValueError(f"minipissa: module '{name}' already is a PiSSALinear; apply() runs once per module")
+        raise ValueError(
+            f"minipissa: module '{name}' already is a PiSSALinear; apply() runs once per module and adapter: pass "
+            "name='...' to add another adapter beside it"
+        )
     if not is_target(module):
         raise TypeError(
             f"minipissa: module '{name}' matched target {pattern!r} but is a {type(module).__name__}; "

@@ -162,8 +162,9 @@ def train_adapters_only(model: nn.Module, what: str = "apply") -> None:
     for param in model.parameters():
         param.requires_grad_(False)
     for _, layer in pissa_layers(model):
-        layer.A.requires_grad_(True)
-        layer.B.requires_grad_(True)
+        if not layer.absent:  # the model's active adapter is on this layer (several adapters: nn/adapters.py)
+            layer.A.requires_grad_(True)
+            layer.B.requires_grad_(True)
     modules = dict(model.named_modules())
     for name in trained.names(model, what):
         if name in modules:  # one deleted since has nothing to train (save refuses to lose it: io/trained_modules.pack)

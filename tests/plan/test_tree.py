@@ -159,6 +159,29 @@ def test_model_verbs_on_a_wrapped_model_act_on_the_bare_one(wrapper: str) -> Non
 
 
 @wrappers
+def test_named_adapter_verbs_on_a_wrapped_model_act_on_the_bare_one(wrapper: str, tmp_path: Path) -> None:
+    """Listing, switching, mixed batches, load_lora and delete through a wrapper; under DDP what changes which
+    parameters train (switching) or adds some (load_lora) is refused, the model unchanged."""
+    bare = minipissa.apply(base(), rank=3, targets=["layers.0", "layers.1"], name="a")
+    minipissa.apply(bare, rank=2, targets=["layers.0"], name="b")
+    minipissa.convert_to_lora(bare, tmp_path / "lora", name="b")
+    wrapped = WRAPPERS[wrapper](bare)
+    assert list(minipissa.adapters(wrapped)) == ["a", "b"] and minipissa.active_adapter(wrapped) == "a"
+    with torch.no_grad(), minipissa.per_example(wrapped, ["a", "b", None]) as inside:
+        assert inside is wrapped and {layer.mode for _, layer in minipissa.pissa_layers(bare)} == {"mixed"}
+    if wrapper in WITH_DDP:
+        assert_refused(wrapped, lambda m: minipissa.set_adapter(m, "b"), "minipissa.set_adapter: .*Distributed")
+        assert_refused(wrapped, lambda m: minipissa.load_lora(m, tmp_path / "lora", name="c"), "load: .*Distributed")
+    else:
+        assert minipissa.set_adapter(wrapped, "b") is wrapped and minipissa.active_adapter(bare) == "b"
+        with minipissa.adapter(wrapped, "a") as inside:
+            assert inside is wrapped and minipissa.active_adapter(bare) == "a"
+        assert minipissa.load_lora(wrapped, tmp_path / "lora", name="c") is wrapped
+        minipissa.set_adapter(wrapped, "a")
+    assert minipissa.delete_adapter(wrapped, "b") is wrapped and "b" not in minipissa.adapters(bare)
+
+
+@wrappers
 def test_loading_into_a_wrapped_model_loads_the_bare_one(wrapper: str, tmp_path: Path) -> None:
     """load and load_residual onto a wrapped model; under DDP load sets A and B of layers it has (resuming), as
     it cannot add layers (test_ddp_refuses_what_adds_parameters)."""
@@ -232,6 +255,11 @@ TESTED = {
     "convert_to_lora": "test_files_of_a_wrapped_model_are_the_bare_models",
     "load": "test_loading_into_a_wrapped_model_loads_the_bare_one",
     "load_residual": "test_loading_into_a_wrapped_model_loads_the_bare_one",
+    **{
+        verb: "test_named_adapter_verbs_on_a_wrapped_model_act_on_the_bare_one"
+        for verb in ("adapters", "active_adapter", "set_adapter", "adapter", "per_example", "load_lora")
+        + ("delete_adapter",)
+    },
     **{
         verb: "test_model_verbs_on_a_wrapped_model_act_on_the_bare_one"
         for verb in ("pissa_layers", "summary", "original", "disabled", "merge", "unmerge", "unload")
