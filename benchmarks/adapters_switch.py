@@ -37,8 +37,8 @@ def environment(device: str) -> dict[str, Any]:
     return {"date": datetime.date.today().isoformat(), "device": name, "torch": torch.__version__}
 
 
-def median_ms(fn: Callable[[], Any], device: str, repeats: int) -> tuple[float, float]:
-    """Median and min wall ms of ``fn`` (the device synchronized around each call), after one warm-up call."""
+def median_ms(fn: Callable[[], Any], device: str, repeats: int) -> tuple[float, float, float]:
+    """Median, min and max wall ms of ``fn`` (the device synchronized around each call), after one warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
@@ -47,7 +47,7 @@ def median_ms(fn: Callable[[], Any], device: str, repeats: int) -> tuple[float, 
         fn()
         common.sync(device)
         times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times), min(times)
+    return statistics.median(times), min(times), max(times)
 
 
 def build(args: argparse.Namespace) -> nn.Module:
@@ -94,8 +94,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         with torch.no_grad():
             model(input_ids=ids)
 
-    def record(what: str, ms: tuple[float, float], **extra: Any) -> None:
-        rows.append(env | shape | {"what": what, "median_ms": ms[0], "min_ms": ms[1]} | extra)
+    def record(what: str, ms: tuple[float, float, float], **extra: Any) -> None:
+        rows.append(env | shape | {"what": what, "median_ms": ms[0], "min_ms": ms[1], "max_ms": ms[2]} | extra)
         print(json.dumps(rows[-1]), flush=True)
 
     record("forward, one adapter", median_ms(forward, args.device, args.repeats))

@@ -204,6 +204,32 @@ def stream_7b(source: str) -> Callable[[], str]:
     return render
 
 
+def adapters_switch(source: str) -> Callable[[], str]:
+    """Several adapters on one model: forwards per adapter and of a mixed batch beside one adapter's, and switches."""
+
+    def render() -> str:
+        runs = lines(source)
+        header = ["", "ms, median (min–max)", "note"]
+        rows = []
+        for r in runs:
+            if "median_ms" not in r:
+                continue
+            note = "" if "exact" not in r else ("bit-identical to alone" if r["exact"] else "low-rank correction")
+            if "switch_mem_delta_bytes" in r:
+                note = f"device memory added: {r['switch_mem_delta_bytes']} bytes"
+            rows.append([r["what"], spread(r["median_ms"], r["min_ms"], r.get("max_ms", float("nan")), "{:.2f}"), note])
+        memory = next(r for r in runs if "measured_bytes" in r)
+        r = runs[0]
+        env = {"device": r["device"], "torch": r["torch"], "date": r["date"]}
+        extra = (f"; Llama-2-7B shape, {r['layers']} layers, bf16, r = {r['rank']} on all 7 projections, batch "
+                 f"{r['batch']} × {r['seq']}; three more adapters cost {memory['measured_bytes'] / 2**20:.0f} MiB of "
+                 f"device memory ({memory['a_b_bytes'] / 2**20:.0f} MiB their A and B, "
+                 f"{memory['correction_bytes'] / 2**20:.0f} MiB the corrections)")  # fmt: skip
+        return rows_table(header, rows) + "\n\n" + caption(env, source, extra)
+
+    return render
+
+
 STEP_NAMES = {"frozen base": "frozen base", "minipissa (fp32 masters)": "minipissa, fp32 masters",
               "PEFT LoRA bf16 adapters": "PEFT, bf16 adapters", "PEFT LoRA (default: fp32 adapters)": "PEFT, default",
               "minipissa, CUDA graph": "minipissa, whole step in a CUDA graph"}  # fmt: skip
@@ -216,6 +242,7 @@ FIGURES: dict[str, Callable[[], str]] = {
     "init-gpu-7b": init("benchmarks/results/init_gpu_llama7b_h200_issue16.json"),
     "qpissa-error": qpissa_error,
     "stream-70b": stream_70b,
+    "adapters-switch": adapters_switch("benchmarks/results/adapters_switch_h200.jsonl"),
     "stream-7b": stream_7b("benchmarks/results/stream_init_7b_ckpt_h200.jsonl"),
 }
 
