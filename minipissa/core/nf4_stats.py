@@ -70,8 +70,8 @@ def encode(absmax: Tensor) -> DoubleQuantized:
     blocks = absmax.numel()
     grouped = _grouped(absmax, absmax[-1:])  # the last value again: the last group's min and max unchanged
     low, high = grouped.amin(dim=1), grouped.amax(dim=1)
-    # A tensor divisor, not the number 255: CUDA multiplies by the reciprocal of a scalar divisor (not the quotient
-    # IEEE division gives, which the CPU computes), and the GPU's statistics would differ from the CPU's in the last bit.
+    # A tensor divisor, not the number 255: CUDA multiplies by the reciprocal of a scalar divisor (not the IEEE
+    # quotient, which the CPU computes), and the GPU's statistics would differ from the CPU's in the last bit.
     scale = (high - low) / torch.full_like(high, LEVELS)
     step = torch.where(scale > 0, scale, torch.ones_like(scale))  # equal values (scale 0): every code is 0
     ratio = (grouped - low.unsqueeze(1)) / step.unsqueeze(1)

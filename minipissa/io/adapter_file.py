@@ -68,6 +68,7 @@ def _save(
         "minipissa_version": library_version(),
         "config": records.config_summary(recs),
         "modules": {r.name: r.meta() for r in recs},
+        "module_order": [r.name for r in recs],  # the blob's keys are sorted: the model's order, for inspect
         "optimizer": None,
     }
     full_tensors, payload["trained"] = trained_modules.pack(model)

@@ -118,7 +118,7 @@ def parse(
     if info.get("optimizer") is not None:
         optimizer_state.check_meta(check.mapping(info["optimizer"], "optimizer"), check)
     tensors = dict(tensors)
-    recs = [_record(check, name, meta, tensors) for name, meta in modules.items()]
+    recs = [_record(check, name, meta, tensors) for name, meta in _in_model_order(check, modules, info).items()]
     extra = [
         k
         for k in tensors
@@ -127,6 +127,17 @@ def parse(
     if extra:
         raise StateError(f"{where} holds tensors no module accounts for: {extra[:5]}")
     return recs, tensors
+
+
+def _in_model_order(check: Check, modules: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    """``modules`` in the model's order, which the blob's sorted keys lose: ``module_order`` (files of 0.2.0 on),
+    else sorted by name as the file holds them."""
+    order = info.get("module_order")
+    if order is None:
+        return modules
+    if not (isinstance(order, list) and all(isinstance(n, str) for n in order) and sorted(order) == sorted(modules)):
+        check.fail("module_order", "the names of 'modules', each once", order)
+    return {name: modules[name] for name in order}
 
 
 def check_readable(payload: dict[str, Any], tensors: dict[str, Tensor]) -> None:

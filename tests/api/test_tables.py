@@ -44,7 +44,7 @@ def test_summary_rows_line_up_in_model_order(quantize):
     assert all(r[end - 1] != " " and r[end] == " " for r in rows)  # the shapes end under their header
 
 
-def test_inspect_rows_line_up(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_inspect_rows_line_up_in_model_order(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     torch.manual_seed(0)
     model = minipissa.apply(Named(), 2, ORDER)
     minipissa.save(model, tmp_path / "a.safetensors")
@@ -52,8 +52,25 @@ def test_inspect_rows_line_up(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     lines = capsys.readouterr().out.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("module "))
     header, rows = lines[at], lines[at + 1 : at + 4]
-    assert sorted(r.split()[0] for r in rows) == sorted(ORDER)
+    assert [r.split()[0] for r in rows] == ORDER  # the model's order, as summary() lists them
     top = header.index("top singular values")
     assert all(r[top - 2 : top] == "  " and r[top] != " " for r in rows), lines  # the last column starts in line
     end = header.index("dtype") + len("dtype")
     assert all(r[end - 7 : end] == "float32" for r in rows)
+
+
+def test_a_file_without_the_order_lists_its_modules_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """Files written before 0.2.0 hold no module_order: inspect and load take their sorted order."""
+    from snapshots import editable
+
+    from minipissa.io import safefile
+
+    torch.manual_seed(0)
+    minipissa.save(minipissa.apply(Named(), 2, ORDER), tmp_path / "a.safetensors")
+    info, tensors = editable(tmp_path / "a.safetensors")
+    del info["module_order"]
+    safefile.write(tmp_path / "old.safetensors", tensors, "adapter", info)
+    assert main(["inspect", str(tmp_path / "old.safetensors")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("module "))
+    assert [r.split()[0] for r in lines[at + 1 : at + 4]] == sorted(ORDER)

@@ -104,6 +104,8 @@ def test_a_bad_field_of_the_second_module_is_refused_before_the_first_is_touched
         ),
         (lambda info, t: info.__setitem__("modules", {}), "modules must be a non-empty object"),
         (lambda info, t: info.__setitem__("modules", []), "modules must be an object"),
+        (lambda info, t: info.__setitem__("module_order", ["2", "2"]), "module_order must be the names of 'modules'"),
+        (lambda info, t: info.__setitem__("module_order", "2"), "module_order must be the names of 'modules'"),
         (lambda info, t: t.__setitem__("2.A", t["2.A"].to(torch.int32)), "dtypes of A, B, A0, B0"),
         (lambda info, t: t.__setitem__("2.B", torch.full_like(t["2.B"], float("nan"))), "must be finite"),
         (lambda info, t: t.__setitem__("2.A0", t["2.A0"][:2]), "must be of shapes"),
