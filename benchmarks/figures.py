@@ -230,6 +230,16 @@ def adapters_switch(source: str) -> Callable[[], str]:
     return render
 
 
+def qpissa_from_4bit() -> str:
+    """Starting from a 4-bit checkpoint: the error at init against the original and the checkpoint's own weights."""
+    source = "benchmarks/results/qpissa_from_4bit_minilm.json"
+    data = load(source)
+    header = ["method", "rank", "error vs the original W %", "vs the checkpoint's W_deq %"]
+    rows = [[r["method"], str(r["rank"]), f"{r['vs_w']:.2f}", f"{r['vs_w_deq']:.2f}"] for r in data["rows"]]
+    extra = "; all-MiniLM-L6-v2, 36 matrices, bitsandbytes NF4 with nested statistics, exact init"
+    return rows_table(header, rows) + "\n\n" + caption(data["environment"], source, extra)
+
+
 STEP_NAMES = {"frozen base": "frozen base", "minipissa (fp32 masters)": "minipissa, fp32 masters",
               "PEFT LoRA bf16 adapters": "PEFT, bf16 adapters", "PEFT LoRA (default: fp32 adapters)": "PEFT, default",
               "minipissa, CUDA graph": "minipissa, whole step in a CUDA graph"}  # fmt: skip
@@ -242,6 +252,7 @@ FIGURES: dict[str, Callable[[], str]] = {
     "init-gpu-7b": init("benchmarks/results/init_gpu_llama7b_h200_issue16.json"),
     "qpissa-error": qpissa_error,
     "stream-70b": stream_70b,
+    "qpissa-from-4bit": qpissa_from_4bit,
     "adapters-switch": adapters_switch("benchmarks/results/adapters_switch_h200.jsonl"),
     "stream-7b": stream_7b("benchmarks/results/stream_init_7b_ckpt_h200.jsonl"),
 }
