@@ -8,6 +8,7 @@ distributed and a single-process run is the order of floating-point sums (see ``
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +78,11 @@ def fsdp_worker(rank: int, out: Path) -> None:
 QPISSA_APPLY = dict(APPLY, quantize="nf4")
 
 
-def qpissa_fsdp_worker(rank: int, out: Path) -> None:
+def qpissa_fsdp_worker(rank: int, out: Path, streamed: bool = False) -> None:
     """QPiSSA, then fully_shard: the 4-bit codes are buffers, so every rank holds them whole (FSDP2 shards
-    parameters: A and B); every rank trains on the whole batch, then saves."""
-    model = minipissa.apply(make_net().float(), **QPISSA_APPLY)
+    parameters: A and B); every rank trains on the whole batch, then saves. ``streamed``: the init streamed onto
+    the device (apply(device=...)), which must leave the same model for FSDP2."""
+    model = minipissa.apply(make_net().float(), **QPISSA_APPLY, **({"device": "cpu"} if streamed else {}))
     shard_blocks(model, cpu_mesh())
     codes = model.blocks[0].lin_a.weight.codes
     x, y = data()
@@ -234,14 +236,16 @@ def test_fsdp2_training_matches_single_process(tmp_path: Path) -> None:
         assert_trajectory(result["losses"], expected)
 
 
-def test_qpissa_under_fsdp2_trains_and_saves_as_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("streamed", [False, True], ids=["in place", "streamed"])
+def test_qpissa_under_fsdp2_trains_and_saves_as_one_process(tmp_path: Path, streamed: bool) -> None:
     """apply(quantize="nf4") then fully_shard: the same losses and the same adapter file as one process (every
-    rank on the whole batch, so the averaged gradients are exact); sharded init refuses it (test below)."""
+    rank on the whole batch, so the averaged gradients are exact); sharded init refuses it (test below). The
+    streamed init (device=) gives the same model, so FSDP2 trains it alike."""
     single = minipissa.apply(make_net().float(), **QPISSA_APPLY)
     x, y = data()
     expected = train(single, x.float(), y.float())
     minipissa.save(single, tmp_path / "single.safetensors")
-    for result in spawn(qpissa_fsdp_worker, tmp_path):
+    for result in spawn(functools.partial(qpissa_fsdp_worker, streamed=streamed), tmp_path):
         assert result["codes_whole"]
         assert result["losses"] == expected
     assert_same_file(tmp_path / "qpissa_fsdp.safetensors", tmp_path / "single.safetensors")
