@@ -246,6 +246,7 @@ STEP_NAMES = {"frozen base": "frozen base", "minipissa (fp32 masters)": "minipis
 FIGURES: dict[str, Callable[[], str]] = {
     "example-gpt": example("gpt"),
     "example-llama": example("llama"),
+    "example-gpt-quantized": example("gpt_quantized"),
     "example-minilm": minilm_classify,
     "step-gpu-7b": step("benchmarks/results/step_gpu_llama7b_h200_issue16_after.json", STEP_NAMES),
     "step-cpu-minilm": step("benchmarks/results/step_cpu_minilm_issue16.json", STEP_NAMES),
