@@ -45,7 +45,8 @@ def caption(env: dict[str, Any], source: str, extra: str = "") -> str:
         )
     threads = env.get("torch_threads", env.get("cpu_threads"))
     parts = [where, f"{threads} torch thread{'s' * (threads != 1)}" if threads else "",
-             f"torch {env.get('torch', '?')}", env.get("date", "?")]  # fmt: skip
+             f"torch {env.get('torch', '?')}", f"Python {env['python']}" if env.get("python") else "",
+             env.get("date", "?")]  # fmt: skip
     return f"*Measured on {', '.join(p for p in parts if p)}{extra}; raw output: `{source}`.*"
 
 
