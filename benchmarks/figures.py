@@ -218,7 +218,11 @@ def adapters_switch(source: str) -> Callable[[], str]:
             note = "" if "exact" not in r else ("bit-identical to alone" if r["exact"] else "low-rank correction")
             if "switch_mem_delta_bytes" in r:
                 note = f"device memory added: {r['switch_mem_delta_bytes']} bytes"
-            rows.append([r["what"], spread(r["median_ms"], r["min_ms"], r.get("max_ms", float("nan")), "{:.2f}"), note])
+            if "max_ms" in r:
+                ms = spread(r["median_ms"], r["min_ms"], r["max_ms"], "{:.2f}")
+            else:  # runs before the benchmark recorded the max
+                ms = f"{r['median_ms']:.2f} (min {r['min_ms']:.2f}; max not recorded)"
+            rows.append([r["what"], ms, note])
         memory = next(r for r in runs if "measured_bytes" in r)
         r = runs[0]
         env = {"device": r["device"], "torch": r["torch"], "date": r["date"]}
