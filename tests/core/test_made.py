@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import seams
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -223,11 +224,9 @@ def test_a_full_state_dict_of_the_same_model_is_no_edit_and_of_another_is(tmp_pa
 
 
 def test_a_cast_fingerprints_the_residual_twice_and_a_move_never(monkeypatch):
-    import minipissa.nn.layer as layer_module
-
     calls = []
-    real = layer_module.fingerprint
-    monkeypatch.setattr(layer_module, "fingerprint", lambda t: calls.append(t.dtype) or real(t))
+    real = seams.real("layer fingerprint")
+    seams.replace(monkeypatch, "layer fingerprint", lambda t: calls.append(t.dtype) or real(t))
     model = adapted("fp32")
     model.to("cpu").float()
     assert calls == []

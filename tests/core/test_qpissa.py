@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import seams
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -17,7 +18,7 @@ from torch import nn
 
 import minipissa
 from minipissa import StateError
-from minipissa.core import decompose, nf4
+from minipissa.core import nf4
 from minipissa.core.weights import weight_matrix
 from minipissa.io import safefile
 
@@ -192,14 +193,14 @@ def test_save_load_is_bit_exact_and_checks_the_codes(tmp_path: Path, monkeypatch
         assert torch.equal(a.weight.codes, b.weight.codes) and torch.equal(a.weight.absmax, b.weight.absmax)
 
     # Re-quantizing elsewhere may round differently: a rebuilt residual with other codes is refused, model unchanged.
-    real = minipissa.io.adapter_fit.residual_nf4
+    real = seams.real("rebuilt 4-bit residual")
 
     def other_rounding(*args):
         made = real(*args)
         made.codes[0] ^= 1
         return made
 
-    monkeypatch.setattr(minipissa.io.adapter_fit, "residual_nf4", other_rounding)
+    seams.replace(monkeypatch, "rebuilt 4-bit residual", other_rounding)
     fresh = base()
     before = snapshot(fresh)
     with pytest.raises(StateError, match="other codes than the saved one"):
@@ -210,7 +211,7 @@ def test_save_load_is_bit_exact_and_checks_the_codes(tmp_path: Path, monkeypatch
         minipissa.load(fresh, tmp_path / "q.safetensors", base="residual")
     assert_unchanged(fresh, before)
     # A reader of versions 1-2 never takes it for a dense adapter.
-    monkeypatch.setattr(safefile, "READABLE_VERSIONS", (1, 2))
+    seams.replace(monkeypatch, "readable versions", (1, 2))
     with pytest.raises(StateError, match=f"format version {safefile.FORMAT_VERSION}"):
         minipissa.load(fresh, tmp_path / "q.safetensors")
     assert_unchanged(fresh, before)
@@ -340,7 +341,7 @@ def test_each_iteration_takes_the_exact_top_r_of_its_own_input(monkeypatch, init
         model[str(i)].weight.data.copy_(w.float())
     assert len(model) == 6
     calls = []
-    real = decompose.principal_factors
+    real = seams.real("decomposition")
 
     def recording(matrix, rank, scaling, **kwargs):
         a, b, s = real(matrix, rank, scaling, **kwargs)
@@ -349,7 +350,7 @@ def test_each_iteration_takes_the_exact_top_r_of_its_own_input(monkeypatch, init
             calls.append((m_i.clone(), p_i.clone()))
         return a, b, s
 
-    monkeypatch.setattr(decompose, "principal_factors", recording)
+    seams.replace(monkeypatch, "decomposition", recording)
     cfg = minipissa.plan.config.InitConfig(16, init=init, quantize="nf4", quant_iters=3, stack=stack)
     plans = minipissa.plan.factors.plan_modules(model, cfg, [str(i) for i in range(6)])
     minipissa.plan.install.adapt(model, plans, cfg)
@@ -434,9 +435,7 @@ def test_the_quantization_target_in_slices_is_the_whole_formula(shape, rank, con
         stored = (w[k] - p).mT.contiguous() if conv1d else w[k] - p
         back = nf4.dequantize(*nf4.quantize(stored), tuple(stored.shape), torch.float32)
         want.append(w[k] - (back.mT if conv1d else back))
-    import unittest.mock
-
-    with unittest.mock.patch.object(qpissa, "SLICE", slice_):
+    with seams.replaced("quantizer slice", slice_):
         got = qpissa.quantization_target(w, factors, 0.5, conv1d)
     assert torch.equal(got, torch.stack(want))
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import seams
 import torch
 from models import tiny_gpt2, tiny_llama
 from peft_runs import crafted, peft_pissa_run, zero
@@ -310,8 +311,6 @@ def test_the_command_line_imports_from_the_base_checkpoint_alone(tmp_path, build
 def test_sharded_weights_are_refused_before_any_change(runs, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """FSDP2 (DTensor) weights: refused, import onto the unsharded model first (is_dtensor stubbed: no process
     group needed to test the guard)."""
-    from minipissa.interop import peft_import
-
     _, initial, trained = runs["exact"]
-    monkeypatch.setattr(peft_import, "is_dtensor", lambda tensor: True)
+    seams.replace(monkeypatch, "import sees a DTensor", lambda tensor: True)
     assert_refused(tiny_llama(), lambda m: minipissa.import_peft(m, initial, trained), "is sharded .FSDP2.")

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import seams
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -242,6 +243,6 @@ def test_convert_refuses_its_output_directory_before_any_work(in_work: Path, mon
     def no_work(*args: object) -> None:
         raise AssertionError("the factors were computed for a directory that cannot be written")
 
-    monkeypatch.setattr(minipissa.interop.peft_export, "lora_factors", no_work)
+    seams.replace(monkeypatch, "LoRA factors", no_work)
     with pytest.raises(StateError, match="is the current directory"):
         minipissa.convert_to_lora(model, ".")

@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+import seams
 import torch
 from models import MLP, tiny_gpt2
 from safetensors.torch import load_file
@@ -17,7 +18,7 @@ from snapshots import assert_refused, editable
 import minipissa
 from minipissa.core import nf4
 from minipissa.interop import cli
-from minipissa.io import adapter_fit, safefile
+from minipissa.io import safefile
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 sys.path.insert(0, str(FIXTURES))
@@ -59,14 +60,14 @@ def test_save_load_rebuilds_the_double_quantized_residual_bit_exactly(tmp_path: 
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     # Statistics rebuilt otherwise (one scale a bit off): refused by the checksum, the model unchanged.
-    real = adapter_fit.residual_nf4
+    real = seams.real("rebuilt 4-bit residual")
 
     def other_statistics(*args):
         made = real(*args)
         made.absmax_scale.view(torch.int32)[0] ^= 1
         return made
 
-    monkeypatch.setattr(adapter_fit, "residual_nf4", other_statistics)
+    seams.replace(monkeypatch, "rebuilt 4-bit residual", other_statistics)
     assert_refused(tiny_gpt2(seed=3), lambda m: minipissa.load(m, tmp_path / "a.safetensors"), "other codes")
 
 

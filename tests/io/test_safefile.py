@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+import seams
 import torch
 from snapshots import assert_unchanged, snapshot
 from torch import nn
 
 import minipissa
 from minipissa import StateError
-from minipissa.interop import peft_export as convert
 from minipissa.io import atomic
 
 WRITER = """
@@ -147,7 +147,7 @@ def test_convert_failing_between_its_files_leaves_the_old_pair(tmp_path, monkeyp
     def fail(path: str, text: str) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(convert, "_write_text", fail)
+    seams.replace(monkeypatch, "PEFT config write", fail)
     with pytest.raises(OSError, match="disk full"):
         minipissa.convert_to_lora(second, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old

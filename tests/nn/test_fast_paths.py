@@ -11,6 +11,7 @@ import weakref
 from pathlib import Path
 
 import pytest
+import seams
 import torch
 import torch.nn.functional as F
 from hypothesis import given
@@ -308,18 +309,16 @@ def test_compiled_outputs_take_in_place_ops_inside_and_outside_the_graph():
 
 def test_apply_frees_each_original_weight_as_it_goes(monkeypatch):
     # Peak memory must not grow with the model: a replaced weight is released before the next residual is made.
-    import minipissa.plan.install
-
     model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
     refs = [weakref.ref(layer.weight) for layer in model]
     dead: list[int] = []
-    build = minipissa.plan.install.build_layer
+    build = seams.real("layer builder")
 
     def counting(*args, **kwargs):
         dead.append(sum(r() is None for r in refs))
         return build(*args, **kwargs)
 
-    monkeypatch.setattr(minipissa.plan.install, "build_layer", counting)
+    seams.replace(monkeypatch, "layer builder", counting)
     minipissa.apply(model, 2, r"re:\d")
     assert dead == [0, 1, 2, 3] and all(r() is None for r in refs)
 
@@ -348,13 +347,13 @@ def test_pipelined_chunks_recover_from_a_failed_cholesky_qr(monkeypatch, niter):
 
     reference = minipissa.apply(build(), 4, "all-linear", niter=niter)  # per module, synchronous
     calls: list[bool] = []
-    original_start = decompose.start
+    original_start = seams.real("range finder")
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("householder", False))
         return original_start(*args, **kwargs)
 
-    monkeypatch.setattr(decompose, "start", spy)
+    seams.replace(monkeypatch, "range finder", spy)
     base = build()
     x = torch.randn(5, 24)
     expected = base(x)

@@ -11,13 +11,13 @@ import pickle
 import weakref
 
 import pytest
+import seams
 import torch
 from snapshots import assert_unchanged, snapshot
 from torch import nn
 
 import minipissa
 from minipissa import StateError
-from minipissa.core import decompose
 
 
 def stack(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -115,7 +115,7 @@ def test_a_decomposition_that_fails_on_the_last_module_leaves_the_model_and_a_re
     model = stack()
     before = snapshot(model)
     calls = []
-    real = decompose.principal_factors
+    real = seams.real("decomposition")
 
     def failing(matrix, *args, **kwargs):
         calls.append(matrix.shape)
@@ -123,7 +123,7 @@ def test_a_decomposition_that_fails_on_the_last_module_leaves_the_model_and_a_re
             raise error
         return real(matrix, *args, **kwargs)
 
-    monkeypatch.setattr(decompose, "principal_factors", failing)
+    seams.replace(monkeypatch, "decomposition", failing)
     expected = RuntimeError if isinstance(error, Exception) else type(error)
     with pytest.raises(expected) as caught:
         minipissa.apply(model, 4, TARGETS)
@@ -142,13 +142,13 @@ def test_nonfinite_factors_are_refused_before_anything_changes(monkeypatch):
     huge weights in float32) are refused with the module's name, the model untouched."""
     model = stack()
     before = snapshot(model)
-    real = decompose.principal_factors
+    real = seams.real("decomposition")
 
     def overflowing(matrix, *args, **kwargs):
         a, b, s = real(matrix, *args, **kwargs)
         return (a * float("inf"), b, s) if matrix.shape == (8, 24) else (a, b, s)
 
-    monkeypatch.setattr(decompose, "principal_factors", overflowing)
+    seams.replace(monkeypatch, "decomposition", overflowing)
     with pytest.raises(ValueError, match=r"'4' have NaN or infinite initial factors .*; nothing was changed"):
         minipissa.apply(model, 4, TARGETS)
     assert_unchanged(model, before)
@@ -181,13 +181,13 @@ def test_initial_factors_that_overflow_for_large_weights_say_so(monkeypatch):
     model = stack()
     with torch.no_grad():
         model[4].weight.fill_(3e18)  # rows sum 24 squares (2.2e38, finite); 8·24 of them pass 3.4e38
-    real = decompose.principal_factors
+    real = seams.real("decomposition")
 
     def overflowing(matrix, *args, **kwargs):
         a, b, s = real(matrix, *args, **kwargs)
         return (a * float("inf"), b, s) if matrix.shape == (8, 24) else (a, b, s)
 
-    monkeypatch.setattr(decompose, "principal_factors", overflowing)
+    seams.replace(monkeypatch, "decomposition", overflowing)
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"'4' \(max \|value\| = 3e\+18\) have finite weights too large.*initial fac"):
         minipissa.apply(model, 4, TARGETS)
@@ -210,12 +210,10 @@ def test_a_bias_that_is_not_finite_or_too_large_is_refused_at_apply(bad, pattern
 def test_a_failure_while_the_layers_are_put_in_place_names_what_was_done(monkeypatch, error):
     """The one step that can stop midway (every factor exists; an out-of-memory or Ctrl-C while the residuals
     are written): the adapted modules are exact PiSSA layers, the others untouched, and the error says which."""
-    import minipissa.plan.install
-
     model = stack()
     x = torch.randn(3, 16)
     y = model(x)
-    build = minipissa.plan.install.build_layer
+    build = seams.real("layer builder")
     calls = []
 
     def failing(*args, **kwargs):
@@ -224,7 +222,7 @@ def test_a_failure_while_the_layers_are_put_in_place_names_what_was_done(monkeyp
             raise error
         return build(*args, **kwargs)
 
-    monkeypatch.setattr(minipissa.plan.install, "build_layer", failing)
+    seams.replace(monkeypatch, "layer builder", failing)
     with pytest.raises(type(error) if isinstance(error, KeyboardInterrupt) else RuntimeError) as caught:
         minipissa.apply(model, 4, TARGETS)
     text = str(caught.value) + " ".join(getattr(caught.value, "__notes__", []))

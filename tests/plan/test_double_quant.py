@@ -5,9 +5,9 @@ backward, and the refusals (double_quant without quantize, a non-bool)."""
 from __future__ import annotations
 
 import math
-import unittest.mock
 
 import pytest
+import seams
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -83,14 +83,14 @@ def test_the_iterations_choose_against_the_double_quantized_quantizer(init, stac
     """Every quantization target of the iterations, on both roads (one weight at a time; stacked, as on a GPU), is
     taken with the 8-bit absmax."""
     calls = []
-    real = qpissa.quantization_target
+    real = seams.real("quantization target")
 
     def recording(*args, **kwargs):
         calls.append(kwargs.get("double_quant", args[4] if len(args) > 4 else False))
         return real(*args, **kwargs)
 
     model = MLP((64, 96, 40))
-    with unittest.mock.patch.object(qpissa, "quantization_target", recording):
+    with seams.replaced("quantization target", recording):
         cfg = minipissa.InitConfig(4, init=init, quantize="nf4", quant_iters=3, double_quant=True, stack=stack)
         minipissa.apply(model, config=cfg, targets="all-linear")
     assert len(calls) == 2 * 3 - 2 * (init == "pissa") and all(c is True for c in calls)
@@ -119,7 +119,7 @@ def test_the_double_quantized_target_in_slices_is_the_whole_formula(c, rows, col
         stored = (w[k] - p).mT.contiguous() if conv1d else w[k] - p
         back = dq_roundtrip(stored).float()
         want.append(w[k] - (back.mT if conv1d else back))
-    with unittest.mock.patch.object(qpissa, "SLICE", 64):  # the fewest rows per slice that start on a group
+    with seams.replaced("quantizer slice", 64):  # the fewest rows per slice that start on a group
         got = qpissa.quantization_target(w, factors, 0.5, conv1d, double_quant=True)
     assert torch.equal(got, torch.stack(want))
 

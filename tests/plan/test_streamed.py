@@ -8,6 +8,7 @@ import gc
 import weakref
 
 import pytest
+import seams
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,7 +19,6 @@ from torch import nn
 import minipissa
 from minipissa import NF4Linear
 from minipissa.core.nf4 import NF4Weight
-from minipissa.plan import install
 
 CUDA = torch.cuda.is_available()
 
@@ -54,13 +54,13 @@ ROADS = {
 def streamed_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the calls of the streamed road, so that a test knows it ran (not the in-place one)."""
     calls: list[int] = []
-    real = install.streamed_factors
+    real = seams.real("streamed factors")
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(install, "streamed_factors", spy)
+    seams.replace(monkeypatch, "streamed factors", spy)
     return calls
 
 
