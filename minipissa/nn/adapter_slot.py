@@ -77,16 +77,29 @@ class AdapterHost(HostState):
     shared_casts: SharedCasts | None
     initial_on_device: tuple[Tensor, Tensor] | None
     dropout: nn.Module
+    adapter_name: str
+    active: str
+    order: list[str]
+    residual_init: tuple[Tensor, Tensor, float]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling: a layer pickled by minipissa 0.1.0 (one adapter a layer) gets what several adapters need."""
+        super().__setstate__(state)
+        if "adapter_name" not in state:
+            self.adapter_name = self.active = "default"
+            self.order, self.residual_init = ["default"], (self.A0, self.B0, self.scaling)
+            for name in BUFFERS:
+                self.register_buffer(name, None, persistent=False)
 
     @property
     def absent(self) -> bool:
         """The model's active adapter is not on this layer, which then computes the original W_res + s0·B0·A0."""
-        return self.__dict__.get("active", "default") != self.__dict__.get("adapter_name", "default")
+        return self.active != self.adapter_name
 
     def original_factors(self) -> tuple[Tensor, Tensor, float]:
         """A0 (r0, in), B0 (out, r0) and s0 that W_res was made from (on the device while original() or an absent
         adapter put them there)."""
-        a0, b0, s0 = self.__dict__.get("residual_init") or (self.A0, self.B0, self.scaling)
+        a0, b0, s0 = self.residual_init
         a0, b0 = self.initial_on_device or (a0, b0)
         return a0, b0, s0
 
@@ -114,7 +127,7 @@ class AdapterHost(HostState):
     def _host(self) -> dict[str, Tensor]:
         """The host tensors in the state dict: A0, B0, and those W_res was made from where they are another
         adapter's (nn/adapters.py)."""
-        a0, b0, _ = self.__dict__.get("residual_init") or (self.A0, self.B0, 0.0)
+        a0, b0, _ = self.residual_init
         return {"A0": self.A0, "B0": self.B0} | ({} if a0 is self.A0 else {"residual_A0": a0, "residual_B0": b0})
 
 

@@ -32,17 +32,6 @@ from .ops import corrected_linear, low_rank_linear
 Holder = PiSSALinear | Slot
 
 
-def _upgrade(layer: PiSSALinear) -> None:
-    """Give a layer pickled by a minipissa without several adapters what they need (its defaults)."""
-    layer.__dict__.setdefault("adapter_name", "default")
-    layer.__dict__.setdefault("active", layer.adapter_name)
-    layer.__dict__.setdefault("residual_init", (layer.A0, layer.B0, layer.scaling))
-    layer.__dict__.setdefault("order", [layer.adapter_name])
-    for name in BUFFERS:
-        if name not in layer._buffers:
-            layer.register_buffer(name, None, persistent=False)
-
-
 def slots(layer: PiSSALinear) -> dict[str, Slot]:
     """The layer's other adapters, by name (empty while it has one)."""
     found = layer._modules.get("adapters")
@@ -51,14 +40,13 @@ def slots(layer: PiSSALinear) -> dict[str, Slot]:
 
 def names(layer: PiSSALinear) -> list[str]:
     """The names of the layer's adapters, in the order they came (switching reorders the slots, not this)."""
-    have = [layer.__dict__.get("adapter_name", "default"), *slots(layer)]
-    order = layer.__dict__.get("order", [])
+    have, order = [layer.adapter_name, *slots(layer)], layer.order
     return sorted(have, key=lambda n: order.index(n) if n in order else len(order))
 
 
 def holder(layer: PiSSALinear, name: str) -> Holder | None:
     """Where adapter ``name``'s tensors are: the layer itself, one of its slots, or None (not on this layer)."""
-    if layer.__dict__.get("adapter_name", "default") == name:
+    if layer.adapter_name == name:
         return layer
     return slots(layer).get(name)
 
@@ -70,7 +58,7 @@ def corrected(holder: Holder) -> bool:
 
 def shares_residual(layer: PiSSALinear, a0: Tensor, b0: Tensor, scaling: float) -> bool:
     """Whether initial factors A0 (r, in), B0 (out, r) with ``scaling`` give the layer's residual bit for bit."""
-    base_a0, base_b0, base_s = cast(tuple[Tensor, Tensor, float], layer.__dict__["residual_init"])
+    base_a0, base_b0, base_s = layer.residual_init
     return scaling == base_s and torch.equal(a0.cpu(), base_a0) and torch.equal(b0.cpu(), base_b0)
 
 
@@ -80,7 +68,7 @@ def correction(layer: PiSSALinear, a0: Tensor, b0: Tensor, scaling: float) -> tu
     its dtype; None when the residual is this adapter's own (or both initial parts are zero, as two LoRA inits' are)."""
     if shares_residual(layer, a0, b0, scaling):
         return None
-    base_a0, base_b0, base_s = cast(tuple[Tensor, Tensor, float], layer.__dict__["residual_init"])
+    base_a0, base_b0, base_s = layer.residual_init
     blocks = [(base_s * base_b0, base_a0), (-scaling * b0.to(base_b0.dtype), a0.to(base_a0.dtype))]
     kept = [(c, d) for c, d in blocks if bool(c.any())]
     if not kept:
@@ -105,7 +93,6 @@ def add(
 ) -> Slot:
     """Put adapter ``name`` on the layer beside its own: ``tensors`` = A (r, in), B (out, r) in the adapter dtype,
     A0, B0 in the decomposition dtype; ``factors``: the hashes of A0, B0 (core/made.py). Frozen until active."""
-    _upgrade(layer)
     a, b, a0, b0 = tensors
     slot = Slot()
     slot.A = nn.Parameter(a.detach().to(layer.A.device, copy=True), requires_grad=False)
@@ -117,18 +104,18 @@ def add(
         a0, b0 = a0.detach().to("cpu", copy=True), b0.detach().to("cpu", copy=True)
     slot.correction_a, slot.correction_b = correction(layer, a0, b0, scaling) or (None, None)
     slot.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-    values = {"A0": a0, "B0": b0, "rank": a0.shape[0], "alpha": float(alpha), "rslora": rslora, "scaling": scaling}
-    slot.__dict__.update(values, info=dict(info), origin=origin, adapter_name=name, factors=factors)
+    slot.A0, slot.B0, slot.rank, slot.scaling = a0, b0, a0.shape[0], scaling
+    slot.alpha, slot.rslora, slot.info, slot.origin = float(alpha), rslora, dict(info), origin
+    slot.adapter_name, slot.factors = name, factors
     if "adapters" not in layer._modules:
         layer.adapters = nn.ModuleDict()
     cast(nn.ModuleDict, layer.adapters)[name] = slot
-    layer.__dict__["order"] = [*names(layer)[:-1], name]
+    layer.order = [*names(layer)[:-1], name]
     return slot
 
 
 def swap(layer: PiSSALinear, name: str) -> None:
     """Make slot ``name`` the layer's own adapter and the layer's own a slot: attributes exchanged, none copied."""
-    _upgrade(layer)
     registry = cast(nn.ModuleDict, layer.adapters)
     slot = cast(Slot, registry[name])
     for table in ("_parameters", "_buffers", "_modules"):
@@ -136,7 +123,9 @@ def swap(layer: PiSSALinear, name: str) -> None:
         for key in {"_parameters": PARAMETERS, "_buffers": BUFFERS, "_modules": MODULES}[table]:
             mine[key], theirs[key] = theirs[key], mine[key]
     for key in PLAIN:
-        layer.__dict__[key], slot.__dict__[key] = slot.__dict__[key], layer.__dict__[key]
+        mine, theirs = getattr(layer, key), getattr(slot, key)
+        setattr(layer, key, theirs)
+        setattr(slot, key, mine)
     if layer.made is not None:  # the residual's record stays; the factors' hashes go with their adapter
         layer.made.factors, slot.factors = cast(tuple[str, str], slot.factors), layer.made.factors
     del registry[name]
@@ -146,7 +135,6 @@ def swap(layer: PiSSALinear, name: str) -> None:
 def settle(layer: PiSSALinear, active: str) -> None:
     """Make ``active`` the layer's adapter if it has it (its A and B alone require grad); else the layer computes
     the original weight (mode "absent"). Every other adapter of the layer is frozen."""
-    _upgrade(layer)
     layer.active = active
     if layer.adapter_name != active and active in slots(layer):
         swap(layer, active)
@@ -168,12 +156,11 @@ def settle(layer: PiSSALinear, active: str) -> None:
 def remove(layer: PiSSALinear, name: str) -> None:
     """Take adapter ``name`` off the layer (which keeps its residual and the factors it was made from). The layer's
     own adapter is replaced by one of its slots (the caller makes sure it has one)."""
-    _upgrade(layer)
     if layer.adapter_name == name:
         swap(layer, next(iter(slots(layer))))
     registry = cast(nn.ModuleDict, layer.adapters)
     del registry[name]
-    layer.__dict__["order"] = [n for n in layer.__dict__["order"] if n != name]
+    layer.order = [n for n in layer.order if n != name]
     if not len(registry):
         del layer.adapters
 

@@ -66,6 +66,7 @@ class PiSSALinear(AdapterHost):
         mode: "adapter" (the default), "original" (W_res + s B0 A0) or "disabled" (W_res alone); with several
             adapters (nn/adapters.py) also "corrected", "absent" and "mixed".
         adapter_name, active: the name of the adapter the layer holds, and of the model's active adapter.
+        order: the names of its adapters, in the order they came.
         residual_init: (A0, B0, s) that W_res was made from: the layer's own, or another adapter's.
         made: what the layer was made with (:class:`~minipissa.made.Made`), set by apply() and load(); what save()
             compares against to tell an edited residual or A0/B0. None for a layer built otherwise.
@@ -130,6 +131,7 @@ class PiSSALinear(AdapterHost):
         self.B = nn.Parameter(b0.clone().to(dtype))
         self.A0, self.B0 = initial if initial is not None else host_copies([a0, b0])
         self.adapter_name = self.active = "default"
+        self.order = [self.adapter_name]  # the names of the layer's adapters, in the order they came
         self.residual_init = (self.A0, self.B0, self.scaling)
         for name in BUFFERS:  # this adapter's correction of another adapter's residual (nn/adapters.py): None here
             self.register_buffer(name, None, persistent=False)

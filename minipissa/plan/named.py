@@ -62,7 +62,7 @@ def adapter_names(model: Layers) -> list[str]:
 
 def active(model: Layers) -> str | None:
     """The model's active adapter (None: no PiSSA layers)."""
-    seen = {layer.__dict__.get("active", DEFAULT) for _, layer in _layers(model)}
+    seen = {layer.active for _, layer in _layers(model)}
     if len(seen) > 1:
         raise StateError(
             f"minipissa: the model's PiSSA layers have different active adapters {sorted(seen)} (layers of two models "
@@ -132,7 +132,7 @@ def switched(model: nn.Module, name: str, what: str) -> Iterator[list[tuple[str,
     layers = list(pissa_layers(model))
     moved = [(n, layer) for n, layer in layers if per_layer.holder(layer, name) not in (None, layer)]
     refuse_busy(moved, what)
-    before = [layer.__dict__.get("adapter_name", DEFAULT) for _, layer in moved]
+    before = [layer.adapter_name for _, layer in moved]
     for _, layer in moved:
         per_layer.swap(layer, name)
     try:
@@ -157,7 +157,7 @@ def adopt(model: nn.Module, layers: Sequence[PiSSALinear], name: str, was_active
     active adapter before they came; None: it had no PiSSA layers, and ``name`` is active now)."""
     for layer in layers:
         layer.adapter_name = layer.active = name
-        layer.__dict__["order"] = [name]
+        layer.order = [name]
     settle(model, was_active or name)
 
 

@@ -319,3 +319,26 @@ def test_initial_factors_stay_on_the_host_of_a_gpu_model_and_original_still_matc
             got = model(x)
         assert layer.initial_on_device is None
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_a_layer_pickled_by_minipissa_0_1_0_unpickles_as_one_adapter_named_default() -> None:
+    """0.1.0's layers held one adapter and none of what several need (its name, the order, the factors W_res was
+    made from, the correction buffers): unpickled now, they compute as before, and take a second adapter."""
+    import pickle
+
+    model = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 6))
+    minipissa.apply(model, 3, ["0", "2"])
+    x = torch.randn(4, 12)
+    y = model(x)
+    for _, layer in minipissa.pissa_layers(model):  # what 0.1.0 pickled
+        for key in ("adapter_name", "active", "order", "residual_init"):
+            del layer.__dict__[key]
+        for key in ("correction_a", "correction_b"):
+            del layer._buffers[key]
+    old = pickle.loads(pickle.dumps(model))
+    assert torch.equal(old(x), y)
+    assert list(minipissa.adapters(old)) == ["default"] and minipissa.active_adapter(old) == "default"
+    minipissa.apply(old, 2, ["0", "2"], name="b", seed=1)
+    with minipissa.adapter(old, "b"):
+        torch.testing.assert_close(old(x), y, rtol=1e-5, atol=1e-5)  # a PiSSA init: the outputs unchanged
+    assert torch.equal(old(x), y)  # "default" active again, bit for bit
