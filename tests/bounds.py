@@ -56,3 +56,23 @@ def chain(steps: Sequence[tuple[Tensor, Tensor, Tensor]], inputs: Sequence[Tenso
 def gamma(n: int, u: float) -> float:
     """n·u / (1 - n·u): the bound of an n-term dot product's rounding, relative to the sum of |terms|."""
     return n * u / (1 - n * u)
+
+
+def rounding_only(layers: Sequence[torch.nn.Module], x: Tensor) -> Tensor:
+    """The bound (batch, out) on two forwards of one chain of PiSSA layers (tanh between), the same stored tensors,
+    that differ in their rounding alone: another CPU's kernels (the order of a product's sums, fused multiply-adds,
+    a vectorized tanh). Each layer rounds its dense product over n = in terms, its adapter path (x·Aᵀ over n terms,
+    times s, then ·Bᵀ over r) and the two adds (the paths, the bias), on each side; tanh is taken to 1 ulp (SLEEF's
+    vectorized tanh is accurate to 1.0 ulp, not the 0.5 of a correctly rounded one)."""
+    steps, inputs, h = [], [], x
+    with torch.no_grad():
+        for layer in layers:
+            u, n, r = unit(h.dtype), layer.in_features, layer.rank
+            w = absolute(weight_matrix(layer.residual(h.dtype), layer.fan_in_fan_out))  # (out, in)
+            ba = low_rank(layer.B, layer.A, layer.scaling)
+            one_side = gamma(n, u) * w + (gamma(n, u) + gamma(r, u) + u) * ba + 2 * u * (w + ba)
+            bias = torch.zeros(()) if layer.bias is None else absolute(layer.bias)
+            steps.append((w + ba, 2 * one_side, 2 * 2 * u * bias))
+            inputs.append(h)
+            h = torch.tanh(layer(h))
+    return chain(steps, inputs, 2 * unit(x.dtype))

@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+import bounds
 import seams
 import torch
 from models import MLP, tiny_gpt2
@@ -162,11 +163,15 @@ def test_the_single_quantized_files_of_before_still_load():
     assert torch.equal(model[0].weight.codes, expected["codes"])
     assert torch.equal(model[0].weight.absmax, expected["absmax"])
     x = make_nf4_files.inputs()
-    with torch.no_grad():
-        assert torch.equal(model(x), expected["y"])
+    with torch.no_grad():  # bit for bit on the machine that wrote the fixture; elsewhere within its CPU's rounding
+        assert same_within(model(x), expected["y"], bounds.rounding_only([model[0], model[2]], x))
     frozen = minipissa.load_residual(make_nf4_files.base(), FIXTURES / "nf4_residual.safetensors")
     assert isinstance(frozen[0], minipissa.NF4Linear) and torch.equal(frozen[0].weight.absmax, expected["absmax"])
     minipissa.load(frozen, FIXTURES / "nf4_adapter.safetensors", base="residual")
     with torch.no_grad():
-        assert torch.equal(frozen(x), expected["y"])
+        assert same_within(frozen(x), expected["y"], bounds.rounding_only([frozen[0], frozen[2]], x))
     assert nf4.stored_bytes(48 * 33) == frozen[0].weight.bytes
+
+
+def same_within(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor) -> bool:
+    return bool(((got.double() - want.double()).abs() <= bound).all())

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import bounds
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -260,10 +261,13 @@ def test_an_older_version_file_loads_with_its_optimizer_state(version):
     assert info["format_version"] == version
     model = minipissa.load(make_v1_adapter.base(), path)
     expected = load_file(str(FIXTURES / f"v{version}_expected.safetensors"))["y"]
+    x = make_v1_adapter.inputs()
     with torch.no_grad():
-        got = model(make_v1_adapter.inputs())
-    tolerance = 0.0 if _same_machine() else 1e-5  # bit-exact where the fixture was made
-    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+        got = model(x)
+    if _same_machine():  # bit for bit where the fixture was made; elsewhere within another CPU's rounding
+        assert torch.equal(got, expected)
+    else:
+        assert bool(((got.double() - expected.double()).abs() <= bounds.rounding_only([model[0], model[2]], x)).all())
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
     minipissa.load(model, path, optimizer=opt)
     assert all("momentum_buffer" in s for s in opt.state.values()) and len(opt.state) == 4
