@@ -154,7 +154,8 @@ def _streamed(
             f"minipissa.apply: device=/weights= stream plain weights; {sharded[:3]} are FSDP2-sharded. Apply before "
             "fully_shard, or leave device=None (sharded weights are decomposed on their ranks)"
         )
-    with Fetcher(where or torch.device("cpu"), None if sourced is None else sourced.read) as fetch:
+    read, parallel = (None, True) if sourced is None else (sourced.read, sourced.parallel)
+    with Fetcher(where or torch.device("cpu"), read, parallel) as fetch:
         rest = None if sourced is None else sourced.load_rest(plans, fetch.transfers)
         run = trained.Run(tuple(full), {} if sourced else trained.initial_values(model, full))
         adapt(model, plans, cfg, progress, run=run, fetch=fetch)

@@ -3,9 +3,12 @@ device (:data:`IN_PLACE`, apply()'s default road), or fetched onto one device a 
 the streaming init of ``apply(..., device=...)`` and ``weights=...``), from the module or from a source of tensors
 (plan/sourced.py).
 
-A fetch on CUDA overlaps the decompositions: a worker thread reads the next weight, stages it in pinned host memory
-and copies it on a copy stream while the device decomposes the current one; the compute stream waits for the copy's
-event only where it uses the weight. On the CPU the same code runs without the worker (nothing to overlap).
+A fetch on CUDA overlaps the decompositions: reader threads read the next few weights (a bounded amount of host
+memory ahead) straight into pinned host memory, several at once where the source allows it (a checkpoint's files, the
+module's own tensors; a mapping one at a time, in order), and a worker thread copies the next one on a copy stream
+while the device decomposes the current one (one weight ahead on the device: its memory does not grow); the compute
+stream waits for the copy's event only where it uses the weight. On the CPU the same code runs without the threads
+(nothing to overlap). The threads only read and copy: every decomposition stays on the caller's thread and stream.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from ..core.nf4 import NF4Weight
 from .tree import Plan
 
 #: The bare model's state-dict name -> its tensor where the values come from (a checkpoint, a mapping), checked against
-#: the model's own (plan/sourced.py); None: each module's own tensor.
-Read = Callable[[str], Tensor]
+#: the model's own (plan/sourced.py), ``pinned`` (second argument) for a CUDA fetch's staging; None: each module's own.
+Read = Callable[[str, bool], Tensor]
 
 
 class Weights(Protocol):
@@ -72,18 +75,23 @@ class Streamed:
     errors: Tensor | None  # QPiSSA: (nf4_error, qlora_error), qpissa.quantize_residual's
 
 
-def dense_weight(plan: Plan, read: Read | None) -> Tensor:
+def dense_weight(plan: Plan, read: Read | None, pinned: bool = False) -> Tensor:
     """The one place a streamed target's dense weight comes from: ``read`` (a source of tensors), else the module's own
-    weight. Stored layout ((out, in), or (in, out) for a Conv1D), in the source's dtype (the fetch casts it)."""
-    return plan.weight.detach() if read is None else read(f"{plan.name}.weight")
+    weight. Stored layout ((out, in), or (in, out) for a Conv1D), in the source's dtype (the fetch casts it);
+    ``pinned``: a host tensor in pinned memory (one host copy at most)."""
+    return _pinned(plan.weight.detach(), pinned) if read is None else read(f"{plan.name}.weight", pinned)
 
 
-def dense_bias(plan: Plan, read: Read | None) -> Tensor | None:
+def dense_bias(plan: Plan, read: Read | None, pinned: bool = False) -> Tensor | None:
     """A streamed target's bias (out,), from where its weight comes (:func:`dense_weight`); None if it has none."""
     bias = plan.module.bias
     if bias is None:
         return None
-    return cast(Tensor, bias).detach() if read is None else read(f"{plan.name}.bias")
+    return _pinned(cast(Tensor, bias).detach(), pinned) if read is None else read(f"{plan.name}.bias", pinned)
+
+
+def _pinned(t: Tensor, pinned: bool) -> Tensor:
+    return t.pin_memory() if pinned and t.device.type == "cpu" and not t.is_pinned() else t
 
 
 def check_device(device: object) -> torch.device | None:
@@ -113,33 +121,50 @@ def check_device(device: object) -> torch.device | None:
 
 
 class Transfers:
-    """Tensors read and copied onto ``device``. On CUDA each :meth:`submit` runs in a worker thread, in order: read,
-    staged in pinned host memory, copied on a copy stream, cast there; elsewhere it runs at once."""
+    """Tensors read and copied onto ``device``. On CUDA the reads run in reader threads (``readers`` of them; one keeps
+    the reads in order), each :meth:`submit`'s copy in a worker thread, in order: staged in pinned host memory, copied
+    on a copy stream, cast there; elsewhere each runs at once."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, readers: int = 1) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="minipissa-fetch") if self.cuda else None
+        self._readers = ThreadPoolExecutor(readers, thread_name_prefix="minipissa-read") if self.cuda else None
         self._stream = torch.cuda.Stream(device) if self.cuda else None
 
-    def submit(self, read: Callable[[], Sequence[Tensor | None]], dtypes: Sequence[torch.dtype | None]) -> Future:
-        """Start reading ``read()``'s tensors onto the device, each cast to its entry of ``dtypes``; :meth:`result`
-        gives them. A read's error comes out of :meth:`result`."""
+    def read_ahead(self, read: Callable[[], Sequence[Tensor | None]]) -> Future:
+        """Start ``read()`` in a reader thread (CUDA; at once elsewhere); a :meth:`submit` takes the future."""
+        if self._readers is not None:
+            return self._readers.submit(read)
+        done: Future = Future()
+        try:
+            done.set_result(read())
+        except Exception as e:  # noqa: BLE001 - raised by result(), where the CUDA road raises it too
+            done.set_exception(e)
+        return done
+
+    def submit(
+        self, read: Callable[[], Sequence[Tensor | None]] | Future, dtypes: Sequence[torch.dtype | None]
+    ) -> Future:
+        """Start reading ``read()``'s tensors (or taking those of a :meth:`read_ahead`) onto the device, each cast to
+        its entry of ``dtypes``; :meth:`result` gives them. A read's error comes out of :meth:`result`."""
+        host = read if isinstance(read, Future) else self.read_ahead(read)
         if self._pool is None:
             done: Future = Future()
             try:
-                done.set_result(([_moved(t, self.device, d) for t, d in zip(read(), dtypes, strict=True)], None))
+                tensors = host.result()
+                done.set_result(([_moved(t, self.device, d) for t, d in zip(tensors, dtypes, strict=True)], None))
             except Exception as e:  # noqa: BLE001 - raised by result(), where the CUDA road raises it too
                 done.set_exception(e)
             return done
-        return self._pool.submit(self._staged, read, dtypes)
+        return self._pool.submit(self._staged, host, dtypes)
 
     def _staged(
-        self, read: Callable[[], Sequence[Tensor | None]], dtypes: Sequence[torch.dtype | None]
+        self, host: Future, dtypes: Sequence[torch.dtype | None]
     ) -> tuple[list[Tensor | None], torch.cuda.Event]:
-        """The worker's part: read, pin (pageable memory is copied through the driver's own staging, synchronously),
-        copy and cast on the copy stream, and an event marking it done."""
-        tensors = read()
+        """The worker's part: the read's tensors, pinned if they are not yet (pageable memory is copied through the
+        driver's own staging, synchronously), copied and cast on the copy stream, and an event marking it done."""
+        tensors = host.result()
         with torch.cuda.device(self.device), torch.cuda.stream(cast(torch.cuda.Stream, self._stream)):
             staged = [t if t is None or t.is_cuda or t.is_pinned() else t.pin_memory() for t in tensors]
             out = [_moved(t, self.device, d, non_blocking=True) for t, d in zip(staged, dtypes, strict=True)]
@@ -159,9 +184,10 @@ class Transfers:
         return cast(list[Tensor | None], tensors)
 
     def close(self) -> None:
-        """Wait for the transfers in flight and stop the worker."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        """Wait for the transfers in flight and stop the threads."""
+        for pool in (self._pool, self._readers):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _moved(t: Tensor | None, device: torch.device, dtype: torch.dtype | None, non_blocking: bool = False) -> Any:
@@ -173,17 +199,24 @@ def _moved(t: Tensor | None, device: torch.device, dtype: torch.dtype | None, no
 
 class Fetcher:
     """:class:`Weights` for the streamed road: each plan's dense weight (:func:`dense_weight`) and bias fetched onto
-    ``device`` when the stream asks for it, the next expected one read ahead, held until :meth:`drop`. Cast to the
-    module's dtype there (a checkpoint's bfloat16 into a float32 model, as from_pretrained casts)."""
+    ``device`` when the stream asks for it, held until :meth:`drop`; on CUDA the next expected one copied ahead and
+    the few after it read ahead into pinned host memory (``parallel``: by several readers at once; else one, in
+    order). Cast to the module's dtype there (a checkpoint's bfloat16 into a float32 model, as from_pretrained
+    casts)."""
 
-    #: Weights read ahead of the one in use: the next transfer runs while this one is decomposed.
+    #: Weights copied onto the device ahead of the one in use: the next transfer runs while this one is decomposed.
     LOOKAHEAD = 1
+    #: Weights read into pinned host memory ahead (and reader threads), and the most host memory they may hold
+    #: beyond the first one.
+    READ_AHEAD = 4
+    READ_AHEAD_BYTES = 2 << 30
 
-    def __init__(self, device: torch.device, read: Read | None = None) -> None:
+    def __init__(self, device: torch.device, read: Read | None = None, parallel: bool = True) -> None:
         self.target, self.read = device, read
-        self.transfers = Transfers(device)
+        self.transfers = Transfers(device, self.READ_AHEAD if parallel else 1)
         self._order: list[Plan] = []
         self._position: dict[str, int] = {}
+        self._reading: dict[str, tuple[Future, int]] = {}
         self._pending: dict[str, Future] = {}
         self._held: dict[str, tuple[Plan, Tensor, Tensor | None]] = {}
 
@@ -207,13 +240,33 @@ class Fetcher:
             for ahead in self._order[start : start + self.LOOKAHEAD]:
                 if ahead.name not in self._held and ahead.name not in self._pending:
                     self._pending[ahead.name] = self._submit(ahead)
+            self._read_ahead(self._order[start : start + self.READ_AHEAD])
         _, weight, bias = self._held[plan.name]
         return weight, bias
+
+    def _read_ahead(self, plans: Sequence[Plan]) -> None:
+        """Start reading ``plans``' weights into host memory, in order, while they fit the byte budget."""
+        if not self.transfers.cuda:
+            return  # nothing to overlap: each is read when fetched
+        budget = self.READ_AHEAD_BYTES - sum(size for _, size in self._reading.values())
+        for plan in plans:
+            if plan.name in self._held or plan.name in self._pending or plan.name in self._reading:
+                continue
+            size = plan.weight.numel() * plan.weight.element_size()
+            if self._reading and size > budget:
+                break
+            self._reading[plan.name] = (self.transfers.read_ahead(self._reader(plan)), size)
+            budget -= size
+
+    def _reader(self, plan: Plan) -> Callable[[], Sequence[Tensor | None]]:
+        pinned = self.transfers.cuda
+        return lambda: (dense_weight(plan, self.read, pinned), dense_bias(plan, self.read, pinned))
 
     def _submit(self, plan: Plan) -> Future:
         bias = plan.module.bias
         dtypes = (plan.weight.dtype, None if bias is None else cast(Tensor, bias).dtype)
-        return self.transfers.submit(lambda: (dense_weight(plan, self.read), dense_bias(plan, self.read)), dtypes)
+        reading = self._reading.pop(plan.name, None)
+        return self.transfers.submit(self._reader(plan) if reading is None else reading[0], dtypes)
 
     def drop(self, plan: Plan) -> None:
         """Release the device copies of the plan's weight and bias (its residual is made)."""
@@ -233,6 +286,7 @@ class Fetcher:
     def close(self) -> None:
         """Stop reading ahead and let go of every device copy."""
         self.transfers.close()
+        self._reading.clear()
         self._pending.clear()
         self._held.clear()
 

@@ -30,6 +30,7 @@ class Source(Protocol):
     """Tensors by state-dict key, read one at a time on demand (io/checkpoint.py: safetensors files, a mapping)."""
 
     what: str  #: what it is, for messages: "checkpoint '/path/model.safetensors'"
+    parallel: bool  #: whether reads may run in several threads at once (else one at a time, in order)
 
     def __contains__(self, key: object) -> bool: ...
 
@@ -42,8 +43,9 @@ class Source(Protocol):
         minipissa has no name for."""
         ...
 
-    def read(self, key: str) -> Tensor:
-        """The tensor of ``key`` (host memory, or wherever the source holds it)."""
+    def read(self, key: str, pinned: bool = False) -> Tensor:
+        """The tensor of ``key`` (host memory, or wherever the source holds it); ``pinned``: a host tensor in pinned
+        memory (a CUDA fetch's staging), made with at most one host copy."""
         ...
 
 
@@ -112,6 +114,11 @@ class ModelSource:
                 self._check(slot, *spec)
         self._by_name = {name: slot for slot in self.slots for name in slot.names}
 
+    @property
+    def parallel(self) -> bool:
+        """Whether the source's reads may run in several threads at once (:attr:`Source.parallel`)."""
+        return bool(getattr(self.source, "parallel", False))
+
     def _check(self, slot: Slot, shape: tuple[int, ...], dtype: torch.dtype | None) -> None:
         want = slot.tensor
         if tuple(shape) != tuple(want.shape):
@@ -127,11 +134,11 @@ class ModelSource:
                 "Floating-point tensors are cast to the model's dtype; others must match it",
             )
 
-    def read(self, name: str) -> Tensor:
+    def read(self, name: str, pinned: bool = False) -> Tensor:
         """The source's tensor for the model's tensor ``name``, checked (its dtype may still differ: a float, cast
-        where it is moved to). A :data:`~minipissa.plan.fetch.Read`."""
+        where it is moved to); ``pinned``: as :meth:`Source.read`. A :data:`~minipissa.plan.fetch.Read`."""
         slot = self._by_name[name]
-        value = self.source.read(slot.key)
+        value = self.source.read(slot.key, pinned)
         if not isinstance(value, Tensor):
             raise _where(f"'{slot.key}' of {self.source.what} is a {type(value).__name__}", "Give torch tensors")
         self._check(slot, tuple(value.shape), value.dtype)
@@ -142,7 +149,8 @@ class ModelSource:
         holding NaN or inf is refused (buffers may hold inf: attention masks do)."""
         targets = {f"{p.name}.{leaf}" for p in plans for leaf in ("weight", "bias")}
         rest = [s for s in self.slots if not targets & set(s.names)]
-        pending = [transfers.submit(functools.partial(self._read_one, s), [s.tensor.dtype]) for s in rest]
+        read = functools.partial(self._read_one, pinned=transfers.cuda)
+        pending = [transfers.submit(functools.partial(read, s), [s.tensor.dtype]) for s in rest]
         values = [cast(Tensor, transfers.result(p)[0]) for p in pending]
         floats = [(s, v) for s, v in zip(rest, values, strict=True) if isinstance(s.tensor, nn.Parameter)]
         floats = [(s, v) for s, v in floats if v.is_floating_point()]
@@ -153,8 +161,8 @@ class ModelSource:
                 raise _where(f"{bad[:5]} of {self.source.what} hold NaN or inf", "Check the checkpoint")
         return Loaded(list(zip(rest, values, strict=True)))
 
-    def _read_one(self, slot: Slot) -> list[Tensor | None]:
-        return [self.read(slot.names[0])]
+    def _read_one(self, slot: Slot, pinned: bool) -> list[Tensor | None]:
+        return [self.read(slot.names[0], pinned)]
 
 
 @dataclass
