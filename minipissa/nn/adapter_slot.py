@@ -91,6 +91,18 @@ class AdapterHost(HostState):
             for name in BUFFERS:
                 self.register_buffer(name, None, persistent=False)
 
+    def exchange(self, slot: Slot) -> None:
+        """Swap the adapter this layer holds with ``slot``'s: parameters, buffers, modules and settings change places,
+        none copied. Straight through the tables (not ``setattr``, whose checks cost more than the swap): a switch of
+        adapter runs this for every layer."""
+        for table, keys in (("_parameters", PARAMETERS), ("_buffers", BUFFERS), ("_modules", MODULES)):
+            mine, theirs = getattr(self, table), getattr(slot, table)
+            for key in keys:
+                mine[key], theirs[key] = theirs[key], mine[key]
+        mine, theirs = vars(self), vars(slot)
+        for key in PLAIN:
+            mine[key], theirs[key] = theirs[key], mine[key]
+
     @property
     def absent(self) -> bool:
         """The model's active adapter is not on this layer, which then computes the original W_res + s0·B0·A0."""

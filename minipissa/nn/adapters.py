@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.weights import lora_scaling, weight_matrix
-from .adapter_slot import BUFFERS, MODULES, PARAMETERS, PLAIN, Slot
+from .adapter_slot import Slot
 from .layer import PiSSALinear
 from .ops import corrected_linear, low_rank_linear
 
@@ -118,14 +118,7 @@ def swap(layer: PiSSALinear, name: str) -> None:
     """Make slot ``name`` the layer's own adapter and the layer's own a slot: attributes exchanged, none copied."""
     registry = cast(nn.ModuleDict, layer.adapters)
     slot = cast(Slot, registry[name])
-    for table in ("_parameters", "_buffers", "_modules"):
-        mine, theirs = getattr(layer, table), getattr(slot, table)
-        for key in {"_parameters": PARAMETERS, "_buffers": BUFFERS, "_modules": MODULES}[table]:
-            mine[key], theirs[key] = theirs[key], mine[key]
-    for key in PLAIN:
-        mine, theirs = getattr(layer, key), getattr(slot, key)
-        setattr(layer, key, theirs)
-        setattr(slot, key, mine)
+    layer.exchange(slot)
     if layer.made is not None:  # the residual's record stays; the factors' hashes go with their adapter
         layer.made.factors, slot.factors = cast(tuple[str, str], slot.factors), layer.made.factors
     del registry[name]
