@@ -130,9 +130,8 @@ class PiSSALinear(AdapterHost):
         self.A = nn.Parameter(a0.clone().to(dtype))
         self.B = nn.Parameter(b0.clone().to(dtype))
         self.A0, self.B0 = initial if initial is not None else host_copies([a0, b0])
-        self.adapter_name = self.active = "default"
-        self.order = [self.adapter_name]  # the names of the layer's adapters, in the order they came
-        self.residual_init = (self.A0, self.B0, self.scaling)
+        self.adapter_name = self.active = "default"  # with order and residual_init: see the docstring
+        self.order, self.residual_init = [self.adapter_name], (self.A0, self.B0, self.scaling)
         for name in BUFFERS:  # this adapter's correction of another adapter's residual (nn/adapters.py): None here
             self.register_buffer(name, None, persistent=False)
         self.initial_on_device: tuple[Tensor, Tensor] | None = None  # set while in original() (model.py)
