@@ -83,13 +83,16 @@ class AdapterHost(HostState):
     residual_init: tuple[Tensor, Tensor, float]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """Unpickling: a layer pickled by minipissa 0.1.0 (one adapter a layer) gets what several adapters need."""
+        """Unpickling: a layer pickled by minipissa 0.1.0 (one adapter a layer) gets what several adapters need; one
+        that 0.2.0 built outside apply()/load(), its order."""
         super().__setstate__(state)
         if "adapter_name" not in state:
             self.adapter_name = self.active = "default"
-            self.order, self.residual_init = ["default"], (self.A0, self.B0, self.scaling)
+            self.residual_init = (self.A0, self.B0, self.scaling)
             for name in BUFFERS:
                 self.register_buffer(name, None, persistent=False)
+        if "order" not in state:
+            self.order = [self.adapter_name]
 
     def exchange(self, slot: Slot) -> None:
         """Swap the adapter this layer holds with ``slot``'s: parameters, buffers, modules and settings change places,

@@ -342,3 +342,13 @@ def test_a_layer_pickled_by_minipissa_0_1_0_unpickles_as_one_adapter_named_defau
     with minipissa.adapter(old, "b"):
         torch.testing.assert_close(old(x), y, rtol=1e-5, atol=1e-5)  # a PiSSA init: the outputs unchanged
     assert torch.equal(old(x), y)  # "default" active again, bit for bit
+
+
+def test_a_layer_pickled_without_its_order_of_adapters_gets_one() -> None:
+    """0.2.0 gave a layer its order of adapters only in apply()/load(): one built by hand and pickled has none."""
+    import pickle
+
+    layer = PiSSALinear(nn.Linear(8, 6), torch.randn(2, 8), torch.randn(6, 2), alpha=2.0)
+    del layer.__dict__["order"]
+    back = pickle.loads(pickle.dumps(layer))
+    assert back.order == ["default"] and minipissa.nn.adapters.names(back) == ["default"]
