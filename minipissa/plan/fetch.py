@@ -134,14 +134,7 @@ class Transfers:
 
     def read_ahead(self, read: Callable[[], Sequence[Tensor | None]]) -> Future:
         """Start ``read()`` in a reader thread (CUDA; at once elsewhere); a :meth:`submit` takes the future."""
-        if self._readers is not None:
-            return self._readers.submit(read)
-        done: Future = Future()
-        try:
-            done.set_result(read())
-        except Exception as e:  # noqa: BLE001 - raised by result(), where the CUDA road raises it too
-            done.set_exception(e)
-        return done
+        return self._readers.submit(read) if self._readers is not None else _now(read)
 
     def submit(
         self, read: Callable[[], Sequence[Tensor | None]] | Future, dtypes: Sequence[torch.dtype | None]
@@ -150,13 +143,7 @@ class Transfers:
         its entry of ``dtypes``; :meth:`result` gives them. A read's error comes out of :meth:`result`."""
         host = read if isinstance(read, Future) else self.read_ahead(read)
         if self._pool is None:
-            done: Future = Future()
-            try:
-                tensors = host.result()
-                done.set_result(([_moved(t, self.device, d) for t, d in zip(tensors, dtypes, strict=True)], None))
-            except Exception as e:  # noqa: BLE001 - raised by result(), where the CUDA road raises it too
-                done.set_exception(e)
-            return done
+            return _now(lambda: ([_moved(t, self.device, d) for t, d in zip(host.result(), dtypes, strict=True)], None))
         return self._pool.submit(self._staged, host, dtypes)
 
     def _staged(
@@ -188,6 +175,16 @@ class Transfers:
         for pool in (self._pool, self._readers):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _now(make: Callable[[], Any]) -> Future:
+    """A future holding ``make()``, run now: its error comes out of ``result()``, as a thread's future raises it."""
+    done: Future = Future()
+    try:
+        done.set_result(make())
+    except Exception as e:  # noqa: BLE001 - handed to result(), not swallowed
+        done.set_exception(e)
+    return done
 
 
 def _moved(t: Tensor | None, device: torch.device, dtype: torch.dtype | None, non_blocking: bool = False) -> Any:

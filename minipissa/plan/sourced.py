@@ -117,7 +117,7 @@ class ModelSource:
     @property
     def parallel(self) -> bool:
         """Whether the source's reads may run in several threads at once (:attr:`Source.parallel`)."""
-        return bool(getattr(self.source, "parallel", False))
+        return self.source.parallel
 
     def _check(self, slot: Slot, shape: tuple[int, ...], dtype: torch.dtype | None) -> None:
         want = slot.tensor
